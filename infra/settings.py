@@ -1,0 +1,110 @@
+"""The one settings object, read from ``AIPIPE_*`` variables (and ``SENTRY_DSN``).
+
+Built once in an entry point and passed down; nothing else reads the environment.
+A bad value fails at start with one sentence naming the variable and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import AipipeError
+from schemas.topics import Topics
+
+
+class ConfigError(AipipeError):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIPIPE_", frozen=True, extra="ignore")
+
+    home: Path = Field(Path(".aipipe"), description="Where local data, logs and caches live.")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    clickhouse_url: str = Field(
+        "", description="chdb:///path (embedded, the default under AIPIPE_HOME) or http(s)://."
+    )
+    clickhouse_database: str = "aipipe"
+    topic_prefix: str = Field("aipipe", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(4, ge=1, le=1000)
+    topic_retention_ms: int = Field(-1, ge=-1)
+    env: Literal["development", "production"] = "development"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    sentry_dsn: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("SENTRY_DSN", "AIPIPE_SENTRY_DSN")
+    )
+    query_port: int = Field(
+        8124, ge=0, le=65535, description="Loopback port of the embedded read endpoint."
+    )
+    sink_batch_size: int = Field(1000, ge=1)
+    sink_batch_seconds: float = Field(1.0, gt=0)
+    simulated_latency_ms: int = Field(0, ge=0)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("must be host:port[,host:port...], e.g. 127.0.0.1:9092")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str) -> str:
+        if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis:// URL, e.g. redis://127.0.0.1:6379/0")
+        return value
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _clickhouse(cls, value: str) -> str:
+        if value and urlparse(value).scheme not in ("chdb", "http", "https"):
+            raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
+        return value
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        return self.clickhouse_url or f"chdb://{(self.home / 'chdb').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def chdb_path(self) -> Path:
+        return Path(urlparse(self.clickhouse_dsn).path)
+
+    @property
+    def kafka_host_port(self) -> tuple[str, int]:
+        host, _, port = self.kafka_bootstrap.split(",")[0].strip().rpartition(":")
+        return host, int(port)
+
+    @property
+    def redis_host_port(self) -> tuple[str, int]:
+        url = urlparse(self.redis_url)
+        return url.hostname or "127.0.0.1", url.port or 6379
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning a validation error into one clear sentence."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        var = "SENTRY_DSN" if name == "sentry_dsn" else f"AIPIPE_{name.upper()}"
+        raise ConfigError(
+            f"{var} is invalid ({first['msg']}); set it to a valid value or unset it "
+            "to use the default."
+        ) from exc

@@ -1,0 +1,45 @@
+"""Event models, topic names, JSON Schema export and the price table. No I/O."""
+
+from schemas.errors import AipipeError, EventDecodeError, PricingError
+from schemas.events import (
+    EVENT_TYPES,
+    AnyEvent,
+    Event,
+    OperationAdmitted,
+    OperationCompleted,
+    OperationRejected,
+    OperationRequested,
+    OperationType,
+    Usage,
+    VideoPolled,
+    VideoPollScheduled,
+    decode,
+    derived_event_id,
+    encode,
+)
+from schemas.prices import PriceTable, compute_cost, price_table_at
+from schemas.topics import Topics
+
+__all__ = [
+    "EVENT_TYPES",
+    "AipipeError",
+    "AnyEvent",
+    "Event",
+    "EventDecodeError",
+    "OperationAdmitted",
+    "OperationCompleted",
+    "OperationRejected",
+    "OperationRequested",
+    "OperationType",
+    "PriceTable",
+    "PricingError",
+    "Topics",
+    "Usage",
+    "VideoPollScheduled",
+    "VideoPolled",
+    "compute_cost",
+    "decode",
+    "derived_event_id",
+    "encode",
+    "price_table_at",
+]

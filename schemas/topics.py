@@ -1,0 +1,46 @@
+"""Topic names, derived from one prefix so that tests and tenants can run side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The pipeline's topics under ``prefix`` (``AIPIPE_TOPIC_PREFIX``)."""
+
+    prefix: str = "aipipe"
+
+    @property
+    def requested(self) -> str:
+        return f"{self.prefix}.operations.requested"
+
+    @property
+    def admitted(self) -> str:
+        return f"{self.prefix}.operations.admitted"
+
+    @property
+    def rejected(self) -> str:
+        return f"{self.prefix}.operations.rejected"
+
+    @property
+    def completed(self) -> str:
+        return f"{self.prefix}.operations.completed"
+
+    @property
+    def video_polls(self) -> str:
+        return f"{self.prefix}.video.polls"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    def all(self) -> tuple[str, ...]:
+        return (
+            self.requested,
+            self.admitted,
+            self.rejected,
+            self.completed,
+            self.video_polls,
+            self.deadletter,
+        )
