@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     clickhouse_database: str = "aipipe"
     topic_prefix: str = Field("aipipe", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(4, ge=1, le=1000)
+    replication_factor: int = Field(1, ge=1)
     topic_retention_ms: int = Field(-1, ge=-1)
     env: Literal["development", "production"] = "development"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -45,6 +46,15 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(1000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     simulated_latency_ms: int = Field(0, ge=0)
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "aipipe", description="Downloaded Kafka jars, shared by clones."
+    )
+    fault: str = Field("", description="Fault tests only: a named point where a worker dies.")
+
+    @field_validator("home", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -94,6 +104,18 @@ class Settings(BaseSettings):
     def redis_host_port(self) -> tuple[str, int]:
         url = urlparse(self.redis_url)
         return url.hostname or "127.0.0.1", url.port or 6379
+
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as AIPIPE_ variables, for a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_defaults=False).items():
+            if value is None or name == "sentry_dsn":
+                continue
+            env[f"AIPIPE_{name.upper()}"] = str(value)
+        if self.sentry_dsn is not None:
+            env["SENTRY_DSN"] = self.sentry_dsn.get_secret_value()
+        return env
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,0 +1,45 @@
+# The README's commands. Everything installs from the project's own files:
+# Python packages into .venv, Kafka jars through Maven into ~/.cache/aipipe,
+# Debian's redis-server when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up down status demo test test-unit bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+up: install
+	$(BIN)/aipipe up
+
+down:
+	-$(BIN)/aipipe down
+
+status: install
+	$(BIN)/aipipe status
+
+demo: up
+	$(BIN)/aipipe demo
+
+test: up
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+bench: up
+	$(BIN)/python -m tests.bench
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean: down
+	rm -rf .aipipe

@@ -1,0 +1,1 @@
+"""Settings, logging, local services, the ClickHouse read endpoint and the aipipe CLI."""

@@ -1,0 +1,75 @@
+"""structlog configured once per process: console on a terminal in development, JSON otherwise.
+
+Context (``request_id``, ``client_id``, ``event_id``) is bound per event through
+contextvars; a processor drops secrets and prompt text before anything is rendered.
+Sentry is initialised here when ``SENTRY_DSN`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from infra.settings import Settings
+
+_SECRET_KEYS = frozenset({"api_key", "authorization", "password", "prompt", "token", "key"})
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask values whose key names a secret or a prompt; never log them."""
+    for name in list(event_dict):
+        if name.lower() in _SECRET_KEYS:
+            event_dict[name] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(settings: Settings) -> None:
+    level = getattr(logging, settings.log_level.upper())
+    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    pretty = settings.env == "development" and sys.stderr.isatty()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    if settings.sentry_dsn is not None:
+        import sentry_sdk
+
+        sentry_sdk.init(
+            dsn=settings.sentry_dsn.get_secret_value(),
+            environment=settings.env,
+            send_default_pii=False,
+        )
+
+
+@contextmanager
+def bound_event(**fields: Any) -> Iterator[None]:
+    """Bind event context (request_id, client_id, event_id, ...) for the logs in the block."""
+    with structlog.contextvars.bound_contextvars(**fields):
+        yield
+
+
+def report_exception(exc: BaseException, **tags: str) -> None:
+    """Send ``exc`` to Sentry (a no-op unless SENTRY_DSN is set) tagged with the event's ids."""
+    import sentry_sdk
+
+    with sentry_sdk.new_scope() as scope:
+        for name, value in tags.items():
+            scope.set_tag(name, value)
+        sentry_sdk.capture_exception(exc)

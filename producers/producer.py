@@ -1,0 +1,103 @@
+"""The producer upstream services use: idempotent, keyed by client, delivery failures raised.
+
+confluent-kafka does not enable idempotence by default; this sets it with ``acks=all``.
+Each event is keyed by ``client_id`` (one client's events stay ordered on one partition)
+and carries ``request_id`` and ``event_type`` as headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from schemas.errors import AipipeError
+from schemas.events import Event, encode
+
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 5,
+    "compression.type": "lz4",
+}
+
+
+class DeliveryError(AipipeError):
+    """Kafka did not acknowledge one or more produced events."""
+
+    def __init__(self, message: str, failures: list[tuple[str, KafkaError]]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def headers_for(event: Event) -> list[tuple[str, bytes]]:
+    event_type: str = getattr(event, "event_type", "")
+    return [("request_id", event.request_id.encode()), ("event_type", event_type.encode())]
+
+
+class EventProducer:
+    """Send events to a topic; ``flush()`` raises ``DeliveryError`` for any that failed."""
+
+    def __init__(self, bootstrap: str, **config: Any) -> None:
+        self._producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **config})
+        self._failures: list[tuple[str, KafkaError]] = []
+        self.delivered = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            key = msg.key()
+            self._failures.append((key.decode() if key else "", err))
+        else:
+            self.delivered += 1
+
+    def send(self, topic: str, event: Event) -> None:
+        self.send_raw(topic, event.client_id.encode(), encode(event), headers_for(event))
+
+    def send_raw(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """Send pre-encoded bytes (for tools that forward or replay events)."""
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                self._producer.poll(0.05)  # the local queue is full: serve deliveries, retry
+            except KafkaException as exc:
+                raise DeliveryError(f"Kafka refused the event for {topic}: {exc}.", []) from exc
+        self._producer.poll(0)
+
+    def send_many(self, topic: str, events: Iterable[Event]) -> None:
+        for event in events:
+            self.send(topic, event)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            raise DeliveryError(
+                f"{remaining} events were not acknowledged within {timeout:.0f}s; "
+                "check that Kafka at the bootstrap address is reachable.",
+                [],
+            )
+        if self._failures:
+            failures, self._failures = self._failures, []
+            first = failures[0][1]
+            raise DeliveryError(
+                f"{len(failures)} events failed delivery (first: {first.str()}).", failures
+            )
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

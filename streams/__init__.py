@@ -1,0 +1,1 @@
+"""The faust stream processors: admission and generation, built by ``create_app``."""
