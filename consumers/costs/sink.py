@@ -112,6 +112,9 @@ class CostSink:
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # a sink that died is replaced after 10 s, not the default 45 s
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 1000,
             }
         )
         self.deadletters = EventProducer(bootstrap)

@@ -1,0 +1,1 @@
+"""Kafka consumers that project the event log elsewhere: the cost sink into ClickHouse."""

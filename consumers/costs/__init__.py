@@ -1,0 +1,28 @@
+"""The cost sink's ClickHouse side: rows, migrations, and the cost store (port + adapters)."""
+
+from consumers.costs.migrations import MigrationError, migrate
+from consumers.costs.rows import COLUMNS, CostRow, row_from_completed
+from consumers.costs.store import (
+    Bucket,
+    ClickHouseCostStore,
+    CostStore,
+    CostSummary,
+    MemoryCostStore,
+    StoreError,
+    open_clickhouse,
+)
+
+__all__ = [
+    "COLUMNS",
+    "Bucket",
+    "ClickHouseCostStore",
+    "CostRow",
+    "CostStore",
+    "CostSummary",
+    "MemoryCostStore",
+    "MigrationError",
+    "StoreError",
+    "migrate",
+    "open_clickhouse",
+    "row_from_completed",
+]

@@ -1,0 +1,88 @@
+"""One ``ai_cost_tracking`` row per completed operation: the pure mapping from the event.
+
+Times are kept at millisecond precision, the precision of the ``DateTime64(3)`` columns,
+so a row read back from ClickHouse equals the row that was written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+
+from schemas.events import OperationCompleted
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    """A row of ``ai_cost_tracking``, fields in column order."""
+
+    operation_id: str
+    event_id: str
+    client_id: str
+    user_id: str | None
+    request_id: str
+    job_id: str | None
+    operation_type: str
+    provider: str
+    model: str
+    cost_usd: Decimal
+    price_version: str
+    input_tokens: int | None
+    output_tokens: int | None
+    image_count: int | None
+    video_duration_seconds: Decimal | None
+    poll_count: int
+    metadata: str
+    success: bool
+    error_message: str | None
+    duration_ms: int
+    requested_at: datetime
+    created_at: datetime
+    kafka_topic: str
+    kafka_partition: int
+    kafka_offset: int
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CostRow))
+
+
+def to_millis(moment: datetime) -> datetime:
+    """``moment`` in UTC, truncated to the millisecond as ``DateTime64(3)`` stores it."""
+    utc = moment.astimezone(UTC)
+    return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
+
+
+def row_from_completed(
+    event: OperationCompleted, topic: str, partition: int, offset: int
+) -> CostRow:
+    usage = event.usage
+    return CostRow(
+        operation_id=event.operation_id,
+        event_id=event.event_id,
+        client_id=event.client_id,
+        user_id=event.user_id,
+        request_id=event.request_id,
+        job_id=event.job_id,
+        operation_type=event.operation_type,
+        provider=event.provider,
+        model=event.model,
+        cost_usd=event.cost_usd,
+        price_version=event.price_version,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        image_count=usage.image_count,
+        video_duration_seconds=usage.video_seconds,
+        poll_count=event.poll_count,
+        metadata=orjson.dumps(event.metadata, default=str, option=orjson.OPT_SORT_KEYS).decode(),
+        success=event.success,
+        error_message=event.error_message,
+        duration_ms=event.duration_ms,
+        requested_at=to_millis(event.requested_at),
+        created_at=to_millis(event.occurred_at),
+        kafka_topic=topic,
+        kafka_partition=partition,
+        kafka_offset=offset,
+    )
