@@ -226,7 +226,10 @@ def budget_check(ctx: _Context, client_id: str, limit: str, as_json: bool) -> No
     try:
         budget_usd = Decimal(limit)
     except InvalidOperation:
-        raise click.BadParameter(f"{limit!r} is not an amount in USD.", param_hint="--limit")
+        raise click.BadParameter(
+            f"{limit!r} is not an amount in USD; use a number such as 100 or 12.50.",
+            param_hint="--limit",
+        ) from None
     now = datetime.now(UTC)
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     spend = cost_store(ctx.settings).spend(client_id, month_start, now)

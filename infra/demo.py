@@ -105,7 +105,7 @@ def run_demo(base: Settings, operations: int, clients: int) -> None:
                     store.clear()
                     return False
                 progress.update(recorded, completed=done)
-                return done >= len(events)
+                return bool(done >= len(events))
 
             wait_for(all_recorded, timeout=300, what="every operation to be recorded", interval=0.5)
         report(store[0].totals(), expected_costs(events))
@@ -119,7 +119,8 @@ def report(
     rows = []
     for client in sorted(set(actual) | set(expected)):
         count, cost = actual.get(client, (0, Decimal(0)))
-        rows.append((client, count, f"{cost:.6f}", "yes" if actual.get(client) == expected.get(client) else "NO"))
+        same = actual.get(client) == expected.get(client)
+        rows.append((client, count, f"{cost:.6f}", "yes" if same else "NO"))
     total = sum((c for _, c in actual.values()), Decimal(0))
     rows.append(("all clients", sum(n for n, _ in actual.values()), f"{total:.6f}", ""))
     console.print(

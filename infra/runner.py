@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Literal
 
 import structlog
@@ -84,8 +84,5 @@ def run(settings: Settings, role: Role = "all") -> None:
     if role == "streams":
         worker.execute_from_commandline()
         return
-    with cost_sink_thread(settings):
-        try:
-            worker.execute_from_commandline()
-        except SystemExit:
-            pass
+    with cost_sink_thread(settings), suppress(SystemExit):
+        worker.execute_from_commandline()

@@ -12,6 +12,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from schemas.deadletter import Headers
 from schemas.errors import AipipeError
 from schemas.events import Event, encode
 
@@ -31,7 +32,7 @@ class DeliveryError(AipipeError):
         self.failures = failures
 
 
-def headers_for(event: Event) -> list[tuple[str, bytes]]:
+def headers_for(event: Event) -> Headers:
     event_type: str = getattr(event, "event_type", "")
     return [("request_id", event.request_id.encode()), ("event_type", event_type.encode())]
 
@@ -59,7 +60,7 @@ class EventProducer:
         topic: str,
         key: bytes | None,
         value: bytes,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: Headers | None = None,
     ) -> None:
         """Send pre-encoded bytes (for tools that forward or replay events)."""
         while True:

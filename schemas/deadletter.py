@@ -6,6 +6,10 @@ re-sent; the original headers are kept and these are added.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+Headers = list[tuple[str, str | bytes | None]]
+
 REASON = "aipipe.dlq.reason"
 ERROR = "aipipe.dlq.error"
 STAGE = "aipipe.dlq.stage"
@@ -22,10 +26,11 @@ def deadletter_headers(
     topic: str,
     partition: int,
     offset: int,
-    original: list[tuple[str, bytes]] | None = None,
-) -> list[tuple[str, bytes]]:
+    original: Iterable[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] = (),
+) -> Headers:
+    kept = original.items() if isinstance(original, Mapping) else original
     return [
-        *(original or []),
+        *kept,
         (REASON, reason.encode()),
         (ERROR, error.encode()),
         (STAGE, stage.encode()),
@@ -35,6 +40,9 @@ def deadletter_headers(
     ]
 
 
-def read_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+def read_headers(headers: Iterable[tuple[str, str | bytes | None]] | None) -> dict[str, str]:
     """Headers as a dict of text (the last value wins), for tools and tests."""
-    return {name: (value or b"").decode(errors="replace") for name, value in headers or []}
+    return {
+        name: value if isinstance(value, str) else (value or b"").decode(errors="replace")
+        for name, value in headers or []
+    }

@@ -201,7 +201,9 @@ def decode(data: bytes | None) -> AnyEvent:
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise EventDecodeError(f"The message is not valid JSON ({exc}); send a JSON object.")
+        raise EventDecodeError(
+            f"The message is not valid JSON ({exc}); send a JSON object."
+        ) from None
     return decode_obj(raw)
 
 

@@ -74,7 +74,8 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     done_operations = app.Table("done-operations", default=bool, partitions=settings.partitions)
 
     async def emit(topic: Any, event: Event) -> None:
-        await topic.send(key=event.client_id.encode(), value=encode(event), headers=headers_for(event))
+        key, value = event.client_id.encode(), encode(event)
+        await topic.send(key=key, value=value, headers=headers_for(event))
 
     async def dead_letter(message: Any, stage: str, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)

@@ -63,6 +63,13 @@ class Batch:
         )
 
 
+def coordinates(message: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed (not an error) message."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
 class FaultPoints:
     """SIGKILL this process at a named point, for fault tests.
 
@@ -142,7 +149,7 @@ class CostSink:
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("kafka_consume_error", error=error.str())
             return
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        topic, partition, offset = coordinates(message)
         self.batch.track(topic, partition, offset, self.clock())
         try:
             event = decode(message.value())
@@ -157,7 +164,7 @@ class CostSink:
         self.batch.rows.append(row_from_completed(event, topic, partition, offset))
 
     def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        topic, partition, offset = coordinates(message)
         log.warning("event_dead_lettered", stage="costs", reason=exc.reason,
                     topic=topic, partition=partition, offset=offset)
         self.deadletters.send_raw(
@@ -167,7 +174,7 @@ class CostSink:
             deadletter_headers(
                 reason=exc.reason, error=type(exc).__name__, stage="costs",
                 topic=topic, partition=partition, offset=offset,
-                original=list(message.headers() or []),
+                original=message.headers() or [],
             ),
         )
         self.batch.dead += 1

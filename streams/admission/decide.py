@@ -7,7 +7,12 @@ the next steps of admission and plug in here as further checks.
 from __future__ import annotations
 
 from schemas.errors import PricingError
-from schemas.events import OperationAdmitted, OperationRejected, OperationRequested, derived_event_id
+from schemas.events import (
+    OperationAdmitted,
+    OperationRejected,
+    OperationRequested,
+    derived_event_id,
+)
 from schemas.prices import PriceTable
 
 Decision = OperationAdmitted | OperationRejected

@@ -44,10 +44,11 @@ def hand_priced(event: OperationRequested) -> Decimal:
     if (p.get("simulate") or {}).get("fail"):
         return Decimal(0)
     tokens_in = Decimal(math.ceil(len(p.get("prompt", "")) / 4))
+    prompt_cost = tokens_in * Decimal("0.30") / MILLION
     if event.model == "gemini-2.5-flash-image":
-        cost = tokens_in * Decimal("0.30") / MILLION + 1290 * p.get("n", 1) * Decimal(30) / MILLION
+        cost = prompt_cost + 1290 * p.get("n", 1) * Decimal(30) / MILLION
     elif event.model == "gemini-2.5-flash":
-        cost = tokens_in * Decimal("0.30") / MILLION + p["max_output_tokens"] * Decimal("2.50") / MILLION
+        cost = prompt_cost + p["max_output_tokens"] * Decimal("2.50") / MILLION
     elif event.model == "veo-3.0-generate-001":
         cost = Decimal(p["duration_seconds"]) * Decimal("0.40")
     else:

@@ -28,7 +28,9 @@ def produce_raw(settings: Settings, topic: str, values: Iterable[tuple[bytes, by
             producer.send_raw(topic, key, value)
 
 
-def store_of(settings: Settings, worker: WorkerProcess, timeout: float = 120) -> ClickHouseCostStore:
+def store_of(
+    settings: Settings, worker: WorkerProcess, timeout: float = 120
+) -> ClickHouseCostStore:
     """The cost store as other processes see it: through the owning worker's endpoint."""
     if not settings.embedded:
         client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)

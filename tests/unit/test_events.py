@@ -83,14 +83,14 @@ def test_undecodable_bytes_get_one_clear_sentence(payload: bytes, message: str) 
 def test_a_missing_field_is_named() -> None:
     raw = orjson.loads(encode(request()))
     del raw["client_id"]
-    with pytest.raises(EventDecodeError, match="Field 'client_id' is missing .* add it"):
+    with pytest.raises(EventDecodeError, match=r"Field 'client_id' is missing .* add it"):
         decode(orjson.dumps(raw))
 
 
 def test_a_bad_value_is_named() -> None:
     raw = orjson.loads(encode(request()))
     raw["operation_type"] = "music_generation"
-    with pytest.raises(EventDecodeError, match="Field 'operation_type' .* invalid"):
+    with pytest.raises(EventDecodeError, match=r"Field 'operation_type' .* invalid"):
         decode(orjson.dumps(raw))
 
 

@@ -38,7 +38,7 @@ def test_every_price_cites_its_source() -> None:
 
 
 def test_unknown_model_names_the_model_and_the_fix() -> None:
-    with pytest.raises(PricingError, match="'gpt-x' has no price.*add it to schemas/prices.py"):
+    with pytest.raises(PricingError, match=r"'gpt-x' has no price.*add it to schemas/prices\.py"):
         price_table_at(NOW).cost("gpt-x", Usage())
 
 

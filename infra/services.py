@@ -1,0 +1,352 @@
+"""Start, stop and probe the local single-node Kafka (KRaft) and Redis on loopback.
+
+Kafka runs from the Maven Central jars that ``infra/kafka/pom.xml`` resolves, with the
+machine's Java; Redis is the Debian ``redis-server``. Both run detached with a pid file
+and a log under ``<home>/kafka`` or ``<home>/redis``, and count as running only when
+they answer (Kafka metadata, Redis PING), never by pid alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from schemas.errors import AipipeError
+
+log = structlog.get_logger(__name__)
+
+KAFKA_DIR = Path(__file__).parent / "kafka"
+POLL = 0.2
+KAFKA_COMM, REDIS_COMM = "java", "redis-server"  # names in /proc/<pid>/stat
+JVM_FLAGS = ["-Xmx512m", "-Xms256m", "-XX:+UseSerialGC", "-XX:CICompilerCount=2",
+             "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
+
+# Processes this interpreter started, polled so that they are reaped rather than left
+# as zombies that still look alive to ``kill(pid, 0)``.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ServiceError(AipipeError):
+    """A local Kafka or Redis would not start; the message names the log and the fix."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    address: str
+    running: bool
+    pid: int | None
+    detail: str
+
+
+# --- Kafka -------------------------------------------------------------------------
+
+def kafka_version() -> str:
+    """The broker version pinned by ``<kafka.version>`` in ``infra/kafka/pom.xml``."""
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>",
+                      (KAFKA_DIR / "pom.xml").read_text())
+    if found is None:
+        raise ServiceError(f"{KAFKA_DIR / 'pom.xml'} has no <kafka.version>; restore it.")
+    return found.group(1).strip()
+
+
+def ensure_kafka_jars(cache_dir: Path) -> Path:
+    """Copy the broker's jars into ``cache_dir/kafka-<version>/lib`` once; return it."""
+    root = cache_dir / f"kafka-{kafka_version()}"
+    lib, marker, mvn_log = root / "lib", root / "complete", root / "mvn.log"
+    if marker.exists():
+        return lib
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ServiceError("Maven (mvn) is not on PATH, so the Kafka jars cannot be "
+                           "fetched; install it with `apt-get install -y maven`.")
+    shutil.rmtree(lib, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with mvn_log.open("wb") as out:
+        code = subprocess.call(
+            [mvn, "-q", "-B", "-f", str(KAFKA_DIR / "pom.xml"), "dependency:copy-dependencies",
+             f"-DoutputDirectory={lib}", "-DincludeScope=runtime"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if code != 0:
+        raise ServiceError(f"mvn could not fetch the Kafka jars (exit {code}); read "
+                           f"{mvn_log} and check that Maven Central is reachable.")
+    marker.write_text(f"{kafka_version()}\n")
+    log.info("kafka_jars_fetched", lib=str(lib), seconds=round(time.monotonic() - started, 1))
+    return lib
+
+
+def _kafka_probe(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """A one-line description if a broker answers metadata at host:port, else None."""
+    try:  # a refused connection answers fast and keeps librdkafka's retry logs quiet
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return None
+    admin = AdminClient({"bootstrap.servers": f"{host}:{port}", "log_level": 0})
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException:  # e.g. a timeout while the broker is still coming up
+        return None
+    return f"{len(meta.brokers)} broker(s), {len(meta.topics)} topic(s)"
+
+
+def kafka_status(host: str, port: int, home: Path) -> ServiceStatus:
+    """Whether a broker answers metadata at host:port, with the pid from ``home`` if any."""
+    detail = _kafka_probe(host, port)
+    return ServiceStatus("kafka", f"{host}:{port}", detail is not None,
+                         _live_pid(home / "kafka" / "kafka.pid", KAFKA_COMM),
+                         detail or "no broker answers metadata")
+
+
+def start_kafka(host: str, port: int, home: Path, cache_dir: Path,
+                timeout: float = 90) -> ServiceStatus:
+    """Start a single-node KRaft broker (controller on port+1) unless one already answers."""
+    status = kafka_status(host, port, home)
+    if status.running:
+        return status
+    started = time.monotonic()
+    kdir = home / "kafka"
+    data, props, server_log = kdir / "data", kdir / "server.properties", kdir / "server.log"
+    pid_file = kdir / "kafka.pid"
+    pid = _live_pid(pid_file, KAFKA_COMM)
+    if pid is None:  # nothing of ours is already starting up: launch a broker
+        java_bin = shutil.which("java")
+        if java_bin is None:
+            raise ServiceError("Java (17+) is not on PATH, so Kafka cannot start; install it "
+                               "with `apt-get install -y openjdk-17-jre-headless`.")
+        lib = ensure_kafka_jars(cache_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        template = string.Template((KAFKA_DIR / "server.properties.template").read_text())
+        props.write_text(template.substitute(host=host, port=port, controller_port=port + 1,
+                                             data_dir=data))
+        java = [java_bin, *JVM_FLAGS, f"-Dkafka.logs.dir={kdir}",
+                f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}", "-cp", f"{lib}/*"]
+        if not (data / "meta.properties").exists():
+            _format_storage(java, props, kdir)
+        pid = _spawn([*java, "kafka.Kafka", str(props)], kdir / "stdout.log", pid_file)
+    _wait(lambda: _kafka_probe(host, port) is not None, pid, timeout,
+          f"Kafka at {host}:{port}", [server_log, kdir / "stdout.log"])
+    status = kafka_status(host, port, home)
+    log.info("kafka_started", address=status.address, pid=status.pid,
+             seconds=round(time.monotonic() - started, 1))
+    return status
+
+
+def _format_storage(java: list[str], props: Path, kdir: Path) -> None:
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    with (kdir / "stdout.log").open("ab") as out:
+        code = subprocess.call(
+            [*java, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+             "-c", str(props)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if code != 0:
+        raise ServiceError(f"Formatting the Kafka data dir failed (exit {code}); read "
+                           f"{kdir / 'stdout.log'}, then delete {kdir / 'data'} and retry.")
+
+
+def stop_kafka(home: Path, timeout: float = 30) -> bool:
+    """SIGTERM the broker started under ``home`` (SIGKILL after ``timeout``)."""
+    return _stop(home / "kafka" / "kafka.pid", KAFKA_COMM, timeout)
+
+
+def kill_kafka(home: Path, sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send ``sig`` to the broker started under ``home``; see :func:`kill_redis`."""
+    return _kill(home / "kafka" / "kafka.pid", KAFKA_COMM, sig)
+
+
+# --- Redis -------------------------------------------------------------------------
+
+def _redis_probe(host: str, port: int, timeout: float = 1.0) -> str | None:
+    # redis-py retries a failed connect with backoff by default (~5 s); a probe must not.
+    client = redis.Redis(host=host, port=port, socket_timeout=timeout,
+                         socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    try:
+        version = client.info("server").get("redis_version", "?")
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+    return f"redis {version}"
+
+
+def redis_status(host: str, port: int, home: Path) -> ServiceStatus:
+    """Whether a Redis answers at host:port, with the pid from ``home`` if any."""
+    detail = _redis_probe(host, port)
+    return ServiceStatus("redis", f"{host}:{port}", detail is not None,
+                         _live_pid(home / "redis" / "redis.pid", REDIS_COMM),
+                         detail or "no Redis answers PING")
+
+
+def ensure_redis_server() -> str:
+    """The path of ``redis-server``, installed with apt-get if it is not on PATH."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    fix = "install it (`apt-get install -y redis-server`) or point AIPIPE_REDIS_URL elsewhere"
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ServiceError(f"redis-server is not on PATH and cannot be installed here; {fix}.")
+    log.info("redis_installing")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "redis-server"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ServiceError(f"`{' '.join(cmd)}` failed ({done.stderr.strip()[-300:]}); {fix}.")
+    return shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def start_redis(host: str, port: int, home: Path, timeout: float = 30) -> ServiceStatus:
+    """Start an in-memory Redis (no persistence) on host:port unless one already answers."""
+    server = ensure_redis_server()
+    status = redis_status(host, port, home)
+    if status.running:
+        return status
+    started = time.monotonic()
+    rdir = home / "redis"
+    rdir.mkdir(parents=True, exist_ok=True)
+    pid_file, redis_log = rdir / "redis.pid", rdir / "redis.log"
+    pid = _live_pid(pid_file, REDIS_COMM) or _spawn(
+        [server, "--bind", host, "--port", str(port), "--dir", str(rdir), "--save", "",
+         "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"],
+        redis_log, pid_file)
+    _wait(lambda: _redis_probe(host, port) is not None, pid, timeout,
+          f"Redis at {host}:{port}", [redis_log])
+    status = redis_status(host, port, home)
+    log.info("redis_started", address=status.address, pid=status.pid,
+             seconds=round(time.monotonic() - started, 1))
+    return status
+
+
+def stop_redis(home: Path, timeout: float = 10) -> bool:
+    """SIGTERM the Redis started under ``home`` (SIGKILL after ``timeout``)."""
+    return _stop(home / "redis" / "redis.pid", REDIS_COMM, timeout)
+
+
+def kill_redis(home: Path, sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send ``sig`` to the Redis started under ``home``; True if a process got it.
+
+    After SIGKILL this waits until the process is gone and removes the pid file, so a
+    fault test can restart at once; other signals (SIGSTOP, SIGCONT) return at once.
+    """
+    return _kill(home / "redis" / "redis.pid", REDIS_COMM, sig)
+
+
+# --- processes ---------------------------------------------------------------------
+
+def _spawn(cmd: list[str], out_path: Path, pid_file: Path) -> int:
+    with out_path.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    _children[proc.pid] = proc
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _alive(pid: int, comm: str | None = None) -> bool:
+    """Whether ``pid`` runs and, if ``comm`` is given, has that name in /proc/<pid>/stat.
+
+    For our own children only waitpid is trusted: a JVM's main thread can show as a zombie
+    (and its cmdline read empty) while its other threads still run.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    name, state = stat[stat.find("(") + 1 : stat.rfind(")")], stat[stat.rfind(")") + 2]
+    if comm not in (None, name):
+        return False
+    return _children[pid].poll() is None if pid in _children else state != "Z"
+
+
+def _live_pid(pid_file: Path, comm: str) -> int | None:
+    """The pid in ``pid_file`` if that process is alive and named ``comm``."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid, comm) else None
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    _children.pop(pid, None)
+    return True
+
+
+def _kill(pid_file: Path, comm: str, sig: signal.Signals) -> bool:
+    pid = _live_pid(pid_file, comm)
+    if pid is None:
+        return False
+    _signal(pid, sig)
+    if sig == signal.SIGKILL:
+        _wait_gone(pid, 10)
+        pid_file.unlink(missing_ok=True)
+    log.info("service_signalled", pid=pid, signal=sig.name)
+    return True
+
+
+def _stop(pid_file: Path, comm: str, timeout: float) -> bool:
+    pid = _live_pid(pid_file, comm)
+    if pid is not None:
+        _signal(pid, signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
+        _signal(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+        log.info("service_stopped", pid=pid, pid_file=str(pid_file))
+    pid_file.unlink(missing_ok=True)
+    return pid is not None
+
+
+def _wait(ready: Callable[[], bool], pid: int, timeout: float, what: str,
+          logs: list[Path]) -> None:
+    """Poll ``ready`` until the deadline; fail fast if the process ``pid`` exits."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        log_file = next((p for p in logs if p.exists() and p.stat().st_size), logs[-1])
+        if not _alive(pid):
+            raise ServiceError(f"{what} exited while starting; read {log_file}, fix what it "
+                               f"reports (often a port in use) and start again:\n"
+                               f"{_tail(log_file)}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} did not answer within {timeout:.0f}s; read {log_file}, "
+                               f"then stop it (pid {pid}) or raise the timeout.")
+        time.sleep(POLL)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    """The log's last error lines (exceptions included), else its last lines."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log written)"
+    errors = [ln for ln in text if re.search(r" (ERROR|FATAL) |^\S*(Exception|Error)\b", ln)]
+    return "\n".join(list(dict.fromkeys(errors or text))[-lines:])
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
