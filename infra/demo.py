@@ -108,24 +108,32 @@ def run_demo(base: Settings, operations: int, clients: int) -> None:
                 return bool(done >= len(events))
 
             wait_for(all_recorded, timeout=300, what="every operation to be recorded", interval=0.5)
-        report(store[0].totals(), expected_costs(events))
+        report(store[0], expected_costs(events))
     finally:
         worker.stop()
 
 
-def report(
-    actual: dict[str, tuple[int, Decimal]], expected: dict[str, tuple[int, Decimal]]
-) -> None:
+def report(store: Any, expected: dict[str, tuple[int, Decimal]]) -> None:
+    actual = store.totals()
     rows = []
     for client in sorted(set(actual) | set(expected)):
-        count, cost = actual.get(client, (0, Decimal(0)))
+        s = store.summary(client)
+        kinds = [s.by_operation_type.get(k) for k in MODELS]
         same = actual.get(client) == expected.get(client)
-        rows.append((client, count, f"{cost:.6f}", "yes" if same else "NO"))
+        rows.append(
+            (client, s.operation_count, *(k.count if k else 0 for k in kinds),
+             s.failure_count, f"{s.total_cost_usd:.6f}", "yes" if same else "NO")
+        )
     total = sum((c for _, c in actual.values()), Decimal(0))
-    rows.append(("all clients", sum(n for n, _ in actual.values()), f"{total:.6f}", ""))
+    count = sum(n for n, _ in actual.values())
+    rows.append(("all clients", count, "", "", "", "", f"{total:.6f}", ""))
     console.print(
-        table("cost per client, read back from ClickHouse",
-              ["client", "operations", "cost USD", "equals what was produced"], rows)
+        table(
+            "cost per client, read back from ClickHouse",
+            ["client", "operations", "images", "videos", "texts", "failed", "cost USD",
+             "matches produced"],
+            rows,
+        )
     )
     if actual != expected:
         raise SystemExit("The ClickHouse totals differ from what was produced.")

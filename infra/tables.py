@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+if not console.is_terminal:
+    console = Console(width=120)  # logs and CI: do not squeeze tables into 80 columns
 
 
 def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
