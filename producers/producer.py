@@ -41,16 +41,31 @@ class EventProducer:
     """Send events to a topic; ``flush()`` raises ``DeliveryError`` for any that failed."""
 
     def __init__(self, bootstrap: str, **config: Any) -> None:
-        self._producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **config})
+        # One callback for the whole producer, called for failed deliveries only: a
+        # Python callback per message would cost more than the produce call itself.
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                **PRODUCER_DEFAULTS,
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_delivery,
+                **config,
+            }
+        )
         self._failures: list[tuple[str, KafkaError]] = []
-        self.delivered = 0
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def delivered(self) -> int:
+        """Events Kafka acknowledged so far (exact after ``flush``)."""
+        return self.sent - self.failed - len(self._producer)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             key = msg.key()
+            self.failed += 1
             self._failures.append((key.decode() if key else "", err))
-        else:
-            self.delivered += 1
 
     def send(self, topic: str, event: Event) -> None:
         self.send_raw(topic, event.client_id.encode(), encode(event), headers_for(event))
@@ -65,15 +80,15 @@ class EventProducer:
         """Send pre-encoded bytes (for tools that forward or replay events)."""
         while True:
             try:
-                self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
-                )
+                self._producer.produce(topic, value=value, key=key, headers=headers)
                 break
             except BufferError:
                 self._producer.poll(0.05)  # the local queue is full: serve deliveries, retry
             except KafkaException as exc:
                 raise DeliveryError(f"Kafka refused the event for {topic}: {exc}.", []) from exc
-        self._producer.poll(0)
+        self.sent += 1
+        if self.sent % 1000 == 0:
+            self._producer.poll(0)  # serve delivery reports now and then, not on every send
 
     def send_many(self, topic: str, events: Iterable[Event]) -> None:
         for event in events:

@@ -94,18 +94,69 @@ class OperationRequested(Event, OperationSpec):
     event_type: Literal["operation.requested"] = "operation.requested"
 
 
-class OperationAdmitted(Event, OperationSpec):
+class AdmissionFacts(BaseModel):
+    """How admission decided, on both decision events (all optional: older events lack them).
+
+    ``backend`` is the rate limiter that decided (``none``: no limiter was asked, as for
+    an invalid or over-budget request, or the limiter failed closed). ``limited_by``,
+    ``limit`` and ``window_ms`` name the limit that applied: the one that refused, or on
+    admission the one with the fewest slots left. ``decided_at`` is the limiter's clock
+    (Redis ``TIME``) at the decision; ``retry_after_ms`` is when a retry can succeed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["redis", "memory", "none"] = "none"
+    limited_by: Literal["client", "model"] | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    window_ms: Annotated[int, Field(ge=1)] | None = None
+    remaining: Annotated[int, Field(ge=0)] | None = None
+    decided_at: AwareDatetime | None = None
+
+
+class OperationAdmitted(Event, OperationSpec, AdmissionFacts):
     event_type: Literal["operation.admitted"] = "operation.admitted"
     operation_id: _ID
     requested_at: AwareDatetime
 
 
-class OperationRejected(Event, OperationSpec):
+class OperationRejected(Event, OperationSpec, AdmissionFacts):
     event_type: Literal["operation.rejected"] = "operation.rejected"
     operation_id: _ID
     requested_at: AwareDatetime
     reason: RejectReason
     detail: str = ""
+    retry_after_ms: Annotated[int, Field(ge=0)] | None = None
+
+
+BudgetPeriod = Literal["month", "week", "day"]
+
+
+class BudgetSet(Event):
+    """An operator set a client's budget (``aipipe budget set``); the latest one counts."""
+
+    event_type: Literal["budget.set"] = "budget.set"
+    amount_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
+    period: BudgetPeriod = "month"
+
+    @field_serializer("amount_usd")
+    def _amount_as_string(self, value: Decimal) -> str:
+        return format(value, "f")
+
+
+class BudgetThresholdCrossed(Event):
+    """A client's spend reached ``threshold_percent`` of the budget in the period."""
+
+    event_type: Literal["budget.threshold_crossed"] = "budget.threshold_crossed"
+    threshold_percent: Annotated[int, Field(ge=1, le=1000)]
+    period: BudgetPeriod
+    period_start: AwareDatetime
+    spend_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
+    budget_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
+
+    @field_serializer("spend_usd", "budget_usd")
+    def _money_as_string(self, value: Decimal) -> str:
+        return format(value, "f")
 
 
 class Usage(BaseModel):
@@ -160,6 +211,47 @@ class VideoPolled(Event):
     attempt: Annotated[int, Field(ge=1)]
     done: bool
     elapsed_seconds: Annotated[float, Field(ge=0)]
+    # why the poll failed (transient: polling goes on; permanent: ``final``)
+    error_message: str | None = None
+    # polling stops here: the video is done, failed, or waited past the maximum
+    final: bool = False
+
+
+class VideoStarted(Event):
+    """The provider accepted a video; ``provider_operation`` is what every poll asks about."""
+
+    event_type: Literal["video.started"] = "video.started"
+    operation_id: _ID
+    requested_at: AwareDatetime
+    operation_type: OperationType = "video_generation"
+    provider: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)]
+    provider_operation: Annotated[str, Field(min_length=1)]
+    job: dict[str, Any] = Field(default_factory=dict)  # what the provider's polls need
+
+
+class ProviderCircuitOpened(Event):
+    """Calls to ``provider``/``model`` fail fast until ``cooldown_seconds`` have passed.
+
+    The envelope is that of the operation whose failure opened the circuit.
+    """
+
+    event_type: Literal["provider.circuit_opened"] = "provider.circuit_opened"
+    provider: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)]
+    failures: Annotated[int, Field(ge=0)]
+    window_seconds: Annotated[float, Field(ge=0)]
+    cooldown_seconds: Annotated[float, Field(ge=0)]
+    reason: str
+
+
+class ProviderCircuitClosed(Event):
+    """A trial call succeeded after the cool-down: ``provider``/``model`` is called again."""
+
+    event_type: Literal["provider.circuit_closed"] = "provider.circuit_closed"
+    provider: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)]
+    open_seconds: Annotated[float, Field(ge=0)]
 
 
 AnyEvent = Annotated[
@@ -168,7 +260,12 @@ AnyEvent = Annotated[
     | OperationRejected
     | OperationCompleted
     | VideoPollScheduled
-    | VideoPolled,
+    | VideoPolled
+    | VideoStarted
+    | ProviderCircuitOpened
+    | ProviderCircuitClosed
+    | BudgetSet
+    | BudgetThresholdCrossed,
     Field(discriminator="event_type"),
 ]
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -178,6 +275,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
     "operation.completed": OperationCompleted,
     "video.poll_scheduled": VideoPollScheduled,
     "video.polled": VideoPolled,
+    "video.started": VideoStarted,
+    "provider.circuit_opened": ProviderCircuitOpened,
+    "provider.circuit_closed": ProviderCircuitClosed,
+    "budget.set": BudgetSet,
+    "budget.threshold_crossed": BudgetThresholdCrossed,
 }
 _any_event: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
@@ -186,7 +288,7 @@ MAX_EVENT_BYTES = 1_000_000
 
 def encode(event: Event) -> bytes:
     """The wire form: compact JSON, decimals as strings, times in ISO 8601 UTC."""
-    return orjson.dumps(event.model_dump(mode="json"))
+    return event.__pydantic_serializer__.to_json(event)
 
 
 def decode(data: bytes | None) -> AnyEvent:

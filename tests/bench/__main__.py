@@ -1,0 +1,179 @@
+"""``python -m tests.bench`` (``make bench``): our hot paths against raw clients, one run.
+
+Every figure is a ratio to a raw baseline measured in the same run on the same machine,
+so it transfers across machines where absolute rates do not:
+
+1. producer events/s: ``EventProducer.send`` vs raw confluent-kafka ``produce()`` (goal
+   0.5x), and, to show where the gap is, vs raw ``produce()`` with the same headers;
+2. cost rows/s into ClickHouse: ``ClickHouseCostStore.write`` vs raw ``client.insert``
+   (goal 0.8x);
+3. (informational) the full cost sink path, Kafka -> ``CostSink`` -> ClickHouse, against
+   the raw insert rate of 2.
+
+Each side runs best of ``--rounds`` (default 5) in rotating order after a warm-up. The
+CPU ratio column compares items per process-CPU-second, which moves less than wall time
+when other processes share the cores. Needs the local Kafka (``aipipe up``); ClickHouse
+is chDB in a temporary directory (one path for the process), removed afterwards; topics
+are unique per run and deleted afterwards. Results are printed and written to
+``<AIPIPE_HOME>/bench.json``; ``--strict`` exits 1 when a goal is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from importlib.metadata import version
+from typing import Any
+
+import clickhouse_connect
+import confluent_kafka
+import structlog
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+
+from consumers.costs.store import open_clickhouse
+from infra.settings import Settings, load_settings
+from infra.topics import ensure_topics
+from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
+from tests.bench.producer import bench_producer, profile_ours
+from tests.bench.report import Figure, Steps, render, write_json
+from tests.bench.workloads import completed_events, cost_rows, requested_events
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description="Our hot paths against raw clients, measured in one run.",
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="producer events per round")
+    parser.add_argument("--rows", type=int, default=100_000, help="ClickHouse rows per round")
+    parser.add_argument("--batch", type=int, default=10_000, help="rows per insert")
+    parser.add_argument("--sink-events", type=int, default=100_000, help="events through the sink")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per side (best one counts)")
+    parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print a cProfile of our producer path"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a figure misses its goal (for CI)"
+    )
+    return parser.parse_args(argv)
+
+
+def _quiet_logs() -> None:
+    """The sink logs a line per batch; keep the bench output to its own lines."""
+    import logging
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _kafka_up(settings: Settings) -> bool:
+    from infra.services import kafka_status
+
+    return kafka_status(*settings.kafka_host_port, home=settings.home).running
+
+
+def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Remove this run's topics; a failure here is not worth failing the bench for."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the futures resolve
+    for future in admin.delete_topics(names).values():
+        with contextlib.suppress(Exception):
+            future.result(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    console = Console(width=max(Console().width, 100))
+    settings = load_settings()
+    bootstrap = settings.kafka_bootstrap
+    if not _kafka_up(settings):
+        console.print(f"No Kafka answers at {bootstrap}; start it with `make up` (aipipe up).")
+        return 2
+    _quiet_logs()
+    steps = Steps(console)
+    say = steps.say
+    run_id = uuid.uuid4().hex[:10]
+    topics = {
+        "ours": f"bench-{run_id}-producer-ours",
+        "raw": f"bench-{run_id}-producer-raw",
+        "headers": f"bench-{run_id}-producer-raw-headers",
+        "completed": f"bench-{run_id}-completed",
+        "deadletter": f"bench-{run_id}-deadletter",
+    }
+    ensure_topics(bootstrap, topics.values(), partitions=settings.partitions)
+    chdb_dir = tempfile.mkdtemp(prefix="aipipe-bench-")
+    figures: list[Figure] = []
+    try:
+        say(f"[bold]1/3 producer[/bold]: building {args.events:,} OperationRequested events")
+        events = requested_events(args.events)
+        if args.profile:
+            say("  profiling our path (cProfile, one pass) …")
+            console.print(profile_ours(bootstrap, topics["ours"], events[: args.events // 2]))
+        figures += bench_producer(bootstrap, (topics["ours"], topics["raw"], topics["headers"]),
+                                  events, args.rounds, say)
+        del events
+
+        say(f"[bold]2/3 ClickHouse[/bold]: building {args.rows:,} cost rows; chDB at {chdb_dir}")
+        dsn = f"chdb://{chdb_dir}/chdb"
+        ours_client = open_clickhouse(dsn, "bench_setup")
+        raw_client = clickhouse_connect.get_client(dsn=dsn)
+        rows = cost_rows(args.rows)
+        store_figure = bench_store(ours_client, raw_client, rows, args.batch, args.rounds, say)
+        figures.append(store_figure)
+        del rows
+
+        if not args.no_sink:
+            say(f"[bold]3/3 sink[/bold]: producing {args.sink_events:,} completed events "
+                f"to {topics['completed']}")
+            produce_completed(bootstrap, topics["completed"],
+                              completed_events(args.sink_events, seed=1))
+            say("  running CostSink until every row is written")
+            figures.append(bench_sink(bootstrap, ours_client, topics["completed"],
+                                      topics["deadletter"], args.sink_events, args.batch,
+                                      store_figure, say))
+    finally:
+        shutil.rmtree(chdb_dir, ignore_errors=True)
+        _delete_topics(bootstrap, list(topics.values()))
+
+    seconds = time.monotonic() - steps.started
+    console.print()
+    render(figures, console, title=f"aipipe bench — {os.cpu_count()} cores, {seconds:.0f}s")
+    for f in figures:
+        console.print(f"  [dim]{f.metric}: {f.method}[/dim]", highlight=False, soft_wrap=True)
+    out = settings.home / "bench.json"
+    write_json(out, figures, _meta(seconds, args))
+    console.print(f"  [dim]written to {out}[/dim]", highlight=False)
+    missed = [f.metric for f in figures if f.passed is False]
+    if missed:
+        console.print(f"  [yellow]below goal: {', '.join(missed)}[/yellow]", highlight=False)
+    return 1 if missed and args.strict else 0
+
+
+def _meta(seconds: float, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "finished_at": datetime.now(UTC).isoformat(),
+        "duration_seconds": round(seconds, 1),
+        "arguments": vars(args),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "confluent_kafka": version("confluent-kafka"),
+            "librdkafka": confluent_kafka.libversion()[0],
+            "clickhouse_connect": version("clickhouse-connect"),
+            "chdb": version("chdb"),
+            "pydantic": version("pydantic"),
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
