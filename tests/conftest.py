@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,16 @@ def services() -> Iterator[Services]:
         yield from _container_services()
     else:
         yield _local_services()
+
+
+@pytest.fixture(scope="session")
+def chdb_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The test process's own chDB engine: one path per process, so one per session."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path_factory.getbasetemp() / 'chdb'}")
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
@@ -32,63 +31,14 @@ from consumers.costs.store import (
     StoreError,
     open_clickhouse,
 )
+from tests.support.rows import T0
+from tests.support.rows import cost_row as row
 
-T0 = datetime(2025, 11, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
-
-
-@pytest.fixture(scope="session")
-def chdb_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    path = tmp_path_factory.getbasetemp() / "chdb"
-    client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
-    yield client
-    client.close()
 
 
 def fresh_database() -> str:
     return f"costs_{uuid.uuid4().hex[:12]}"
-
-
-def row(
-    operation_id: str,
-    cost: str | Decimal = "0.039",
-    *,
-    client_id: str = "acme",
-    created_at: datetime = T0,
-    requested_at: datetime | None = None,
-    operation_type: str = "image_generation",
-    model: str = "gemini-2.5-flash-image",
-    success: bool = True,
-    event_id: str | None = None,
-    offset: int = 0,
-) -> CostRow:
-    return CostRow(
-        operation_id=operation_id,
-        event_id=event_id or f"evt-{operation_id}",
-        client_id=client_id,
-        user_id=None,
-        request_id=f"req-{operation_id}",
-        job_id=None,
-        operation_type=operation_type,
-        provider="simulated",
-        model=model,
-        cost_usd=Decimal(cost),
-        price_version="2025-10-01",
-        input_tokens=12,
-        output_tokens=1290,
-        image_count=1,
-        video_duration_seconds=None,
-        poll_count=0,
-        metadata="{}",
-        success=success,
-        error_message=None if success else "failed",
-        duration_ms=120,
-        requested_at=requested_at or created_at - timedelta(seconds=2),
-        created_at=created_at,
-        kafka_topic="aipipe.operations.completed",
-        kafka_partition=0,
-        kafka_offset=offset,
-    )
 
 
 def expected_totals(rows: Sequence[CostRow]) -> dict[str, tuple[int, Decimal]]:

@@ -33,6 +33,7 @@ from infra.queryserver import (
     check_read_only,
     find_endpoint,
 )
+from tests.support.rows import cost_row as row
 
 pytestmark = pytest.mark.e2e
 
@@ -40,44 +41,14 @@ T0 = datetime(2025, 11, 1, 9, 30, 0, 250_000, tzinfo=UTC)
 
 
 def cost_row(i: int, cost: str) -> CostRow:
-    return CostRow(
-        operation_id=f"op-{i}",
-        event_id=f"evt-{i}",
-        client_id=f"client-{i % 3}",
-        user_id=None,
-        request_id=f"req-{i}",
-        job_id=None,
-        operation_type="image_generation",
-        provider="simulated",
-        model="gemini-2.5-flash-image",
-        cost_usd=Decimal(cost),
-        price_version="2025-10-01",
-        input_tokens=10,
-        output_tokens=1290,
-        image_count=1,
-        video_duration_seconds=None,
-        poll_count=0,
-        metadata="{}",
-        success=True,
-        error_message=None,
-        duration_ms=40,
+    return row(
+        f"op-{i}", cost, client_id=f"client-{i % 3}", event_id=f"evt-{i}", offset=i,
         requested_at=T0 + timedelta(seconds=i),
         created_at=T0 + timedelta(seconds=i, milliseconds=7),
-        kafka_topic="t",
-        kafka_partition=0,
-        kafka_offset=i,
     )
 
 
 ROWS = [cost_row(i, f"{i}.{i:09d}") for i in range(1, 31)]
-
-
-@pytest.fixture(scope="session")
-def chdb_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    path = tmp_path_factory.getbasetemp() / "chdb"
-    client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
