@@ -29,6 +29,7 @@ from tests.support.pipeline import (
     operations_recorded,
     produce,
     produce_raw,
+    rows_and_operations,
     store_of,
     wait_recorded,
 )
@@ -108,11 +109,7 @@ def test_costs_per_client_are_exact(settings: Settings, pipeline: WorkerProcess)
     wait_recorded(store, len(events), timeout=180, worker=pipeline)
 
     assert store.totals() == expected_totals(events)
-    rows = store.client.query(
-        f"SELECT count(), uniqExact(operation_id) FROM {settings.clickhouse_database}"
-        ".ai_cost_tracking FINAL"
-    ).result_rows
-    assert rows == [(120, 120)]
+    assert rows_and_operations(store) == (120, 120)
     failed = sum(1 for e in events if e.params.get("simulate"))
     summary = store.summary("client-0", None, None)
     assert summary.operation_count == 30
@@ -215,11 +212,7 @@ def test_a_killed_cost_sink_loses_nothing_and_counts_nothing_twice(
         store = store_of(settings, sink)
         wait_recorded(store, len(events), timeout=180, worker=sink)
         assert store.totals() == expected_totals(events)
-        rows = store.client.query(
-            f"SELECT count(), uniqExact(operation_id) FROM {settings.clickhouse_database}"
-            ".ai_cost_tracking FINAL"
-        ).result_rows
-        assert rows == [(150, 150)]
+        assert rows_and_operations(store) == (150, 150)
     finally:
         sink.stop()
         streams.stop()

@@ -58,6 +58,14 @@ def operations_recorded(store: ClickHouseCostStore) -> int:
     return sum(count for count, _ in store.totals().values())
 
 
+def rows_and_operations(store: ClickHouseCostStore) -> tuple[int, int]:
+    """Rows as billing reads them (FINAL) and distinct operations: equal when none is doubled."""
+    rows = store.client.query(
+        f"SELECT count(), uniqExact(operation_id) FROM {store.table} FINAL"
+    ).result_rows
+    return int(rows[0][0]), int(rows[0][1])
+
+
 def wait_recorded(
     store: ClickHouseCostStore, expected: int, timeout: float, worker: WorkerProcess | None = None
 ) -> None:
