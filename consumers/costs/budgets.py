@@ -1,0 +1,173 @@
+"""Client budgets in ClickHouse: the projection of ``budget.set`` events, and spend per period.
+
+``aipipe budget set`` emits a ``budget.set`` event to the budgets topic; ``BudgetProjector``
+(run next to the cost sink, in the process that owns ClickHouse) writes it into
+``client_budgets``. So a budget is set the same way whether ClickHouse is embedded chDB
+(whose read endpoint refuses writes) or a server, and the Kafka log can rebuild the table.
+Readers (admission, the CLI) ask ``BudgetStore`` through any read-only client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from confluent_kafka import Consumer, KafkaError, Message
+
+from consumers.costs.rows import to_millis
+from consumers.costs.sink import coordinates
+from consumers.costs.store import StoreError, database_name
+from producers.producer import EventProducer
+from schemas.deadletter import deadletter_headers
+from schemas.errors import EventDecodeError
+from schemas.events import BudgetPeriod, BudgetSet, decode
+from schemas.prices import COST_QUANTUM
+
+TABLE = "client_budgets"
+log = structlog.get_logger("aipipe.budgets")
+
+
+@dataclass(frozen=True)
+class Budget:
+    amount_usd: Decimal
+    period: BudgetPeriod
+    source: str  # "table" (aipipe budget set) or "settings" (AIPIPE_BUDGET_USD)
+
+
+def period_bounds(period: BudgetPeriod, now: datetime) -> tuple[datetime, datetime]:
+    """The UTC period containing ``now``: ``[start, end)``; weeks start on Monday."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    start = day.replace(day=1)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def _param_time(moment: datetime) -> str:
+    return to_millis(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+class BudgetStore:
+    """Budgets set per client and spend per client, read from ClickHouse (``FINAL``)."""
+
+    def __init__(self, client: Any, database: str) -> None:
+        self.client = client
+        self.database = database_name(database)
+
+    def _query(self, sql: str, what: str, **params: Any) -> list[Any]:
+        try:
+            return list(self.client.query(sql, parameters=params).result_rows)
+        except ClickHouseError as exc:
+            raise StoreError(f"ClickHouse could not {what}: {exc}") from exc
+
+    def budgets(self, client_ids: Iterable[str] | None = None) -> dict[str, Budget]:
+        """The latest budget set for each client (only ``client_ids`` if given)."""
+        where, params = "", {}
+        if client_ids is not None:
+            where, params = "WHERE client_id IN {clients:Array(String)}", {
+                "clients": sorted(set(client_ids))}
+        rows = self._query(
+            f"SELECT client_id, argMax(amount_usd, set_at), argMax(period, set_at) "
+            f"FROM `{self.database}`.{TABLE} FINAL {where} GROUP BY client_id",
+            "read the client budgets", **params)
+        return {c: Budget(Decimal(a).quantize(COST_QUANTUM), p, "table") for c, a, p in rows}
+
+    def spend(
+        self, client_ids: Iterable[str], start: datetime, end: datetime
+    ) -> dict[str, Decimal]:
+        """Spend per client over ``[start, end)`` of ``created_at``; 0 for no rows."""
+        clients = sorted(set(client_ids))
+        if not clients:
+            return {}
+        rows = self._query(
+            f"SELECT client_id, sum(cost_usd) FROM `{self.database}`.ai_cost_tracking FINAL "
+            "WHERE client_id IN {clients:Array(String)} "
+            "AND created_at >= {start:DateTime64(3, 'UTC')} "
+            "AND created_at < {end:DateTime64(3, 'UTC')} GROUP BY client_id",
+            "sum the spend per client", clients=clients, start=_param_time(start),
+            end=_param_time(end))
+        found = {c: Decimal(s).quantize(COST_QUANTUM) for c, s in rows}
+        return {c: found.get(c, Decimal(0).quantize(COST_QUANTUM)) for c in clients}
+
+    def write(self, events: Iterable[BudgetSet]) -> int:
+        rows = [[e.client_id, e.amount_usd, e.period, to_millis(e.occurred_at), e.event_id]
+                for e in events]
+        if not rows:
+            return 0
+        try:
+            self.client.insert(
+                TABLE, rows, column_names=["client_id", "amount_usd", "period", "set_at",
+                                           "event_id"], database=self.database)
+        except ClickHouseError as exc:
+            raise StoreError(f"ClickHouse could not write {len(rows)} budgets: {exc}") from exc
+        return len(rows)
+
+
+class BudgetProjector:
+    """Consume the budgets topic; write ``budget.set`` events; commit after the write.
+
+    Other event types on the topic (``budget.threshold_crossed``) are skipped; anything
+    undecodable goes to the dead-letter topic with the reason.
+    """
+
+    def __init__(self, *, bootstrap: str, topic: str, deadletter_topic: str, group_id: str,
+                 store: BudgetStore) -> None:
+        self.topic = topic
+        self.deadletter_topic = deadletter_topic
+        self.store = store
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+        })
+        self.deadletters = EventProducer(bootstrap)
+
+    def run(self, stop: threading.Event) -> None:
+        self.consumer.subscribe([self.topic])
+        try:
+            while not stop.is_set():
+                messages = self.consumer.consume(num_messages=500, timeout=0.3)
+                if messages:
+                    self.handle(messages)
+        finally:
+            self.consumer.close()
+            self.deadletters.close()
+
+    def handle(self, messages: list[Message]) -> None:
+        budgets: list[BudgetSet] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka_consume_error", error=error.str())
+                continue
+            try:
+                event = decode(message.value())
+            except EventDecodeError as exc:
+                topic, partition, offset = coordinates(message)
+                self.deadletters.send_raw(
+                    self.deadletter_topic, message.key(), message.value() or b"",
+                    deadletter_headers(reason=exc.reason, error=type(exc).__name__,
+                                       stage="budgets", topic=topic, partition=partition,
+                                       offset=offset, original=message.headers() or []))
+                continue
+            if isinstance(event, BudgetSet):
+                budgets.append(event)
+        self.deadletters.flush()
+        if budgets:
+            self.store.write(budgets)
+            log.info("budgets_written", count=len(budgets))
+        self.consumer.commit(asynchronous=False)

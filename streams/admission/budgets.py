@@ -1,0 +1,230 @@
+"""Budgets at admission: each client's spend in the period against its budget.
+
+Spend and budgets come from ClickHouse (``consumers.costs.budgets.BudgetStore``: the cost
+table and ``client_budgets``, read with ``FINAL``), asked for every client of a batch whose
+cached answer is older than ``cache_seconds`` in one query each, in a worker thread so
+the event loop never waits on ClickHouse. With embedded chDB the worker reads through the
+owning process's loopback endpoint and never opens the chDB path itself.
+
+A client is over budget when its spend has reached the budget. Each of 80, 90 and 100 %
+is announced once per client and period with ``budget.threshold_crossed``: a Redis
+``SET NX`` with a TTL to the end of the period elects the one worker that emits it (an
+in-process set when Redis is down).
+
+When ClickHouse cannot be asked, the last answer stays in use, and a client never seen
+is admitted (budgets fail open, like the rate limiter); the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+import structlog
+from redis.exceptions import RedisError
+
+from consumers.costs.budgets import Budget, BudgetStore, period_bounds
+from schemas.events import (
+    BudgetPeriod,
+    BudgetThresholdCrossed,
+    OperationRequested,
+    derived_event_id,
+    utcnow,
+)
+
+THRESHOLDS = (80, 90, 100)
+log = structlog.get_logger("aipipe.admission.budgets")
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    client_id: str
+    budget: Budget
+    spend_usd: Decimal
+    period_start: datetime
+    period_end: datetime
+
+    @property
+    def over(self) -> bool:
+        return self.spend_usd >= self.budget.amount_usd
+
+
+def thresholds_reached(spend: Decimal, budget: Decimal) -> list[int]:
+    """The thresholds (percent of ``budget``) that ``spend`` has reached."""
+    return [t for t in THRESHOLDS if spend * 100 >= budget * t]
+
+
+def budget_states(
+    store: BudgetStore, clients: Iterable[str], now: datetime,
+    default: Decimal | None, default_period: BudgetPeriod,
+) -> dict[str, BudgetState | None]:
+    """Each client's budget and spend in its current period (``None``: no budget)."""
+    wanted = set(clients)
+    budgets = store.budgets(wanted)
+    if default is not None:
+        for client in wanted - set(budgets):
+            budgets[client] = Budget(default, default_period, "settings")
+    out: dict[str, BudgetState | None] = dict.fromkeys(wanted)
+    by_period: dict[BudgetPeriod, list[str]] = {}
+    for client, budget in budgets.items():
+        by_period.setdefault(budget.period, []).append(client)
+    for period, members in by_period.items():
+        start, end = period_bounds(period, now)
+        for client, spend in store.spend(members, start, end).items():
+            out[client] = BudgetState(client, budgets[client], spend, start, end)
+    return out
+
+
+def budget_report(
+    store: BudgetStore, client_id: str, now: datetime, default: Decimal | None,
+    default_period: BudgetPeriod, override: Decimal | None = None,
+) -> dict[str, Any]:
+    """What ``aipipe budget check`` shows: spend, budget, and admission's decision."""
+    if override is not None:
+        budget: Budget | None = Budget(override, default_period, "--limit")
+    else:
+        budget = store.budgets([client_id]).get(client_id)
+        if budget is None and default is not None:
+            budget = Budget(default, default_period, "settings")
+    period = budget.period if budget is not None else default_period
+    start, end = period_bounds(period, now)
+    spend = store.spend([client_id], start, end)[client_id]
+    over = budget is not None and spend >= budget.amount_usd
+    return {
+        "client_id": client_id,
+        "period": period,
+        "period_start": start.isoformat(),
+        "period_end": end.isoformat(),
+        "spend_usd": str(spend),
+        "budget_usd": None if budget is None else str(budget.amount_usd),
+        "budget_source": None if budget is None else budget.source,
+        "remaining_usd": None if budget is None else str(budget.amount_usd - spend),
+        "thresholds_reached": [] if budget is None
+        else thresholds_reached(spend, budget.amount_usd),
+        "over_budget": over,
+        "decision": "reject: over_budget" if over else "admit",
+    }
+
+
+class ThresholdLatch(Protocol):
+    async def first(self, key: str, ttl_ms: int) -> bool:
+        """True for the first caller with ``key`` (until it expires)."""
+        ...
+
+
+class RedisLatch:
+    """``SET key 1 NX PX ttl``; an in-process set while Redis does not answer."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.local: set[str] = set()
+
+    async def first(self, key: str, ttl_ms: int) -> bool:
+        try:
+            return bool(await self.client.set(f"{self.prefix}:{key}", 1, nx=True, px=ttl_ms))
+        except (RedisError, OSError, TimeoutError):
+            if key in self.local:
+                return False
+            self.local.add(key)
+            return True
+
+
+class BudgetGate:
+    """Cached budget states per client and the threshold events they call for."""
+
+    def __init__(
+        self,
+        open_store: Callable[[], BudgetStore | None],
+        latch: ThresholdLatch,
+        *,
+        default_usd: Decimal | None = None,
+        default_period: BudgetPeriod = "month",
+        cache_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.open_store = open_store
+        self.latch = latch
+        self.default_usd = default_usd
+        self.default_period = default_period
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.now = now
+        self._store: BudgetStore | None = None
+        self._cache: dict[str, tuple[float, BudgetState | None]] = {}
+        self._failing = False
+
+    async def states(
+        self, requests: Sequence[OperationRequested]
+    ) -> tuple[dict[str, BudgetState | None], list[BudgetThresholdCrossed]]:
+        """Budget state of each client in ``requests``, and the threshold events to emit."""
+        clients = {r.client_id for r in requests}
+        moment = self.clock()
+        stale = {c for c in clients
+                 if c not in self._cache or moment - self._cache[c][0] >= self.cache_seconds}
+        fresh: dict[str, BudgetState | None] = {}
+        if stale:
+            fresh = await asyncio.to_thread(self._refresh, stale)
+            for client in stale - set(fresh):  # not answered: keep what was known, retry later
+                self._cache[client] = (moment, self._cache.get(client, (0.0, None))[1])
+            for client, state in fresh.items():
+                self._cache[client] = (moment, state)
+        states = {c: self._cache[c][1] if c in self._cache else None for c in clients}
+        first_request = {r.client_id: r for r in reversed(requests)}
+        notices = []
+        for client, state in fresh.items():
+            if state is not None:
+                notices += await self._crossed(state, first_request[client])
+        return states, notices
+
+    def _refresh(self, clients: set[str]) -> dict[str, BudgetState | None]:
+        try:
+            if self._store is None:
+                self._store = self.open_store()
+            if self._store is None:
+                raise ConnectionError("no ClickHouse read endpoint is running")
+            result = budget_states(self._store, clients, self.now(), self.default_usd,
+                                   self.default_period)
+        except Exception as exc:  # any read failure: keep the last answers, admit the rest
+            self._store = None
+            if not self._failing:
+                log.warning("budget_lookup_failed", error=str(exc),
+                            effect="last known spend used; unknown clients admitted")
+            self._failing = True
+            return {}
+        if self._failing:
+            log.warning("budget_lookup_recovered")
+        self._failing = False
+        return result
+
+    async def _crossed(
+        self, state: BudgetState, request: OperationRequested
+    ) -> list[BudgetThresholdCrossed]:
+        out = []
+        start = state.period_start
+        ttl_ms = max(int((state.period_end - self.now()).total_seconds() * 1000), 1) + 86_400_000
+        for threshold in thresholds_reached(state.spend_usd, state.budget.amount_usd):
+            key = f"{state.client_id}:{start:%Y%m%d}:{state.budget.period}:{threshold}"
+            if await self.latch.first(key, ttl_ms):
+                out.append(BudgetThresholdCrossed(
+                    **request.envelope(_notice_id(state, threshold)),
+                    threshold_percent=threshold, period=state.budget.period,
+                    period_start=start, spend_usd=state.spend_usd,
+                    budget_usd=state.budget.amount_usd,
+                ))
+                log.info("budget_threshold_crossed", client_id=state.client_id,
+                         threshold_percent=threshold, spend_usd=str(state.spend_usd),
+                         budget_usd=str(state.budget.amount_usd))
+        return out
+
+
+def _notice_id(state: BudgetState, threshold: int) -> str:
+    return derived_event_id(
+        f"budget:{state.client_id}:{state.period_start.isoformat()}", f"threshold-{threshold}"
+    )

@@ -1,0 +1,172 @@
+"""The admission gate: decide a batch of requests with one limiter round trip.
+
+Validity first (a price for the model), then the budget (ClickHouse, cached), then the
+rate limits (client and model) for what is left, all of those in one ``decide`` call of
+the limiter. ``build_gate`` wires the real adapters from settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from urllib.parse import urlparse
+
+import structlog
+
+from consumers.costs.budgets import BudgetStore
+from infra.settings import Settings
+from schemas.events import BudgetThresholdCrossed, OperationRequested
+from schemas.prices import PriceTable, price_table_at
+from streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
+from streams.admission.decide import Decision, invalid, rate_decision, rejected
+from streams.admission.limiter import (
+    FailoverLimiter,
+    MemoryRateLimitStore,
+    RedisRateLimitStore,
+    redis_client,
+)
+from streams.admission.limits import LimitsSource
+from streams.admission.window import Check, parse_limit
+
+log = structlog.get_logger("aipipe.admission")
+
+
+@dataclass
+class Decided:
+    """Decisions in request order, and the budget notices the batch called for."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    notices: list[BudgetThresholdCrossed] = field(default_factory=list)
+
+
+def limiter_keys(prefix: str) -> tuple[str, str]:
+    """Key prefixes of the client and the model logs in Redis."""
+    return f"{prefix}:ratelimit:client:", f"{prefix}:ratelimit:model:"
+
+
+class AdmissionGate:
+    def __init__(
+        self,
+        limiter: FailoverLimiter,
+        limits: LimitsSource,
+        budgets: BudgetGate | None,
+        key_prefix: str,
+        prices_at: Callable[[datetime], PriceTable] = price_table_at,
+    ) -> None:
+        self.limiter = limiter
+        self.limits = limits
+        self.budgets = budgets
+        self.client_prefix, self.model_prefix = limiter_keys(key_prefix)
+        self.prices_at = prices_at
+
+    def check(self, request: OperationRequested) -> Check:
+        limits = self.limits.current()
+        return Check(
+            member=request.event_id,
+            client_key=self.client_prefix + request.client_id,
+            client_limit=limits.for_client(request.client_id),
+            model_key=self.model_prefix + request.model,
+            model_limit=limits.for_model(request.model),
+        )
+
+    async def decide(self, requests: Sequence[OperationRequested]) -> Decided:
+        out = Decided()
+        decisions: dict[int, Decision] = {}
+        valid: list[tuple[int, OperationRequested]] = []
+        for i, request in enumerate(requests):
+            refused = invalid(request, self.prices_at(request.occurred_at))
+            if refused is not None:
+                decisions[i] = refused
+            else:
+                valid.append((i, request))
+        if self.budgets is not None and valid:
+            states, out.notices = await self.budgets.states([r for _, r in valid])
+            within = []
+            for i, request in valid:
+                state = states.get(request.client_id)
+                if state is not None and state.over:
+                    decisions[i] = _over_budget(request, state)
+                else:
+                    within.append((i, request))
+            valid = within
+        if valid:
+            checks = [self.check(r) for _, r in valid]
+            backend, outcomes = await self.limiter.decide(checks)
+            for n, (i, request) in enumerate(valid):
+                outcome = outcomes[n] if outcomes is not None else None
+                decisions[i] = rate_decision(request, checks[n], outcome, backend)
+        out.decisions = [decisions[i] for i in range(len(requests))]
+        return out
+
+
+def usd(amount: Decimal) -> str:
+    """Dollars with cents, and more places only where the amount has them."""
+    exact = amount.normalize()
+    exponent = exact.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -2:
+        return format(exact, "f")
+    return format(amount.quantize(Decimal("0.01")), "f")
+
+
+_ADJECTIVE = {"month": "monthly", "week": "weekly", "day": "daily"}
+
+
+def _over_budget(request: OperationRequested, state: BudgetState) -> Decision:
+    return rejected(
+        request, "over_budget",
+        f"Client {request.client_id!r} has spent ${usd(state.spend_usd)} of its "
+        f"${usd(state.budget.amount_usd)} {_ADJECTIVE[state.budget.period]} budget since "
+        f"{state.period_start:%Y-%m-%d}; raise it with `aipipe budget set` or wait for "
+        "the next period.",
+    )
+
+
+def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
+    """Open a read-only store: the server, or the owner's loopback endpoint (never chDB)."""
+
+    def open_store() -> BudgetStore | None:
+        import clickhouse_connect
+
+        if settings.embedded:
+            from infra.queryserver import find_endpoint
+
+            url = find_endpoint(settings.home)
+            if url is None:
+                return None
+            parsed = urlparse(url)
+            client = clickhouse_connect.get_client(
+                host=parsed.hostname, port=parsed.port, compress=False,
+                database=settings.clickhouse_database,
+            )
+        else:
+            from infra.reader import open_reader
+
+            client = open_reader(settings)
+        return BudgetStore(client, settings.clickhouse_database)
+
+    return open_store
+
+
+def build_gate(settings: Settings) -> AdmissionGate:
+    client = redis_client(settings.redis_url, settings.rate_limit_redis_timeout_ms)
+    limiter = FailoverLimiter(
+        RedisRateLimitStore(client),
+        MemoryRateLimitStore(),
+        failure_mode=settings.rate_limit_failure_mode,
+        probe_seconds=settings.rate_limit_probe_seconds,
+    )
+    limits = LimitsSource(
+        parse_limit(settings.rate_limit, "AIPIPE_RATE_LIMIT"),
+        settings.rate_limits_file,
+        reload_seconds=settings.rate_limits_reload_seconds,
+    )
+    budgets = BudgetGate(
+        budget_store_opener(settings),
+        RedisLatch(client, f"{settings.topic_prefix}:budget"),
+        default_usd=settings.budget_usd,
+        default_period=settings.budget_period,
+        cache_seconds=settings.budget_cache_seconds,
+    )
+    return AdmissionGate(limiter, limits, budgets, settings.topic_prefix)

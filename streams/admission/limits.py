@@ -1,0 +1,133 @@
+"""Which rate limits apply: a default for every client, overrides per client and per model.
+
+The default comes from ``AIPIPE_RATE_LIMIT``; ``AIPIPE_RATE_LIMITS_FILE`` names a TOML file
+whose ``[default] limit`` replaces it and whose ``[clients.<id>]`` and
+``[models."<model>"]`` tables override it::
+
+    [default]
+    limit = "60/60s"
+    [clients.acme-1]
+    limit = "10/60s"
+    [models."gemini-2.5-flash-image"]
+    limit = "500/60s"
+
+A model without an entry has no model limit. ``LimitsSource`` looks at the file's
+modification time at most every ``reload_seconds`` and re-reads it when it changed, so a
+change applies to decisions within that time, without a restart. A malformed file is
+refused with one sentence naming the entry: at start that is an error; on a reload the
+previous limits stay in force and the sentence is logged.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from streams.admission.window import Limit, LimitError, parse_limit
+
+log = structlog.get_logger("aipipe.admission.limits")
+
+
+@dataclass(frozen=True)
+class Limits:
+    default: Limit
+    clients: Mapping[str, Limit] = field(default_factory=dict)
+    models: Mapping[str, Limit] = field(default_factory=dict)
+
+    def for_client(self, client_id: str) -> Limit:
+        return self.clients.get(client_id, self.default)
+
+    def for_model(self, model: str) -> Limit | None:
+        return self.models.get(model)
+
+
+def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
+    """Parse the limits file's text; ``LimitError`` names the bad entry."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LimitError(f"Rate limits file {source} is not valid TOML ({exc}); fix it.") from None
+
+    def table(name: str) -> Mapping[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise LimitError(
+                f"Entry [{name}] of {source} is not a table; write it as [{name}.<name>] "
+                'sections with limit = "COUNT/WINDOW".'
+            )
+        return value
+
+    def limit_of(section: object, entry: str) -> Limit:
+        if not isinstance(section, dict) or "limit" not in section:
+            raise LimitError(
+                f"Entry {entry} of {source} has no limit; add limit = \"COUNT/WINDOW\", "
+                'e.g. "60/60s".'
+            )
+        return parse_limit(section["limit"], f"{entry}.limit in {source}")
+
+    base = limit_of(data["default"], "[default]") if "default" in data else default
+    return Limits(
+        default=base,
+        clients={name: limit_of(s, f"[clients.{name}]") for name, s in table("clients").items()},
+        models={name: limit_of(s, f'[models."{name}"]') for name, s in table("models").items()},
+    )
+
+
+class LimitsSource:
+    """The limits in force, re-read from the file when it changed (checked every
+    ``reload_seconds``)."""
+
+    def __init__(
+        self,
+        default: Limit,
+        path: Path | None = None,
+        reload_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base = default
+        self.path = path
+        self.reload_seconds = reload_seconds
+        self.clock = clock
+        self._stamp: tuple[int, int] | None = None
+        self._checked = clock()
+        self.limits = Limits(default)
+        if path is not None:
+            self._load(strict=True)
+
+    def current(self) -> Limits:
+        if self.path is not None and self.clock() - self._checked >= self.reload_seconds:
+            self._load(strict=False)
+        return self.limits
+
+    def _load(self, strict: bool) -> None:
+        assert self.path is not None
+        self._checked = self.clock()
+        try:
+            stat = self.path.stat()
+        except OSError as exc:
+            if strict:
+                raise LimitError(
+                    f"Rate limits file {self.path} cannot be read ({exc.strerror}); create it "
+                    "or unset AIPIPE_RATE_LIMITS_FILE."
+                ) from None
+            return  # keep the limits in force while the file is being replaced
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            limits = limits_from_toml(self.path.read_text(), self.base, str(self.path))
+        except (LimitError, OSError, UnicodeDecodeError) as exc:
+            if strict:
+                raise
+            self._stamp = stamp
+            log.error("rate_limits_refused", error=str(exc), kept="the previous limits")
+            return
+        self._stamp, self.limits = stamp, limits
+        log.info("rate_limits_loaded", path=str(self.path), default=str(limits.default),
+                 clients=len(limits.clients), models=len(limits.models))

@@ -1,0 +1,367 @@
+"""Admission benchmarks: the limiter against raw Redis, admission through faust against a raw
+consume→produce loop. Each pair is measured in the same run on the same machine.
+
+1. Limiter decisions/s: ``RedisRateLimitStore.decide`` on batches of ``depth`` checks (one
+   ``EVALSHA`` per batch, client and model logs, every request admitted: the most
+   expensive path, two ``ZADD`` and two ``PEXPIRE`` per decision) against ``INCR``
+   pipelined ``depth`` deep, both on one asyncio connection. Goal at least 0.5 times.
+2. Admission events/s: an ``aipipe run streams`` worker deciding requests that were
+   produced before it started, against a plain confluent-kafka loop with the same logic
+   (decode, ``AdmissionGate.decide`` per batch on the same Redis, encode, produce to the
+   admitted or rejected topic). Rates come from the output records' timestamps (first
+   to last), so start-up is not counted. Goal at least 0.25 times. A bare copy loop (no
+   decoding, no logic) is reported in the notes for scale.
+
+Run alone with ``python -m tests.bench.admission`` (needs ``aipipe up``), or call
+``admission_figures`` from ``tests.bench.__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+
+from infra.processes import WorkerProcess
+from infra.settings import Settings, load_settings
+from infra.topics import ensure_topics
+from producers import EventProducer
+from producers.producer import PRODUCER_DEFAULTS, headers_for
+from schemas.events import OperationAdmitted, OperationRequested, decode, encode
+from streams.admission.gate import build_gate
+from streams.admission.limiter import RedisRateLimitStore, redis_client
+from streams.admission.window import Check, Limit
+from tests.bench.report import Figure, Sample, Steps, best_of, compare, render
+from tests.bench.workloads import CLIENTS, requested_events
+
+Say = Callable[[str], None]
+UNLIMITED = Limit(1_000_000_000, 60_000)
+
+
+# -- 1. limiter vs INCR ------------------------------------------------------------------
+
+
+def bench_limiter(redis_url: str, decisions: int, depth: int, rounds: int, say: Say) -> Figure:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+
+    async def ours(round_no: int) -> Sample:
+        client = redis_client(redis_url, timeout_ms=5000)
+        store = RedisRateLimitStore(client)
+        checks = [Check(f"r{round_no}-{n}", f"{prefix}:c:{CLIENTS[n % len(CLIENTS)]}",
+                        UNLIMITED, f"{prefix}:m:gemini-2.5-flash-image", UNLIMITED)
+                  for n in range(decisions)]
+        await store.decide(checks[:1])  # load the script, open the connection
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, decisions, depth):
+            outcomes = await store.decide(checks[start:start + depth])
+            assert outcomes[-1].admitted
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        await _drop(client, prefix)
+        await client.aclose()
+        return Sample(decisions / wall, decisions / cpu if cpu else 0.0)
+
+    async def raw(round_no: int) -> Sample:
+        client = redis_client(redis_url, timeout_ms=5000)
+        keys = [f"{prefix}:incr:{CLIENTS[n % len(CLIENTS)]}" for n in range(decisions)]
+        await client.ping()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, decisions, depth):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start:start + depth]:
+                pipe.incr(key)
+            await pipe.execute()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        await _drop(client, prefix)
+        await client.aclose()
+        return Sample(decisions / wall, decisions / cpu if cpu else 0.0)
+
+    samples = best_of(rounds, {
+        "limiter": lambda r: asyncio.run(ours(r)),
+        "INCR pipelined": lambda r: asyncio.run(raw(r)),
+    }, say, "decisions/s")
+    return compare(
+        "limiter decisions/s", "/s", 0.5,
+        f"RedisRateLimitStore.decide, {depth} checks per EVALSHA (client + model sliding "
+        f"logs, all admitted) vs INCR pipelined {depth} deep; {decisions:,} per round, "
+        "one asyncio connection",
+        samples["limiter"], samples["INCR pipelined"],
+        {"depth": depth, "decisions": decisions},
+    )
+
+
+async def _drop(client: object, prefix: str) -> None:
+    keys = [k async for k in client.scan_iter(f"{prefix}:*", count=1000)]  # type: ignore[attr-defined]
+    for start in range(0, len(keys), 500):
+        await client.delete(*keys[start:start + 500])  # type: ignore[attr-defined]
+
+
+# -- 2. admission through faust vs a raw loop ----------------------------------------------
+
+
+def simulated_requests(count: int) -> list[OperationRequested]:
+    """The bench's ~300-byte requests, for the simulated provider (no network)."""
+    return [e.model_copy(update={"provider": "simulated"}) for e in requested_events(count)]
+
+
+def _output_rate(bootstrap: str, topics: list[str], expected: int, timeout: float) -> float:
+    """Records/s between the first and the last output record's timestamps."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe(topics)
+    stamps: list[int] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(stamps) < expected and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=5000, timeout=0.5):
+                if message.error() is None:
+                    stamps.append(message.timestamp()[1])
+    finally:
+        consumer.close()
+    if len(stamps) < expected:
+        raise TimeoutError(f"only {len(stamps)} of {expected} output records within {timeout}s")
+    span = (max(stamps) - min(stamps)) / 1000
+    return (len(stamps) - 1) / span if span > 0 else float("inf")
+
+
+def _round_settings(base: Settings, home: Path, partitions: int) -> Settings:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    settings = base.model_copy(update={"topic_prefix": prefix, "home": home / prefix,
+                                       "partitions": partitions, "env": "production"})
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all(), partitions=partitions)
+    return settings
+
+
+def _drop_topics(settings: Settings) -> None:
+    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(
+        list(settings.topics.all()))
+
+
+def _faust_round(settings: Settings, requests: list[OperationRequested]) -> float:
+    with EventProducer(settings.kafka_bootstrap) as producer:
+        producer.send_many(settings.topics.requested, requests)
+    worker = WorkerProcess(settings, "streams").start()
+    try:
+        t = settings.topics
+        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
+                            300)
+    finally:
+        worker.stop()
+        _drop_topics(settings)
+
+
+def _raw_round(settings: Settings, requests: list[OperationRequested], logic: bool) -> float:
+    """A confluent-kafka consume→produce loop: the admission logic, or a bare copy."""
+    t = settings.topics
+    with EventProducer(settings.kafka_bootstrap) as producer:
+        producer.send_many(t.requested, requests)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"bench-{uuid.uuid4()}", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    out = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+    gate = build_gate(settings) if logic else None
+    consumer.subscribe([t.requested])
+
+    async def loop() -> None:
+        done = 0
+        while done < len(requests):
+            messages = [m for m in consumer.consume(num_messages=settings.admission_batch_size,
+                                                    timeout=0.05) if m.error() is None]
+            done += len(messages)
+            if gate is None:
+                for m in messages:
+                    out.produce(t.admitted, m.value(), m.key(), headers=m.headers() or [])
+            else:
+                batch = [decode(m.value()) for m in messages]
+                result = await gate.decide([r for r in batch if isinstance(r, OperationRequested)])
+                for d in result.decisions:
+                    topic = t.admitted if isinstance(d, OperationAdmitted) else t.rejected
+                    out.produce(topic, encode(d), d.client_id.encode(), headers=headers_for(d))
+            out.poll(0)
+            if messages:
+                consumer.commit(asynchronous=True)
+        out.flush(30)
+        if gate is not None:
+            await gate.limiter.close()
+
+    try:
+        asyncio.run(loop())
+        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
+                            120)
+    finally:
+        consumer.close()
+        _drop_topics(settings)
+
+
+def _aiokafka_round(settings: Settings, requests: list[OperationRequested]) -> float:
+    """The same logic on aiokafka (the client under faust), without faust."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    t = settings.topics
+    with EventProducer(settings.kafka_bootstrap) as producer:
+        producer.send_many(t.requested, requests)
+
+    async def loop() -> None:
+        gate = build_gate(settings)
+        consumer = AIOKafkaConsumer(
+            t.requested, bootstrap_servers=settings.kafka_bootstrap,
+            group_id=f"bench-{uuid.uuid4()}", auto_offset_reset="earliest",
+            enable_auto_commit=False)
+        out = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                               enable_idempotence=True, linger_ms=5)
+        await consumer.start()
+        await out.start()
+        try:
+            done = 0
+            while done < len(requests):
+                fetched = await consumer.getmany(timeout_ms=50,
+                                                 max_records=settings.admission_batch_size)
+                messages = [m for batch in fetched.values() for m in batch]
+                done += len(messages)
+                batch = [decode(m.value) for m in messages]
+                result = await gate.decide([r for r in batch if isinstance(r, OperationRequested)])
+                for d in result.decisions:
+                    topic = t.admitted if isinstance(d, OperationAdmitted) else t.rejected
+                    await out.send(topic, encode(d), key=d.client_id.encode(),
+                                   headers=headers_for(d))
+                if messages:
+                    await consumer.commit()
+            await out.flush()
+        finally:
+            await consumer.stop()
+            await out.stop()
+            await gate.limiter.close()
+
+    try:
+        asyncio.run(loop())
+        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
+                            120)
+    finally:
+        _drop_topics(settings)
+
+
+_PASSTHROUGH = """
+import os, faust
+from faust import Worker
+e = os.environ
+app = faust.App(e["BENCH_APP"], broker="kafka://" + e["BENCH_BOOTSTRAP"], store="memory://",
+                web_enabled=False, producer_acks=-1, producer_linger=0.005,
+                consumer_auto_offset_reset="earliest")
+src = app.topic(e["BENCH_IN"], key_type=bytes, value_type=bytes, value_serializer="raw")
+dst = app.topic(e["BENCH_OUT"], key_type=bytes, value_type=bytes, value_serializer="raw")
+
+@app.agent(src)
+async def copy(stream):
+    async for event in stream.events():
+        await dst.send(key=event.message.key, value=event.message.value)
+
+worker = Worker(app, loglevel="warning")
+worker.spinner = None
+worker.execute_from_commandline()
+"""
+
+
+def _faust_passthrough_round(settings: Settings, requests: list[OperationRequested],
+                             home: Path) -> float:
+    """A faust agent that only copies each record to another topic: faust's own cost."""
+    import os
+    import signal
+    import subprocess
+
+    t = settings.topics
+    with EventProducer(settings.kafka_bootstrap) as producer:
+        producer.send_many(t.requested, requests)
+    env = {**os.environ, "BENCH_APP": f"{settings.topic_prefix}-copy",
+           "BENCH_BOOTSTRAP": settings.kafka_bootstrap, "BENCH_IN": t.requested,
+           "BENCH_OUT": t.admitted}
+    (home / settings.topic_prefix).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _PASSTHROUGH, "worker"], env=env,
+                            cwd=home / settings.topic_prefix, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return _output_rate(settings.kafka_bootstrap, [t.admitted], len(requests), 300)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _drop_topics(settings)
+
+
+def bench_admission(settings: Settings, events: int, rounds: int, say: Say) -> Figure:
+    home = Path(tempfile.mkdtemp(prefix="aipipe-bench-admission-"))
+    partitions = settings.partitions
+    requests = simulated_requests(events)
+    try:
+        samples = best_of(rounds, {
+            "faust admission": lambda r: _rate_sample(
+                _faust_round(_round_settings(settings, home, partitions), requests)),
+            "aiokafka loop": lambda r: _rate_sample(
+                _aiokafka_round(_round_settings(settings, home, partitions), requests)),
+        }, say, "events/s")
+        confluent = _raw_round(_round_settings(settings, home, partitions), requests, logic=True)
+        say(f"    confluent-kafka loop        {confluent:>12,.0f} events/s")
+        passthrough = _faust_passthrough_round(_round_settings(settings, home, partitions),
+                                               requests, home)
+        say(f"    faust copy agent            {passthrough:>12,.0f} events/s")
+        bare = _raw_round(_round_settings(settings, home, partitions), requests, logic=False)
+        say(f"    bare copy loop (no logic)   {bare:>12,.0f} events/s")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return compare(
+        "admission events/s", "/s", 0.25,
+        f"an `aipipe run streams` worker deciding {events:,} pre-produced requests (50 "
+        f"clients, default limit {settings.rate_limit}, Redis limiter, batches of "
+        f"{settings.admission_batch_size}; the worker also runs generation for what it "
+        "admits) vs a confluent-kafka consume→decide→produce loop with the same gate; "
+        f"{partitions} partitions; rates from output record timestamps",
+        samples["faust admission"], samples["aiokafka loop"],
+        {"events": events, "partitions": partitions, "bare_copy_per_second": round(bare),
+         "confluent_loop_per_second": round(confluent),
+         "faust_passthrough_per_second": round(passthrough)},
+    )
+
+
+def _rate_sample(rate: float) -> Sample:
+    return Sample(rate, 0.0)  # the work runs in another process: no CPU figure here
+
+
+def admission_figures(settings: Settings, say: Say, *, decisions: int = 100_000,
+                      depth: int = 100, events: int = 20_000, rounds: int = 3) -> list[Figure]:
+    """Both admission figures, for ``tests.bench.__main__``."""
+    say(f"[bold]admission 1/2 limiter[/bold]: {decisions:,} decisions, depth {depth}")
+    figures = [bench_limiter(settings.redis_url, decisions, depth, rounds, say)]
+    say(f"[bold]admission 2/2 faust[/bold]: {events:,} requests per round")
+    figures.append(bench_admission(settings, events, max(rounds - 1, 1), say))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.admission")
+    parser.add_argument("--decisions", type=int, default=100_000)
+    parser.add_argument("--depth", type=int, default=100)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    console = Console(width=max(Console().width, 100))
+    steps = Steps(console)
+    figures = admission_figures(load_settings(), steps.say, decisions=args.decisions,
+                                depth=args.depth, events=args.events, rounds=args.rounds)
+    render(figures, console, title="aipipe bench — admission")
+    for f in figures:
+        console.print(f"  [dim]{f.metric}: {f.method}[/dim]", highlight=False, soft_wrap=True)
+    return 0 if all(f.passed is not False for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

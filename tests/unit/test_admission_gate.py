@@ -1,0 +1,227 @@
+"""Failover between limiter backends, and the gate's order: invalid, over budget, rate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from consumers.costs.budgets import Budget, period_bounds
+from schemas.events import OperationAdmitted, OperationRejected, OperationRequested
+from streams.admission.budgets import BudgetGate, RedisLatch, budget_report, thresholds_reached
+from streams.admission.gate import AdmissionGate, usd
+from streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
+from streams.admission.limits import LimitsSource
+from streams.admission.window import Check, Limit, Outcome
+
+NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyRedis:
+    """A primary store that fails while ``down`` is set."""
+
+    backend = "redis"
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+        self.memory = MemoryRateLimitStore()
+
+    async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
+        self.calls += 1
+        if self.down:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        return self.memory.decide_now(checks)
+
+    async def ping(self) -> None:
+        if self.down:
+            raise TimeoutError("Timeout reading from socket")
+
+
+CHECK = Check("r", "client:c", Limit(5, 1000), "model:m", None)
+
+
+def test_failover_to_memory_and_back_after_a_probe(capsys: pytest.CaptureFixture[str]) -> None:
+    primary, clock = FlakyRedis(), Clock()
+    limiter = FailoverLimiter(primary, MemoryRateLimitStore(), probe_seconds=1.0,  # type: ignore[arg-type]
+                              clock=clock)
+
+    async def scenario() -> list[str]:
+        backends = [(await limiter.decide([CHECK]))[0]]
+        primary.down = True
+        backends.append((await limiter.decide([CHECK]))[0])
+        calls = primary.calls
+        clock.now = 0.5
+        backends.append((await limiter.decide([CHECK]))[0])  # no probe yet
+        assert primary.calls == calls
+        clock.now = 1.0
+        backends.append((await limiter.decide([CHECK]))[0])  # probe fails: still memory
+        primary.down = False
+        clock.now = 1.5
+        backends.append((await limiter.decide([CHECK]))[0])
+        clock.now = 2.0
+        backends.append((await limiter.decide([CHECK]))[0])  # probe answers: back to Redis
+        return backends
+
+    assert asyncio.run(scenario()) == ["redis", "memory", "memory", "memory", "memory", "redis"]
+    out = capsys.readouterr().out
+    assert out.count("rate_limiter_failover") == 1 and "Connection refused" in out
+    assert out.count("rate_limiter_recovered") == 1
+
+
+def test_failing_closed_refuses_without_redis() -> None:
+    primary = FlakyRedis()
+    primary.down = True
+    limiter = FailoverLimiter(primary, MemoryRateLimitStore(), failure_mode="closed")  # type: ignore[arg-type]
+    assert asyncio.run(limiter.decide([CHECK])) == ("none", None)
+
+
+# -- the gate ----------------------------------------------------------------------------
+
+
+class FakeStore:
+    def __init__(self, budgets: dict[str, Budget], spend: dict[str, Decimal]) -> None:
+        self._budgets, self._spend = budgets, spend
+        self.queries = 0
+
+    def budgets(self, client_ids: Iterable[str] | None = None) -> dict[str, Budget]:
+        self.queries += 1
+        return {c: b for c, b in self._budgets.items() if client_ids is None or c in client_ids}
+
+    def spend(self, client_ids: Iterable[str], start: datetime, end: datetime) -> dict[str, Any]:
+        assert (start, end) == period_bounds("month", NOW)
+        return {c: self._spend.get(c, Decimal(0)) for c in client_ids}
+
+
+class LocalRedis:
+    """Enough of ``redis.asyncio.Redis`` for the latch: SET NX."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    async def set(self, key: str, value: object, nx: bool, px: int) -> bool | None:
+        assert nx and px > 0
+        if key in self.keys:
+            return None
+        self.keys.add(key)
+        return True
+
+
+def request(client: str, n: int, model: str = "gemini-2.5-flash-image") -> OperationRequested:
+    return OperationRequested(request_id=f"{client}-{n}", client_id=client,
+                              operation_type="image_generation", model=model, occurred_at=NOW)
+
+
+def gate_with(store: FakeStore, clock: Clock, redis: LocalRedis) -> AdmissionGate:
+    limiter = FailoverLimiter(None, MemoryRateLimitStore())
+    budgets = BudgetGate(lambda: store, RedisLatch(redis, "p:budget"),  # type: ignore[arg-type, return-value]
+                         default_usd=Decimal("50"), cache_seconds=5.0, clock=clock,
+                         now=lambda: NOW)
+    return AdmissionGate(limiter, LimitsSource(Limit(2, 60_000)), budgets, "p")
+
+
+def test_the_gate_checks_price_then_budget_then_rate() -> None:
+    store = FakeStore({"rich": Budget(Decimal("100"), "month", "table")},
+                      {"rich": Decimal("10"), "broke": Decimal("50")})
+    gate = gate_with(store, Clock(), LocalRedis())
+    batch = [request("rich", 1, model="dall-e-9"), request("broke", 1),
+             *(request("rich", n) for n in range(2, 5))]
+    decided = asyncio.run(gate.decide(batch)).decisions
+    assert [type(d).__name__ for d in decided] == [
+        "OperationRejected", "OperationRejected", "OperationAdmitted", "OperationAdmitted",
+        "OperationRejected"]
+    invalid, broke, first, _, limited = decided
+    assert isinstance(invalid, OperationRejected) and invalid.reason == "invalid"
+    assert isinstance(broke, OperationRejected) and broke.reason == "over_budget"
+    assert "$50.00 of its $50.00 monthly budget" in broke.detail
+    assert broke.backend == "none"
+    assert isinstance(first, OperationAdmitted)
+    assert (first.backend, first.limited_by, first.limit, first.window_ms, first.remaining) == (
+        "memory", "client", 2, 60_000, 1)
+    assert isinstance(limited, OperationRejected) and limited.reason == "rate_limited"
+    assert limited.retry_after_ms is not None and 59_000 < limited.retry_after_ms <= 60_000
+    assert limited.decided_at is not None
+
+
+def test_thresholds_fire_once_each_per_period() -> None:
+    spend = {"c": Decimal("40")}
+    store = FakeStore({}, spend)
+    clock, redis = Clock(), LocalRedis()
+    gate = gate_with(store, clock, redis)
+
+    def notices_at(amount: str, at: float) -> list[int]:
+        spend["c"], clock.now = Decimal(amount), at
+        return [n.threshold_percent
+                for n in asyncio.run(gate.decide([request("c", int(at))])).notices]
+
+    assert notices_at("39", 0) == []  # 80 % of the $50 default is 40
+    assert notices_at("41", 1) == []  # cached for 5 s: not asked again
+    assert store.queries == 1
+    assert notices_at("41", 5) == [80]
+    assert notices_at("46", 10) == [90]
+    assert notices_at("46", 15) == []
+    assert notices_at("60", 20) == [100]
+    assert notices_at("70", 25) == []
+    assert len(redis.keys) == 3
+    assert thresholds_reached(Decimal("80"), Decimal("100")) == [80]
+    assert thresholds_reached(Decimal("0"), Decimal("0")) == [80, 90, 100]
+
+
+def test_budgets_fail_open_when_clickhouse_cannot_be_asked() -> None:
+    def broken() -> None:
+        raise ConnectionError("no endpoint")
+
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()),
+                         LimitsSource(Limit(5, 1000)),
+                         BudgetGate(broken, RedisLatch(LocalRedis(), "p"), default_usd=Decimal(1)),  # type: ignore[arg-type]
+                         "p")
+    decided = asyncio.run(gate.decide([request("c", 1)])).decisions
+    assert isinstance(decided[0], OperationAdmitted)
+
+
+def test_periods() -> None:
+    assert period_bounds("month", datetime(2026, 12, 31, 23, tzinfo=UTC)) == (
+        datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_bounds("week", NOW) == (datetime(2026, 11, 23, tzinfo=UTC),
+                                          datetime(2026, 11, 30, tzinfo=UTC))
+    assert period_bounds("day", NOW)[1] == datetime(2026, 11, 27, tzinfo=UTC)
+
+
+def test_failing_closed_rejects_with_the_reason() -> None:
+    primary = FlakyRedis()
+    primary.down = True
+    limiter = FailoverLimiter(primary, MemoryRateLimitStore(), failure_mode="closed")  # type: ignore[arg-type]
+    gate = AdmissionGate(limiter, LimitsSource(Limit(5, 1000)), None, "p")
+    decided = asyncio.run(gate.decide([request("c", 1)])).decisions[0]
+    assert isinstance(decided, OperationRejected)
+    assert (decided.reason, decided.backend) == ("rate_limited", "none")
+    assert "fails closed" in decided.detail
+
+
+def test_budget_report_for_the_cli() -> None:
+    store = FakeStore({"c": Budget(Decimal("10"), "month", "table")}, {"c": Decimal("9.5")})
+    report = budget_report(store, "c", NOW, None, "month")  # type: ignore[arg-type]
+    assert report["budget_source"] == "table" and report["over_budget"] is False
+    assert report["thresholds_reached"] == [80, 90] and report["decision"] == "admit"
+    assert report["remaining_usd"] == "0.5"
+    assert budget_report(store, "c", NOW, None, "month", Decimal("9"))["over_budget"]  # type: ignore[arg-type]
+    none = budget_report(store, "d", NOW, None, "month")  # type: ignore[arg-type]
+    assert none["budget_usd"] is None and none["decision"] == "admit"
+
+
+@pytest.mark.parametrize(("amount", "text"), [("50", "50.00"), ("0.0387006", "0.0387006"),
+                                              ("1.5", "1.50"), ("50.000000000", "50.00")])
+def test_dollars_show_cents_and_no_more_than_needed(amount: str, text: str) -> None:
+    assert usd(Decimal(amount)) == text
