@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from schemas.events import OperationAdmitted, OperationCompleted, derived_event_id
+from schemas.events import OperationAdmitted, OperationCompleted, VideoStarted, derived_event_id
 from schemas.prices import PriceTable
 from streams.generation.provider import ProviderResult
 
 
 def completed(
-    operation: OperationAdmitted,
+    operation: OperationAdmitted | VideoStarted,
     result: ProviderResult,
     prices: PriceTable,
     duration_ms: int,
     now: datetime,
+    poll_count: int = 0,
 ) -> OperationCompleted:
+    """The one completed event of ``operation`` (the same ``event_id`` on every re-run)."""
     cost = prices.cost(operation.model, result.usage) if result.success else Decimal(0)
     return OperationCompleted(
         **operation.envelope(derived_event_id(operation.operation_id, "completed")),
@@ -30,7 +33,18 @@ def completed(
         usage=result.usage,
         cost_usd=cost,
         price_version=prices.version,
-        duration_ms=duration_ms,
+        duration_ms=max(0, duration_ms),
         error_message=result.error_message,
+        poll_count=poll_count,
         metadata=result.metadata,
+    )
+
+
+def failed(reason: str, message: str, **metadata: Any) -> ProviderResult:
+    """A failed result: ``reason`` is a stable word for queries, ``message`` says what happened."""
+    from schemas.events import Usage
+
+    return ProviderResult(
+        success=False, usage=Usage(), error_message=message,
+        metadata={"reason": reason, **metadata},
     )

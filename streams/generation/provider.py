@@ -1,11 +1,37 @@
-"""The provider port: what generation needs from an AI provider."""
+"""The provider port: what generation needs from an AI provider, and how a provider fails.
+
+A provider generates images and text in one call, and video in two steps: ``start_video``
+returns a ``VideoJob`` (the provider's operation name plus what later polls need), and
+``poll_video`` asks about that job, as often as the poll schedule says. The job travels
+in the ``video.started`` event and the pending-videos table, so any worker can poll it
+after a restart without starting the video again.
+
+Providers raise ``ProviderError`` for what the provider said or failed to say
+(``retryable`` for 429, 5xx and timeouts, not for 400, 403, 404); anything else is a bug.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas.errors import AipipeError
 from schemas.events import OperationAdmitted, Usage
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class ProviderError(AipipeError):
+    """A provider call failed; ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+    @classmethod
+    def from_status(cls, status: int, message: str) -> ProviderError:
+        return cls(message, status=status, retryable=status in RETRYABLE_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -16,9 +42,33 @@ class ProviderResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class VideoJob:
+    """A started video: the provider's operation name and what polls need (JSON values)."""
+
+    name: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VideoStatus:
+    """One poll's answer. ``done`` with an ``error_message`` is a video that failed."""
+
+    done: bool
+    usage: Usage = field(default_factory=Usage)
+    error_message: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
 class AIProvider(Protocol):
     name: str
 
-    async def generate(self, operation: OperationAdmitted) -> ProviderResult:
-        """Run the operation; report failure in the result, raise only on a bug."""
+    async def generate_image(self, operation: OperationAdmitted) -> ProviderResult: ...
+
+    async def generate_text(self, operation: OperationAdmitted) -> ProviderResult: ...
+
+    async def start_video(self, operation: OperationAdmitted) -> VideoJob: ...
+
+    async def poll_video(self, model: str, job: VideoJob, attempt: int) -> VideoStatus:
+        """Ask about ``job``; ``attempt`` is the 1-based poll number (simulations use it)."""
         ...

@@ -3,21 +3,27 @@
 - every operation: ``input_tokens`` = ceil(len(prompt) / 4)
 - image: ``image_count`` = ``params.n`` (default 1), ``output_tokens`` = 1290 per image
 - text: ``output_tokens`` = ``params.max_output_tokens`` (default 256)
-- video: ``video_seconds`` = ``params.duration_seconds`` (default 8)
-- ``params.simulate.fail`` true: the operation fails, with no usage billed
-- ``params.simulate.latency_ms``: how long the call takes (default from settings)
+- video: ``video_seconds`` = ``params.duration_seconds`` (default 8), done on poll
+  ``params.simulate.polls`` (default from settings)
+
+Scripted per request in ``params.simulate`` (defaults from settings):
+``{"latency_ms": 50, "polls": 5, "fail": false}``. A failure rate from settings fails a
+fixed share of operations, chosen by a hash of the operation id, so runs repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from decimal import Decimal
 from typing import Any
 
 from schemas.events import OperationAdmitted, Usage
 from schemas.prices import IMAGE_TOKENS_PER_IMAGE
-from streams.generation.provider import ProviderResult
+from streams.generation.provider import ProviderError, ProviderResult, VideoJob, VideoStatus
+
+FAILURE = "simulated provider failure"
 
 
 def simulated_usage(operation_type: str, params: dict[str, Any]) -> Usage:
@@ -38,25 +44,71 @@ def simulated_usage(operation_type: str, params: dict[str, Any]) -> Usage:
     )
 
 
+def _share(operation_id: str) -> float:
+    """A stable number in [0, 1) for ``operation_id``."""
+    digest = hashlib.sha256(operation_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 class SimulatedProvider:
     name = "simulated"
 
-    def __init__(self, latency_ms: int = 0) -> None:
+    def __init__(
+        self, latency_ms: int = 0, failure_rate: float = 0.0, video_polls: int = 1
+    ) -> None:
         self.latency_ms = latency_ms
+        self.failure_rate = failure_rate
+        self.video_polls = video_polls
 
-    async def generate(self, operation: OperationAdmitted) -> ProviderResult:
+    def _script(self, operation: OperationAdmitted) -> dict[str, Any]:
         script = operation.params.get("simulate") or {}
+        return script if isinstance(script, dict) else {}
+
+    def _fails(self, operation: OperationAdmitted, script: dict[str, Any]) -> bool:
+        if "fail" in script:
+            return bool(script["fail"])
+        return _share(operation.operation_id) < self.failure_rate
+
+    async def _wait(self, script: dict[str, Any]) -> None:
         latency = int(script.get("latency_ms", self.latency_ms))
         if latency:
-            await asyncio.sleep(latency / 1000)
-        if script.get("fail"):
-            return ProviderResult(
-                success=False, usage=Usage(), error_message="simulated provider failure"
-            )
+            await asyncio.sleep(latency / 1000)  # the simulated call's own duration
+
+    async def generate(self, operation: OperationAdmitted) -> ProviderResult:
+        """Image or text in one call (the walking skeleton's entry point)."""
+        script = self._script(operation)
+        await self._wait(script)
+        if self._fails(operation, script):
+            return ProviderResult(success=False, usage=Usage(), error_message=FAILURE)
         try:
             usage = simulated_usage(operation.operation_type, operation.params)
         except (TypeError, ValueError, ArithmeticError) as exc:
-            return ProviderResult(
-                success=False, usage=Usage(), error_message=f"bad params: {exc}"
-            )
+            return ProviderResult(success=False, usage=Usage(), error_message=f"bad params: {exc}")
         return ProviderResult(success=True, usage=usage, metadata={"simulated": True})
+
+    async def generate_image(self, operation: OperationAdmitted) -> ProviderResult:
+        return await self.generate(operation)
+
+    async def generate_text(self, operation: OperationAdmitted) -> ProviderResult:
+        return await self.generate(operation)
+
+    async def start_video(self, operation: OperationAdmitted) -> VideoJob:
+        script = self._script(operation)
+        await self._wait(script)
+        if self._fails(operation, script):
+            raise ProviderError(FAILURE, retryable=False)
+        try:
+            usage = simulated_usage(operation.operation_type, operation.params)
+            polls = max(1, int(script.get("polls", self.video_polls)))
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise ProviderError(f"bad params: {exc}", status=400, retryable=False) from exc
+        return VideoJob(
+            name=f"simulated/operations/{operation.operation_id}",
+            metadata={"polls": polls, "usage": usage.model_dump(mode="json")},
+        )
+
+    async def poll_video(self, model: str, job: VideoJob, attempt: int) -> VideoStatus:
+        if attempt < int(job.metadata.get("polls", 1)):
+            return VideoStatus(done=False)
+        usage = Usage.model_validate(job.metadata.get("usage") or {})
+        return VideoStatus(done=True, usage=usage, metadata={"simulated": True})

@@ -1,0 +1,194 @@
+"""Gemini through google-genai: images and text with the Gemini API, Veo video on Vertex.
+
+- images and text: ``models.generate_content``; usage from ``usage_metadata`` (prompt
+  tokens in; candidate plus thinking tokens out), images counted from the inline parts.
+- video: ``models.generate_videos``, which google-genai allows only in Vertex mode
+  (``vertexai=True``, a project and location), then ``operations.get`` on the operation
+  name, rebuilt from the name alone so a restarted worker polls the same operation.
+  Billed seconds are the requested duration times the videos returned.
+
+Keys come from settings as ``SecretStr`` and go only into the SDK's clients. The SDK's
+own retries are off (its default); retries and the circuit breaker are ``guard.py``'s.
+SDK and transport errors are wrapped in ``ProviderError`` with the cause kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+from pydantic import SecretStr
+
+from schemas.events import OperationAdmitted, Usage
+from streams.generation.provider import ProviderError, ProviderResult, VideoJob, VideoStatus
+
+T = TypeVar("T")
+DEFAULT_VIDEO_SECONDS = 8
+
+
+def usage_from_response(response: types.GenerateContentResponse) -> Usage:
+    meta = response.usage_metadata
+    images = sum(
+        1
+        for candidate in response.candidates or []
+        for part in (candidate.content.parts if candidate.content else None) or []
+        if part.inline_data is not None
+        and (part.inline_data.mime_type or "").startswith("image/")
+    )
+    if meta is None:
+        return Usage(image_count=images)
+    output = (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0)
+    return Usage(
+        input_tokens=meta.prompt_token_count or 0, output_tokens=output, image_count=images
+    )
+
+
+class GeminiProvider:
+    name = "gemini"
+
+    def __init__(
+        self,
+        *,
+        api_key: SecretStr | None = None,
+        base_url: str | None = None,
+        vertex_project: str | None = None,
+        vertex_location: str = "us-central1",
+        vertex_access_token: SecretStr | None = None,
+        timeout_seconds: float = 120.0,
+    ) -> None:
+        self._api_key = api_key
+        self._vertex_project = vertex_project
+        self._vertex_location = vertex_location
+        self._vertex_token = vertex_access_token
+        self._http = types.HttpOptions(base_url=base_url, timeout=int(timeout_seconds * 1000))
+        self._api_client: genai.Client | None = None
+        self._vertex_client: genai.Client | None = None
+
+    def __repr__(self) -> str:  # never the key
+        return f"GeminiProvider(vertex_project={self._vertex_project!r})"
+
+    @property
+    def api(self) -> genai.Client:
+        if self._api_client is None:
+            if self._api_key is None:
+                raise ProviderError(
+                    "AIPIPE_GEMINI_API_KEY is not set; set it to call the Gemini API.",
+                    retryable=False,
+                )
+            self._api_client = genai.Client(
+                api_key=self._api_key.get_secret_value(), http_options=self._http
+            )
+        return self._api_client
+
+    @property
+    def vertex(self) -> genai.Client:
+        if self._vertex_client is None:
+            if not self._vertex_project:
+                raise ProviderError(
+                    "AIPIPE_VERTEX_PROJECT is not set; Veo video runs on Vertex AI, set the "
+                    "project (and AIPIPE_VERTEX_LOCATION) to generate videos.",
+                    retryable=False,
+                )
+            credentials = None
+            if self._vertex_token is not None:
+                from google.oauth2.credentials import Credentials
+
+                credentials = Credentials(  # type: ignore[no-untyped-call]
+                    token=self._vertex_token.get_secret_value()
+                )
+            self._vertex_client = genai.Client(
+                vertexai=True,
+                project=self._vertex_project,
+                location=self._vertex_location,
+                credentials=credentials,
+                http_options=self._http,
+            )
+        return self._vertex_client
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except genai_errors.APIError as exc:
+            raise ProviderError.from_status(
+                exc.code, f"gemini {what}: {exc.code} {exc.status or ''}".rstrip()
+            ) from exc
+        except (TimeoutError, OSError) as exc:
+            raise ProviderError(f"gemini {what}: {type(exc).__name__}", retryable=True) from exc
+        except Exception as exc:  # the transports' own errors (aiohttp, httpx)
+            if type(exc).__module__.split(".")[0] in ("aiohttp", "httpx", "httpcore"):
+                raise ProviderError(
+                    f"gemini {what}: {type(exc).__name__}", retryable=True
+                ) from exc
+            raise
+
+    async def _content(self, operation: OperationAdmitted, image: bool) -> ProviderResult:
+        params = operation.params
+        config: dict[str, Any] = {}
+        if image:
+            config["response_modalities"] = ["IMAGE"]
+        elif "max_output_tokens" in params:
+            config["max_output_tokens"] = int(params["max_output_tokens"])
+        response = await self._call(
+            "generate_content",
+            self.api.aio.models.generate_content(
+                model=operation.model,
+                contents=str(params.get("prompt", "")),
+                config=types.GenerateContentConfig(**config),
+            ),
+        )
+        usage = usage_from_response(response)
+        if image and not usage.image_count:
+            reason = response.candidates[0].finish_reason if response.candidates else None
+            return ProviderResult(
+                success=False, usage=usage,
+                error_message=f"no image returned (finish reason {reason})",
+            )
+        return ProviderResult(success=True, usage=usage,
+                              metadata={"response_id": response.response_id or ""})
+
+    async def generate_image(self, operation: OperationAdmitted) -> ProviderResult:
+        return await self._content(operation, image=True)
+
+    async def generate_text(self, operation: OperationAdmitted) -> ProviderResult:
+        return await self._content(operation, image=False)
+
+    async def start_video(self, operation: OperationAdmitted) -> VideoJob:
+        params = operation.params
+        seconds = int(params.get("duration_seconds", DEFAULT_VIDEO_SECONDS))
+        config: dict[str, Any] = {"duration_seconds": seconds, "number_of_videos": 1}
+        if params.get("output_gcs_uri"):
+            config["output_gcs_uri"] = str(params["output_gcs_uri"])
+        started = await self._call(
+            "generate_videos",
+            self.vertex.aio.models.generate_videos(
+                model=operation.model,
+                source=types.GenerateVideosSource(prompt=str(params.get("prompt", ""))),
+                config=types.GenerateVideosConfig(**config),
+            ),
+        )
+        if not started.name:
+            raise ProviderError("gemini generate_videos: no operation name", retryable=False)
+        return VideoJob(name=started.name, metadata={"duration_seconds": seconds})
+
+    async def poll_video(self, model: str, job: VideoJob, attempt: int) -> VideoStatus:
+        operation = types.GenerateVideosOperation.model_validate({"name": job.name})
+        polled = await self._call("operations.get", self.vertex.aio.operations.get(operation))
+        if not polled.done:
+            return VideoStatus(done=False)
+        if polled.error:
+            message = polled.error.get("message") or str(polled.error)
+            return VideoStatus(done=True, error_message=f"video failed: {message}")
+        videos = (polled.result.generated_videos if polled.result else None) or []
+        if not videos:
+            filtered = polled.result.rai_media_filtered_reasons if polled.result else None
+            return VideoStatus(done=True, error_message=f"no video returned ({filtered})")
+        seconds = Decimal(int(job.metadata.get("duration_seconds", DEFAULT_VIDEO_SECONDS)))
+        return VideoStatus(
+            done=True,
+            usage=Usage(video_seconds=seconds * len(videos)),
+            metadata={"videos": [v.video.uri for v in videos if v.video and v.video.uri]},
+        )

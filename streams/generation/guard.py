@@ -1,0 +1,132 @@
+"""Provider calls through a circuit breaker per provider and model, with retries inside.
+
+Each attempt asks the breaker first: while the circuit is open the call fails fast with
+``provider_unavailable`` and the provider is not called. A retryable failure (429, 5xx,
+timeout) counts against the circuit and is retried after a capped, jittered exponential
+delay (``backoff.retry_delay``); a permanent one (400, 403, 404) fails at once and leaves
+the circuit alone. The state lives in the worker; the transitions are returned so the
+caller can emit them as events. Clock, sleep and randomness are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from streams.generation.backoff import retry_delay
+from streams.generation.breaker import (
+    CLOSED,
+    BreakerPolicy,
+    BreakerState,
+    Status,
+    before_call,
+    on_failure,
+    on_neutral,
+    on_success,
+)
+from streams.generation.provider import ProviderError
+
+T = TypeVar("T")
+PROVIDER_UNAVAILABLE = "provider_unavailable"
+
+
+class CircuitOpenError(ProviderError):
+    """The circuit of a provider and model is open: the call was not made."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        super().__init__(PROVIDER_UNAVAILABLE, retryable=True)
+        self.circuit = f"{provider}/{model}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    base: float = 0.5
+    cap: float = 8.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    provider: str
+    model: str
+    before: Status
+    after: Status
+    failures: int
+    at: float
+    opened_at: float | None
+    reason: str
+
+
+@dataclass
+class Guarded(Generic[T]):
+    """What a guarded call came to: a value or the last error, and what happened on the way."""
+
+    value: T | None = None
+    error: ProviderError | None = None
+    attempts: int = 0
+    delays: list[float] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+
+
+class ProviderGuard:
+    def __init__(
+        self,
+        breaker: BreakerPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.breaker = breaker or BreakerPolicy()
+        self.retry = retry or RetryPolicy()
+        self.clock, self.sleep, self.rand = clock, sleep, rand
+        self.states: dict[tuple[str, str], BreakerState] = {}
+
+    def state(self, provider: str, model: str) -> BreakerState:
+        return self.states.get((provider, model), CLOSED)
+
+    def _set(self, out: Guarded[T], provider: str, model: str, new: BreakerState,
+             reason: str) -> None:
+        old = self.state(provider, model)
+        self.states[(provider, model)] = new
+        if old.status != new.status and new.status != "half_open":
+            out.transitions.append(Transition(
+                provider, model, old.status, new.status, len(new.failures), self.clock(),
+                old.opened_at, reason,
+            ))
+
+    async def call(
+        self, provider: str, model: str, fn: Callable[[], Awaitable[T]]
+    ) -> Guarded[T]:
+        out: Guarded[T] = Guarded()
+        for attempt in range(1, self.retry.attempts + 1):
+            allowed, state = before_call(self.state(provider, model), self.breaker, self.clock())
+            self.states[(provider, model)] = state
+            if not allowed:
+                out.error = CircuitOpenError(provider, model)
+                return out
+            out.attempts = attempt
+            try:
+                out.value = await fn()
+            except ProviderError as exc:
+                out.error = exc
+                if not exc.retryable:
+                    self._set(out, provider, model, on_neutral(self.state(provider, model)),
+                              str(exc))
+                    return out
+                failed = on_failure(self.state(provider, model), self.breaker, self.clock())
+                self._set(out, provider, model, failed, str(exc))
+                if attempt == self.retry.attempts:
+                    return out
+                delay = retry_delay(attempt, self.retry.base, self.retry.cap, self.rand)
+                out.delays.append(delay)
+                await self.sleep(delay)
+            else:
+                out.error = None
+                self._set(out, provider, model, on_success(self.state(provider, model)), "ok")
+                return out
+        return out

@@ -1,0 +1,161 @@
+"""Video polling decisions, pure: what to emit after starting a video and after each poll.
+
+A started video gets ``video.poll_scheduled`` for attempt 1 (wait ``schedule.wait(1)``).
+Each poll emits ``video.polled``, then either the next ``video.poll_scheduled`` or the
+``operation.completed`` (done, failed, or given up after the maximum total wait). The
+completed event comes before the final ``video.polled`` so that a crash between the two
+leaves the video pending and the next poll emits the same completed event again (same
+``event_id``: the cost sink counts it once).
+
+Pending videos live in a changelog-backed table keyed by ``operation_id``, written only
+by the agent that reads the polls topic (``pending_after``); a timer asks ``DueVideos``
+which are due and runs them as tasks, so no wait ever holds up a partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from schemas.events import (
+    AnyEvent,
+    Event,
+    VideoPolled,
+    VideoPollScheduled,
+    VideoStarted,
+    derived_event_id,
+)
+from schemas.prices import PriceTable
+from streams.generation.backoff import PollSchedule
+from streams.generation.complete import completed, failed
+from streams.generation.provider import ProviderError, ProviderResult, VideoStatus
+
+VIDEO_TIMEOUT = "video_timeout"
+
+
+def schedule_poll(
+    started: VideoStarted, attempt: int, schedule: PollSchedule, now: datetime
+) -> VideoPollScheduled:
+    wait = schedule.wait(attempt)
+    return VideoPollScheduled(
+        **started.envelope(derived_event_id(started.operation_id, f"poll-scheduled-{attempt}")),
+        occurred_at=now,
+        operation_id=started.operation_id,
+        provider_operation=started.provider_operation,
+        attempt=attempt,
+        wait_seconds=wait,
+        due_at=now + timedelta(seconds=wait),
+    )
+
+
+def after_poll(
+    started: VideoStarted,
+    attempt: int,
+    outcome: VideoStatus | ProviderError,
+    schedule: PollSchedule,
+    prices: PriceTable,
+    now: datetime,
+) -> list[Event]:
+    """The events that follow poll ``attempt`` of ``started`` with this ``outcome``."""
+    elapsed = max(0.0, (now - started.occurred_at).total_seconds())
+    duration_ms = round(elapsed * 1000)
+    error = str(outcome) if isinstance(outcome, ProviderError) else outcome.error_message
+    done = isinstance(outcome, VideoStatus) and outcome.done
+
+    def polled(final: bool) -> VideoPolled:
+        return VideoPolled(
+            **started.envelope(derived_event_id(started.operation_id, f"polled-{attempt}")),
+            occurred_at=now,
+            operation_id=started.operation_id,
+            provider_operation=started.provider_operation,
+            attempt=attempt,
+            done=done,
+            elapsed_seconds=elapsed,
+            error_message=error,
+            final=final,
+        )
+
+    def finish(result: ProviderResult) -> list[Event]:
+        return [completed(started, result, prices, duration_ms, now, poll_count=attempt),
+                polled(final=True)]
+
+    if isinstance(outcome, VideoStatus) and outcome.done:
+        if outcome.error_message is None:
+            return finish(ProviderResult(success=True, usage=outcome.usage,
+                                         metadata=outcome.metadata))
+        return finish(failed("video_failed", outcome.error_message))
+    if isinstance(outcome, ProviderError) and not outcome.retryable:
+        return finish(failed("provider_error", str(outcome), status=outcome.status))
+    if schedule.gives_up_before(attempt + 1):
+        message = (
+            f"video not done after {attempt} polls: the next wait would take the scheduled "
+            f"total past the maximum of {schedule.max_total:g} s (AIPIPE_VIDEO_MAX_WAIT_SECONDS)"
+        )
+        return finish(failed(VIDEO_TIMEOUT, message))
+    return [polled(final=False), schedule_poll(started, attempt + 1, schedule, now)]
+
+
+Pending = dict[str, Any]  # {"video": VideoStarted as JSON, "attempt", "due_at", "partition"}
+Change = Pending | Literal["delete", "misrouted"] | None
+
+
+def pending_after(
+    lookup: Callable[[str], Pending | None], event: AnyEvent, partition: int
+) -> tuple[str, Change]:
+    """The operation id and how this event on the polls topic changes its pending entry."""
+    if not isinstance(event, VideoStarted | VideoPollScheduled | VideoPolled):
+        return "", "misrouted"
+    return event.operation_id, _change(lookup(event.operation_id), event, partition)
+
+
+def _change(
+    entry: Pending | None, event: VideoStarted | VideoPollScheduled | VideoPolled, partition: int
+) -> Change:
+    if isinstance(event, VideoStarted):
+        if entry is not None:
+            return None
+        video = event.model_dump(mode="json")
+        return {"video": video, "attempt": 0, "due_at": None, "partition": partition}
+    if isinstance(event, VideoPollScheduled):
+        if entry is None or event.attempt <= int(entry["attempt"]):
+            return None  # a re-run's copy, or a video that is no longer pending
+        return {**entry, "attempt": event.attempt, "due_at": event.due_at.isoformat()}
+    return "delete" if event.final and entry is not None else None
+
+
+class DueVideos:
+    """Which pending videos this worker polls now; each attempt runs once per worker."""
+
+    def __init__(self, max_in_flight: int = 64) -> None:
+        self.max_in_flight = max_in_flight
+        self.ran: dict[str, int] = {}  # operation_id -> the last attempt started here
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    def take(
+        self, entries: Iterable[tuple[str, Pending | None]], partitions: set[int], now: datetime
+    ) -> list[tuple[VideoStarted, int]]:
+        due: list[tuple[VideoStarted, int]] = []
+        pending: set[str] = set()
+        for operation_id, entry in entries:
+            if not entry or int(entry["attempt"]) < 1 or entry["partition"] not in partitions:
+                continue
+            pending.add(operation_id)
+            attempt = int(entry["attempt"])
+            if self.ran.get(operation_id, 0) >= attempt:
+                continue
+            if datetime.fromisoformat(entry["due_at"]) > now:
+                continue
+            if len(self.tasks) + len(due) >= self.max_in_flight:
+                continue
+            self.ran[operation_id] = attempt
+            due.append((VideoStarted.model_validate(entry["video"]), attempt))
+        for gone in self.ran.keys() - pending:
+            del self.ran[gone]
+        return due
+
+    def spawn(self, poll: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(poll)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

@@ -1,0 +1,57 @@
+"""The providers a worker can call, by the name a request puts in ``provider``.
+
+Adding a provider (OpenAI, Stability, …) is one module implementing ``AIProvider``
+(``provider.py``) and one line here.
+"""
+
+from __future__ import annotations
+
+from infra.settings import Settings
+from streams.generation.backoff import PollSchedule
+from streams.generation.breaker import BreakerPolicy
+from streams.generation.gemini import GeminiProvider
+from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.provider import AIProvider
+from streams.generation.simulated import SimulatedProvider
+
+
+def providers_from_settings(settings: Settings) -> dict[str, AIProvider]:
+    return {
+        "simulated": SimulatedProvider(
+            latency_ms=settings.simulated_latency_ms,
+            failure_rate=settings.simulated_failure_rate,
+            video_polls=settings.simulated_video_polls,
+        ),
+        "gemini": GeminiProvider(
+            api_key=settings.gemini_api_key,
+            base_url=settings.gemini_base_url,
+            vertex_project=settings.vertex_project,
+            vertex_location=settings.vertex_location,
+            vertex_access_token=settings.vertex_access_token,
+            timeout_seconds=settings.gemini_timeout_seconds,
+        ),
+    }
+
+
+def poll_schedule(settings: Settings) -> PollSchedule:
+    return PollSchedule(
+        base=settings.video_poll_base_seconds,
+        factor=settings.video_poll_factor,
+        cap=settings.video_poll_cap_seconds,
+        max_total=settings.video_max_wait_seconds,
+    )
+
+
+def guard_from_settings(settings: Settings) -> ProviderGuard:
+    return ProviderGuard(
+        breaker=BreakerPolicy(
+            threshold=settings.breaker_failure_threshold,
+            window=settings.breaker_window_seconds,
+            cooldown=settings.breaker_cooldown_seconds,
+        ),
+        retry=RetryPolicy(
+            attempts=settings.provider_retry_attempts,
+            base=settings.provider_retry_base_seconds,
+            cap=settings.provider_retry_cap_seconds,
+        ),
+    )

@@ -1,0 +1,162 @@
+"""Generation as the agents see it: an operation or a due poll in, the events to emit out.
+
+``Generation.run`` handles an admitted operation: images and text in one guarded call,
+video by starting it (``video.started`` and the first ``video.poll_scheduled``) without
+waiting. ``Generation.poll`` runs one due poll. Both return events in the order to emit
+them, circuit transitions included; neither touches Kafka. Provider errors are reported
+to Sentry with the request's ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from schemas.events import (
+    Event,
+    OperationAdmitted,
+    ProviderCircuitClosed,
+    ProviderCircuitOpened,
+    VideoStarted,
+    derived_event_id,
+    new_event_id,
+    utcnow,
+)
+from schemas.prices import price_table_at
+from streams.generation.backoff import PollSchedule
+from streams.generation.complete import completed, failed
+from streams.generation.guard import (
+    PROVIDER_UNAVAILABLE,
+    CircuitOpenError,
+    Guarded,
+    ProviderGuard,
+    Transition,
+)
+from streams.generation.polling import after_poll, schedule_poll
+from streams.generation.provider import AIProvider, ProviderError, ProviderResult, VideoJob
+
+T = TypeVar("T")
+log = structlog.get_logger("aipipe.generation")
+Report = Callable[..., None]
+
+
+def _no_report(exc: BaseException, **tags: str) -> None:
+    pass
+
+
+class Generation:
+    def __init__(
+        self,
+        providers: Mapping[str, AIProvider],
+        guard: ProviderGuard,
+        schedule: PollSchedule,
+        clock: Callable[[], datetime] = utcnow,
+        report: Report = _no_report,
+    ) -> None:
+        self.providers = providers
+        self.guard = guard
+        self.schedule = schedule
+        self.clock = clock
+        self.report = report
+
+    async def run(self, operation: OperationAdmitted) -> list[Event]:
+        started = time.perf_counter()
+        prices = price_table_at(operation.requested_at)
+        provider = self.providers.get(operation.provider)
+        if provider is None:
+            known = ", ".join(sorted(self.providers))
+            result = failed("unknown_provider", f"Provider {operation.provider!r} is not "
+                            f"configured; use one of: {known}.")
+            return [completed(operation, result, prices, 0, self.clock())]
+        events: list[Event] = []
+        if operation.operation_type == "video_generation":
+            job = await self._guarded(events, operation, lambda: provider.start_video(operation))
+            if isinstance(job, VideoJob):
+                video = VideoStarted(
+                    **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
+                    occurred_at=self.clock(), operation_id=operation.operation_id,
+                    requested_at=operation.requested_at, provider=operation.provider,
+                    model=operation.model, provider_operation=job.name, job=job.metadata,
+                )
+                return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
+            result = job
+        else:
+            call = (provider.generate_image if operation.operation_type == "image_generation"
+                    else provider.generate_text)
+            result = await self._guarded(events, operation, lambda: call(operation))
+        assert isinstance(result, ProviderResult)
+        duration_ms = round((time.perf_counter() - started) * 1000)
+        return [*events, completed(operation, result, prices, duration_ms, self.clock())]
+
+    async def poll(self, video: VideoStarted, attempt: int) -> list[Event]:
+        """Poll ``video`` once (attempt ``attempt``) and decide what follows."""
+        provider = self.providers.get(video.provider)
+        job = VideoJob(video.provider_operation, video.job)
+        events: list[Event] = []
+        if provider is None:
+            outcome: Any = ProviderError(f"provider {video.provider!r} is not configured",
+                                         retryable=False)
+        else:
+            guarded = await self.guard.call(
+                video.provider, video.model, lambda: provider.poll_video(video.model, job, attempt)
+            )
+            events += self._transitions(video, guarded.transitions)
+            outcome = guarded.value if guarded.error is None else guarded.error
+            if guarded.error is not None:
+                self._report(guarded.error, video, "poll_video")
+        prices = price_table_at(video.requested_at)
+        return [*events, *after_poll(video, attempt, outcome, self.schedule, prices, self.clock())]
+
+    async def _guarded(
+        self, events: list[Event], operation: OperationAdmitted, call: Callable[[], Awaitable[T]]
+    ) -> T | ProviderResult:
+        guarded: Guarded[T] = await self.guard.call(operation.provider, operation.model, call)
+        events += self._transitions(operation, guarded.transitions)
+        if guarded.error is None:
+            assert guarded.value is not None
+            return guarded.value
+        exc = guarded.error
+        self._report(exc, operation, "call")
+        if isinstance(exc, CircuitOpenError):
+            return failed(PROVIDER_UNAVAILABLE, PROVIDER_UNAVAILABLE, circuit=exc.circuit)
+        reason = "retries_exhausted" if exc.retryable else "provider_error"
+        return failed(reason, str(exc), status=exc.status, attempts=guarded.attempts)
+
+    def _report(self, exc: ProviderError, source: OperationAdmitted | VideoStarted,
+                stage: str) -> None:
+        if isinstance(exc, CircuitOpenError):
+            return
+        log.warning("provider_error", provider=source.provider, model=source.model,
+                    stage=stage, status=exc.status, retryable=exc.retryable, error=str(exc))
+        self.report(exc, request_id=source.request_id, client_id=source.client_id,
+                    provider=source.provider, model=source.model)
+
+    def _transitions(
+        self, source: OperationAdmitted | VideoStarted, transitions: list[Transition]
+    ) -> list[Event]:
+        events: list[Event] = []
+        policy = self.guard.breaker
+        for t in transitions:
+            envelope = source.envelope(new_event_id())
+            if t.after == "open":
+                log.warning("circuit_opened", provider=t.provider, model=t.model,
+                            failures=t.failures, cooldown_seconds=policy.cooldown,
+                            reason=t.reason)
+                events.append(ProviderCircuitOpened(
+                    **envelope, occurred_at=self.clock(), provider=t.provider, model=t.model,
+                    failures=t.failures, window_seconds=policy.window,
+                    cooldown_seconds=policy.cooldown, reason=t.reason,
+                ))
+            elif t.after == "closed":
+                open_for = t.at - t.opened_at if t.opened_at is not None else 0.0
+                log.info("circuit_closed", provider=t.provider, model=t.model,
+                         open_seconds=round(open_for, 3))
+                events.append(ProviderCircuitClosed(
+                    **envelope, occurred_at=self.clock(), provider=t.provider, model=t.model,
+                    open_seconds=max(0.0, open_for),
+                ))
+        return events

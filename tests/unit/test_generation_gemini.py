@@ -1,0 +1,133 @@
+"""The real google-genai SDK against the local fake of the Gemini and Vertex endpoints.
+
+Loopback only: the fake listens on 127.0.0.1 in this process; nothing leaves the machine.
+"""
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from schemas.events import (
+    OperationAdmitted,
+    OperationCompleted,
+    VideoPolled,
+    VideoPollScheduled,
+    VideoStarted,
+)
+from streams.generation import Generation
+from streams.generation.backoff import PollSchedule
+from streams.generation.gemini import GeminiProvider
+from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.provider import ProviderError
+from tests.support.fake_gemini import FakeGemini, prompt_tokens
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+VEO = "veo-3.0-generate-001"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGemini]:
+    with FakeGemini(video_polls=3) as server:
+        yield server
+
+
+def provider(fake: FakeGemini) -> GeminiProvider:
+    return GeminiProvider(
+        api_key=SecretStr("test-key-123"), base_url=fake.base_url, vertex_project="proj-1",
+        vertex_location="us-central1", vertex_access_token=SecretStr("test-token-456"),
+    )
+
+
+def op(operation_type: str, model: str, **params: Any) -> OperationAdmitted:
+    return OperationAdmitted(
+        request_id="r1", client_id="acme", operation_id="op-1", requested_at=NOW,
+        operation_type=operation_type, provider="gemini",  # type: ignore[arg-type]
+        model=model, params={"prompt": "a lighthouse at dawn, watercolour", **params},
+    )
+
+
+def test_an_image_is_generate_content_with_usage_from_usage_metadata(fake: FakeGemini) -> None:
+    gen = Generation({"gemini": provider(fake)}, ProviderGuard(), PollSchedule())
+    [done] = asyncio.run(gen.run(op("image_generation", "gemini-2.5-flash-image")))
+    assert isinstance(done, OperationCompleted) and done.success
+    tokens_in = prompt_tokens("a lighthouse at dawn, watercolour")
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.image_count) == (
+        tokens_in, 1290, 1)
+    assert done.cost_usd == (tokens_in * Decimal("0.30") + 1290 * Decimal(30)) / 1_000_000
+    [call] = fake.requests
+    assert (call.method, call.path) == ("POST",
+                                        "/v1/models/gemini-2.5-flash-image:generateContent")
+    assert call.headers["x-goog-api-key"] == "test-key-123"
+    assert call.body["generationConfig"] == {"responseModalities": ["IMAGE"]}
+    assert call.body["contents"][0]["parts"][0]["text"].startswith("a lighthouse")
+
+
+def test_a_video_starts_on_vertex_and_is_polled_by_operation_name(fake: FakeGemini) -> None:
+    gemini = provider(fake)
+    gen = Generation({"gemini": gemini}, ProviderGuard(), PollSchedule())
+    started, first = asyncio.run(gen.run(op("video_generation", VEO, duration_seconds=6)))
+    assert isinstance(started, VideoStarted) and isinstance(first, VideoPollScheduled)
+    prefix = f"projects/proj-1/locations/us-central1/publishers/google/models/{VEO}"
+    assert started.provider_operation.startswith(f"{prefix}/operations/")
+    [start] = fake.calls("predictLongRunning")
+    assert start.path == f"/v1beta1/{prefix}:predictLongRunning"
+    assert start.headers["Authorization"] == "Bearer test-token-456"
+    assert start.body == {"instances": [{"prompt": "a lighthouse at dawn, watercolour"}],
+                          "parameters": {"sampleCount": 1, "durationSeconds": 6}}
+
+    # a fresh provider (a restarted worker) polls from the event alone
+    again = Generation({"gemini": provider(fake)}, ProviderGuard(), PollSchedule())
+    outcomes = [asyncio.run(again.poll(started, n)) for n in (1, 2, 3)]
+    assert [type(e) for e in outcomes[0]] == [VideoPolled, VideoPollScheduled]
+    done = outcomes[2][0]
+    assert isinstance(done, OperationCompleted) and done.success and done.poll_count == 3
+    assert done.usage.video_seconds == Decimal(6) and done.cost_usd == Decimal("2.4")
+    polls = fake.calls("fetchPredictOperation")
+    assert [p.body for p in polls] == [{"operationName": started.provider_operation}] * 3
+    assert {p.path for p in polls} == {f"/v1beta1/{prefix}:fetchPredictOperation"}
+    assert len(fake.calls("predictLongRunning")) == 1
+
+
+def test_503s_are_retried_within_the_cap_and_end_in_one_result(fake: FakeGemini) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    fake.fail_next("generateContent", 503, 503, 429)
+    guard = ProviderGuard(retry=RetryPolicy(attempts=5, base=0.5, cap=1.0), sleep=sleep)
+    gen = Generation({"gemini": provider(fake)}, guard, PollSchedule())
+    [done] = asyncio.run(gen.run(op("text_generation", "gemini-2.5-flash",
+                                    max_output_tokens=50)))
+    assert isinstance(done, OperationCompleted) and done.success
+    assert done.usage.output_tokens == fake.text_tokens
+    assert [r.status for r in fake.requests] == [503, 503, 429, 200]
+    assert len(slept) == 3 and all(0.25 <= s <= 1.0 for s in slept)
+
+
+def test_a_403_on_poll_is_a_permanent_error(fake: FakeGemini) -> None:
+    gemini = provider(fake)
+    job = asyncio.run(gemini.start_video(op("video_generation", VEO)))
+    fake.fail_next("fetchPredictOperation", 403)
+    with pytest.raises(ProviderError) as raised:
+        asyncio.run(gemini.poll_video(VEO, job, 1))
+    assert (raised.value.status, raised.value.retryable) == (403, False)
+    assert "PERMISSION_DENIED" in str(raised.value)
+
+
+def test_missing_configuration_is_a_permanent_error_naming_the_variable() -> None:
+    gemini = GeminiProvider(base_url="http://127.0.0.1:9")
+    with pytest.raises(ProviderError, match="AIPIPE_VERTEX_PROJECT"):
+        asyncio.run(gemini.start_video(op("video_generation", VEO)))
+    with pytest.raises(ProviderError, match="AIPIPE_GEMINI_API_KEY"):
+        asyncio.run(gemini.generate_image(op("image_generation", "gemini-2.5-flash-image")))
+
+
+def test_keys_stay_out_of_the_provider_repr(fake: FakeGemini) -> None:
+    text = repr(provider(fake))
+    assert "test-key-123" not in text and "test-token-456" not in text

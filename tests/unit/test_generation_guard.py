@@ -1,0 +1,96 @@
+"""Guarded provider calls: retries inside the breaker, fail fast while open (fake clock)."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from streams.generation.breaker import BreakerPolicy
+from streams.generation.guard import CircuitOpenError, ProviderGuard, RetryPolicy
+from streams.generation.provider import ProviderError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def guard(clock: Clock, attempts: int = 4, threshold: int = 5) -> ProviderGuard:
+    return ProviderGuard(
+        breaker=BreakerPolicy(threshold=threshold, window=60, cooldown=30),
+        retry=RetryPolicy(attempts=attempts, base=0.5, cap=2.0),
+        clock=clock, sleep=clock.sleep, rand=lambda: 0.5,
+    )
+
+
+def scripted(*outcomes: int) -> tuple[list[int], Callable[[], Awaitable[str]]]:
+    """A call that raises the given statuses in order, then returns "ok"."""
+    calls: list[int] = []
+
+    async def call() -> str:
+        calls.append(1)
+        if len(calls) <= len(outcomes):
+            raise ProviderError.from_status(outcomes[len(calls) - 1], "scripted")
+        return "ok"
+
+    return calls, call
+
+
+def test_retryable_errors_are_retried_with_growing_capped_delays() -> None:
+    clock = Clock()
+    calls, call = scripted(503, 429, 503)
+    out = asyncio.run(guard(clock).call("gemini", "m", call))
+    assert (out.value, out.error, out.attempts, len(calls)) == ("ok", None, 4, 4)
+    assert clock.slept == [0.375, 0.75, 1.5]  # 0.5, 1, 2 (capped) x 0.75 jitter
+    assert all(d <= 2.0 for d in clock.slept)
+
+
+def test_retries_stop_at_the_attempt_limit() -> None:
+    clock = Clock()
+    calls, call = scripted(503, 503, 503, 503, 503)
+    out = asyncio.run(guard(clock, attempts=3).call("gemini", "m", call))
+    assert out.value is None and isinstance(out.error, ProviderError)
+    assert (out.error.status, len(calls), len(clock.slept)) == (503, 3, 2)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_permanent_errors_fail_at_once_and_leave_the_circuit_closed(status: int) -> None:
+    clock = Clock()
+    g = guard(clock, threshold=1)
+    calls, call = scripted(status)
+    out = asyncio.run(g.call("gemini", "m", call))
+    assert out.error is not None and out.error.status == status
+    assert len(calls) == 1 and clock.slept == []
+    assert g.state("gemini", "m").status == "closed"
+
+
+def test_the_circuit_opens_fails_fast_and_closes_after_a_successful_trial() -> None:
+    clock = Clock()
+    g = guard(clock, attempts=2, threshold=3)
+    calls, failing = scripted(*[503] * 10)
+    first = asyncio.run(g.call("gemini", "m", failing))
+    second = asyncio.run(g.call("gemini", "m", failing))  # 3rd failure opens: no 4th call
+    assert [t.after for t in first.transitions + second.transitions] == ["open"]
+    assert len(calls) == 3 and isinstance(second.error, CircuitOpenError)
+
+    before = len(calls)
+    fast = asyncio.run(g.call("gemini", "m", failing))
+    assert isinstance(fast.error, CircuitOpenError) and len(calls) == before
+    assert str(fast.error) == "provider_unavailable"
+    other = asyncio.run(g.call("gemini", "other-model", scripted()[1]))
+    assert other.value == "ok"  # per provider and model
+
+    clock.now += 31
+    _, healthy = scripted()
+    closed = asyncio.run(g.call("gemini", "m", healthy))
+    assert closed.value == "ok"
+    assert [(t.before, t.after) for t in closed.transitions] == [("half_open", "closed")]
+    assert g.state("gemini", "m").status == "closed"

@@ -1,0 +1,122 @@
+"""Generation end to end without Kafka: simulated provider, fake clock, pure poll decisions."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from schemas.events import (
+    OperationAdmitted,
+    OperationCompleted,
+    VideoPolled,
+    VideoPollScheduled,
+    VideoStarted,
+)
+from schemas.prices import price_table_at
+from streams.generation import Generation, SimulatedProvider
+from streams.generation.backoff import PollSchedule
+from streams.generation.guard import ProviderGuard
+from streams.generation.polling import DueVideos, after_poll, pending_after
+from streams.generation.provider import ProviderError, VideoStatus
+
+T0 = datetime(2026, 11, 26, 12, tzinfo=UTC)
+PRICES = price_table_at(T0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def video_request(**params: Any) -> OperationAdmitted:
+    return OperationAdmitted(
+        request_id="r1", client_id="acme", operation_id="op-1", requested_at=T0,
+        operation_type="video_generation", provider="simulated",
+        model="veo-3.0-fast-generate-001", params={"prompt": "a cat", **params},
+    )
+
+
+def generation(clock: Clock, schedule: PollSchedule | None = None) -> Generation:
+    return Generation({"simulated": SimulatedProvider()}, ProviderGuard(),
+                      schedule or PollSchedule(), clock)
+
+
+def test_a_video_starts_without_waiting_and_finishes_on_the_scripted_poll() -> None:
+    clock = Clock()
+    gen = generation(clock)
+    started, first = asyncio.run(gen.run(video_request(duration_seconds=6,
+                                                       simulate={"polls": 3})))
+    assert isinstance(started, VideoStarted) and isinstance(first, VideoPollScheduled)
+    assert started.provider_operation == "simulated/operations/op-1"
+    assert (first.attempt, first.wait_seconds, first.due_at) == (1, 2.0, T0 + timedelta(seconds=2))
+
+    waits, attempt, events = [first.wait_seconds], 1, []
+    while True:
+        clock.now += timedelta(seconds=waits[-1])
+        events = asyncio.run(gen.poll(started, attempt))
+        if not isinstance(events[-1], VideoPollScheduled):
+            break
+        polled, scheduled = events
+        assert isinstance(polled, VideoPolled) and not polled.done and not polled.final
+        waits.append(scheduled.wait_seconds)
+        attempt = scheduled.attempt
+    assert waits == [2.0, 3.0, 4.5]
+    done, polled = events
+    assert isinstance(done, OperationCompleted) and isinstance(polled, VideoPolled)
+    assert done.success and done.poll_count == 3 and polled.done and polled.final
+    assert done.usage.video_seconds == Decimal(6) and done.cost_usd == Decimal("0.9")
+    assert polled.elapsed_seconds == 9.5
+
+
+def test_a_permanent_poll_error_fails_the_operation_once_and_stops_polling() -> None:
+    started = _started()
+    events = after_poll(started, 2, ProviderError.from_status(403, "gemini operations.get: 403"),
+                        PollSchedule(), PRICES, T0 + timedelta(seconds=5))
+    done, polled = events
+    assert isinstance(done, OperationCompleted) and not done.success
+    assert done.metadata["reason"] == "provider_error" and done.cost_usd == 0
+    assert isinstance(polled, VideoPolled) and polled.final and "403" in str(polled.error_message)
+
+
+def test_a_transient_poll_error_schedules_the_next_poll() -> None:
+    events = after_poll(_started(), 1, ProviderError.from_status(503, "busy"), PollSchedule(),
+                        PRICES, T0)
+    assert [type(e) for e in events] == [VideoPolled, VideoPollScheduled]
+
+
+def test_polling_gives_up_past_the_maximum_total_wait_with_the_reason() -> None:
+    schedule = PollSchedule(max_total=8.0)  # 2 + 3 = 5; + 4.5 > 8
+    events = after_poll(_started(), 2, VideoStatus(done=False), schedule, PRICES, T0)
+    done = events[0]
+    assert isinstance(done, OperationCompleted) and not done.success
+    assert done.metadata["reason"] == "video_timeout" and "maximum of 8 s" in str(
+        done.error_message)
+    assert isinstance(events[1], VideoPolled) and events[1].final
+
+
+def test_the_pending_entry_follows_the_polls_topic() -> None:
+    started = _started()
+    table: dict[str, Any] = {}
+    scheduled = after_poll(started, 1, VideoStatus(done=False), PollSchedule(), PRICES, T0)[1]
+    for event in (started, scheduled, started, scheduled):  # re-run copies change nothing
+        key, change = pending_after(table.get, event, 2)
+        if change is not None:
+            table[key] = change
+    assert table["op-1"]["attempt"] == 2 and table["op-1"]["partition"] == 2
+
+    due = DueVideos()
+    later = T0 + timedelta(hours=1)
+    assert due.take(table.items(), {0, 1}, later) == []  # not this worker's partition
+    assert [a for _, a in due.take(table.items(), {2}, later)] == [2]
+    assert due.take(table.items(), {2}, later) == []  # once per attempt
+    final = after_poll(started, 2, VideoStatus(done=True), PollSchedule(), PRICES, T0)[1]
+    assert pending_after(table.get, final, 2) == ("op-1", "delete")
+
+
+def _started() -> VideoStarted:
+    return VideoStarted(request_id="r1", client_id="acme", operation_id="op-1", requested_at=T0,
+                        provider="gemini", model="veo-3.0-generate-001",
+                        provider_operation="projects/p/operations/1", occurred_at=T0)

@@ -1,0 +1,56 @@
+"""The simulated provider: scripted per request, defaults from settings, deterministic."""
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from infra.settings import Settings
+from schemas.events import OperationAdmitted
+from streams.generation import ProviderError, SimulatedProvider
+from streams.generation.registry import providers_from_settings
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def op(n: int, kind: str = "image_generation", **params: Any) -> OperationAdmitted:
+    return OperationAdmitted(
+        request_id="r", client_id="c", operation_id=f"op-{n}", requested_at=NOW,
+        operation_type=kind, model="m", params={"prompt": "p", **params},  # type: ignore[arg-type]
+    )
+
+
+def test_a_failure_rate_fails_the_same_share_of_operations_on_every_run() -> None:
+    provider = SimulatedProvider(failure_rate=0.25)
+    outcomes = [asyncio.run(provider.generate_image(op(n))).success for n in range(400)]
+    again = [asyncio.run(provider.generate_image(op(n))).success for n in range(400)]
+    assert outcomes == again
+    assert 70 <= outcomes.count(False) <= 130
+    assert asyncio.run(provider.generate_image(op(1, simulate={"fail": False}))).success
+
+
+def test_a_video_is_done_on_the_scripted_poll_and_can_fail_to_start() -> None:
+    provider = SimulatedProvider(video_polls=2)
+    job = asyncio.run(provider.start_video(op(1, "video_generation", simulate={"polls": 4})))
+    done = [asyncio.run(provider.poll_video("m", job, n)).done for n in (1, 2, 3, 4)]
+    assert done == [False, False, False, True]
+    default = asyncio.run(provider.start_video(op(2, "video_generation")))
+    assert asyncio.run(provider.poll_video("m", default, 2)).done
+    with pytest.raises(ProviderError, match="simulated provider failure"):
+        asyncio.run(provider.start_video(op(3, "video_generation", simulate={"fail": True})))
+
+
+def test_settings_configure_the_providers() -> None:
+    settings = Settings(simulated_failure_rate=0.5, simulated_video_polls=3,
+                        simulated_latency_ms=7)
+    simulated = providers_from_settings(settings)["simulated"]
+    assert isinstance(simulated, SimulatedProvider)
+    assert (simulated.failure_rate, simulated.video_polls, simulated.latency_ms) == (0.5, 3, 7)
+
+
+def test_keys_reach_a_child_process_unmasked_and_stay_masked_in_repr() -> None:
+    settings = Settings(gemini_api_key="k-123", vertex_access_token="t-456")  # type: ignore[arg-type]
+    env = settings.to_env()
+    assert (env["AIPIPE_GEMINI_API_KEY"], env["AIPIPE_VERTEX_ACCESS_TOKEN"]) == ("k-123", "t-456")
+    assert "k-123" not in repr(settings) and "t-456" not in repr(settings)
