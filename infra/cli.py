@@ -211,46 +211,197 @@ def costs_summary(
 
 @cli.group()
 def budget() -> None:
-    """Budget checks (month to date)."""
+    """Budgets per client and period: set them, check spend against them."""
+
+
+def _usd_option(value: str, hint: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        amount = Decimal(-1)
+    if not amount.is_finite() or amount < 0:
+        raise click.BadParameter(
+            f"{value!r} is not an amount in USD; use a number such as 100 or 12.50.",
+            param_hint=hint,
+        )
+    return amount
 
 
 @budget.command("check")
 @click.option("--client", "client_id", required=True)
-@click.option("--limit", "limit", required=True, help="Budget in USD for the month.")
+@click.option("--limit", "limit", default=None,
+              help="Check against this budget (USD) instead of the one set.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--as-of", "as_of", default=None,
+              help="ISO time: spend and budget as the log had recorded them at that time.")
 @pass_ctx
-def budget_check(ctx: _Context, client_id: str, limit: str, as_json: bool) -> None:
-    """Month-to-date spend against a limit; exits 1 when the client is over budget."""
-    from infra.reader import cost_store
+def budget_check(ctx: _Context, client_id: str, limit: str | None, as_json: bool,
+                 as_of: str | None = None) -> None:
+    """Spend in the period against the budget, and admission's decision; exits 1 when over."""
+    from consumers.costs.budgets import BudgetStore
+    from infra.reader import open_reader
+    from streams.admission.budgets import budget_report
 
-    try:
-        budget_usd = Decimal(limit)
-    except InvalidOperation:
-        raise click.BadParameter(
-            f"{limit!r} is not an amount in USD; use a number such as 100 or 12.50.",
-            param_hint="--limit",
-        ) from None
-    now = datetime.now(UTC)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    spend = cost_store(ctx.settings).spend(client_id, month_start, now)
-    over = spend >= budget_usd
-    result = {
-        "client_id": client_id,
-        "period_start": month_start.isoformat(),
-        "spend_usd": str(spend),
-        "budget_usd": str(budget_usd),
-        "remaining_usd": str(budget_usd - spend),
-        "over_budget": over,
-    }
+    s = ctx.settings
+    override = _usd_option(limit, "--limit") if limit is not None else None
+    if as_of is not None:  # from the log's own record at that time (issue 5)
+        from infra.replaycmd import budget_report_at
+
+        moment = _time(as_of, "--as-of")
+        assert moment is not None
+        result = budget_report_at(s, client_id, moment, override)
+        client_id = f"{client_id} as of {moment.isoformat()}"
+    else:
+        store = BudgetStore(open_reader(s), s.clickhouse_database)
+        result = budget_report(store, client_id, datetime.now(UTC), s.budget_usd,
+                               s.budget_period, override)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+    elif result["budget_usd"] is None:
+        click.echo(f"{client_id}: spent ${result['spend_usd']} since "
+                   f"{result['period_start'][:10]}; no budget set (admit)")
     else:
-        verdict = "OVER BUDGET" if over else "within budget"
+        verdict = "OVER BUDGET: reject" if result["over_budget"] else "within budget: admit"
         click.echo(
-            f"{client_id}: spent ${spend} of ${budget_usd} since {month_start:%Y-%m-%d} "
-            f"({verdict})"
+            f"{client_id}: spent ${result['spend_usd']} of ${result['budget_usd']} "
+            f"({result['period']}) since {result['period_start'][:10]} ({verdict})"
         )
-    sys.exit(1 if over else 0)
+    sys.exit(1 if result["over_budget"] else 0)
+
+
+@budget.command("set")
+@click.option("--client", "client_id", required=True)
+@click.option("--amount", required=True, help="Budget in USD per period.")
+@click.option("--period", type=click.Choice(["month", "week", "day"]), default="month",
+              show_default=True)
+@pass_ctx
+def budget_set(ctx: _Context, client_id: str, amount: str, period: str) -> None:
+    """Set a client's budget: a budget.set event, recorded in ClickHouse by the cost sink."""
+    import uuid
+
+    from producers import EventProducer
+    from schemas.events import BudgetSet
+
+    s = ctx.settings
+    event = BudgetSet(request_id=str(uuid.uuid4()), client_id=client_id,
+                      amount_usd=_usd_option(amount, "--amount"), period=period)  # type: ignore[arg-type]
+    with EventProducer(s.kafka_bootstrap) as producer:
+        producer.send(s.topics.budgets, event)
+    click.echo(
+        f"{client_id}: budget ${event.amount_usd} per {period} sent ({event.event_id}); it "
+        f"applies once the cost sink has recorded it and admission's {s.budget_cache_seconds:g} s "
+        "cache has expired."
+    )
+
+
+# -- history: replay, verify, re-pricing (issue 5) -------------------------------------
+
+
+@cli.group("replay", invoke_without_command=True)
+@click.option("--from", "start", default=None, help="ISO date/time (record time), inclusive.")
+@click.option("--to", "end", default=None, help="ISO date/time (record time), exclusive.")
+@click.option("--into", default=None, help="Target: chdb:///fresh/path or http(s)://…:8123.")
+@click.option("--database", default=None, help="Target database [the configured one].")
+@click.option("--price-table", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Re-price every cost with this TOML/JSON price table.")
+@click.option("--price-version", default=None, help="Re-price with a built-in price version.")
+@click.option("--batch", default=5000, show_default=True, help="Rows per insert.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def replay(click_ctx: click.Context, start: str | None, end: str | None, into: str | None,
+           database: str | None, price_table: Path | None, price_version: str | None,
+           batch: int, as_json: bool) -> None:
+    """Rebuild the cost projection from the completed-operations log into another ClickHouse.
+
+    Never calls a provider. Writes a manifest (topic, offset ranges, price version) into
+    the target; `aipipe replay verify --into URL` compares it with the live projection.
+    """
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from infra.replaycmd import prices_for, print_manifest, run_replay
+
+    if into is None:
+        raise click.UsageError("Missing option '--into' (chdb:///fresh/path or http(s)://…).")
+    s = click_ctx.ensure_object(_Context).settings
+    manifest = run_replay(
+        s, into=into, database=database or s.clickhouse_database,
+        start=_time(start, "--from"), end=_time(end, "--to"),
+        prices=prices_for(price_table, price_version), batch_rows=batch,
+    )
+    if as_json:
+        click.echo(json.dumps(manifest.to_json(), indent=2))
+    else:
+        print_manifest(manifest)
+
+
+@replay.command("verify")
+@click.option("--into", required=True, help="The replay target given to aipipe replay.")
+@click.option("--database", default=None, help="Target database [the configured one].")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def replay_verify(ctx: _Context, into: str, database: str | None, as_json: bool) -> None:
+    """Compare the rebuilt projection with the live one; exits 1 and names every difference."""
+    from infra.replaycmd import print_verdict, run_verify
+
+    s = ctx.settings
+    manifest, verdict = run_verify(s, into=into, database=database or s.clickhouse_database)
+    if as_json:
+        click.echo(json.dumps({"replay_id": manifest.replay_id, **verdict.to_json()}, indent=2,
+                              default=str))
+    else:
+        print_verdict(manifest, verdict)
+    sys.exit(0 if verdict.matches else 1)
+
+
+@cli.command("report")
+@click.option("--from", "start", required=True, help="ISO date, inclusive.")
+@click.option("--to", "end", required=True, help="ISO date, exclusive.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
+              show_default=True)
+@click.option("--png", "png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the plots as a PNG file.")
+@pass_ctx
+def report(ctx: _Context, start: str, end: str, out: Path, png: Path | None) -> None:
+    """Cost report: spend per day by model, client and operation type; rejections by reason."""
+    from infra.report import write_report
+    from infra.sqlcmd import analyst_client
+
+    s = ctx.settings
+    begin, finish = _time(start, "--from"), _time(end, "--to")
+    assert begin is not None and finish is not None
+    data = write_report(analyst_client(s), s.clickhouse_database, begin, finish, out, png)
+    click.echo(f"{out}: ${data.total_usd} over {data.operations} operations, "
+               f"{len(data.days)} days" + (f"; plots in {png}" if png else ""))
+
+
+@cli.command("sql")
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json"]),
+              default="table", show_default=True)
+@click.option("--param", "params", multiple=True,
+              help="name=value for a {name:Type} placeholder in the query.")
+@pass_ctx
+def sql(ctx: _Context, query: str, fmt: str, params: tuple[str, ...]) -> None:
+    """Run one read-only query (SELECT …) on the configured ClickHouse; print the rows.
+
+    Works while the pipeline runs (through its read endpoint) and with a server.
+    Unqualified table names are in AIPIPE_CLICKHOUSE_DATABASE. Writes are refused.
+    """
+    from infra.sqlcmd import checked, render, run_query
+    from infra.tables import console, table
+
+    binds: dict[str, str] = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not name=value.", param_hint="--param")
+        binds[name] = value
+    checked(query)  # refuse a write before opening anything
+    columns, rows = run_query(ctx.settings, query, binds)
+    if fmt == "table":
+        console.print(table(f"{len(rows)} rows", columns, rows))
+    else:
+        click.echo(render(columns, rows, fmt))
 
 
 @cli.group()

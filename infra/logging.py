@@ -55,6 +55,9 @@ def configure_logging(settings: Settings) -> None:
             dsn=settings.sentry_dsn.get_secret_value(),
             environment=settings.env,
             send_default_pii=False,
+            # frame locals would carry SDK request objects, API keys and bearer tokens in
+            # their headers (seen with google-genai); tests/e2e/test_generation.py checks
+            include_local_variables=False,
         )
 
 

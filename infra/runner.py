@@ -10,10 +10,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
+from consumers.costs.budgets import BudgetProjector, BudgetStore
 from consumers.costs.sink import CostSink
 from consumers.costs.store import ClickHouseCostStore, open_clickhouse
 from infra.queryserver import QueryServer
@@ -32,6 +33,48 @@ def prepare_topics(settings: Settings) -> None:
         retention_ms=settings.topic_retention_ms,
         replication_factor=settings.replication_factor,
     )
+
+
+def budget_projector(settings: Settings, client: Any) -> BudgetProjector:
+    """``budget.set`` events into ClickHouse, by the process that owns it (see budgets.py)."""
+    return BudgetProjector(
+        bootstrap=settings.kafka_bootstrap,
+        topic=settings.topics.budgets,
+        deadletter_topic=settings.topics.deadletter,
+        group_id=f"{settings.topic_prefix}-budgets",
+        store=BudgetStore(client, settings.clickhouse_database),
+    )
+
+
+def archive_thread(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Every message of every topic into ``events_archive`` (see consumers/archive)."""
+    from consumers.archive import ArchiveSink, ArchiveStore
+
+    sink = ArchiveSink(
+        bootstrap=settings.kafka_bootstrap,
+        topics=settings.topics.all(),
+        deadletter_topic=settings.topics.deadletter,
+        group_id=f"{settings.topic_prefix}-archive",
+        store=ArchiveStore(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
+                           settings.clickhouse_database),
+        max_rows=settings.sink_batch_size,
+        max_seconds=settings.sink_batch_seconds,
+    )
+    thread = threading.Thread(target=sink.run, args=(stop,), name="event-archive", daemon=True)
+    thread.start()
+    return thread
+
+
+def sealer_thread(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Seal the daily rollups of closed days (see consumers/rollups)."""
+    from consumers.rollups import Sealer
+
+    sealer = Sealer(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
+                    settings.clickhouse_database, settings.rollup_seal_seconds)
+    thread = threading.Thread(target=sealer.run, args=(stop,), name="rollup-sealer",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 @contextmanager
@@ -57,11 +100,23 @@ def cost_sink_thread(settings: Settings) -> Iterator[CostSink]:
     stop = threading.Event()
     thread = threading.Thread(target=sink.run, args=(stop,), name="cost-sink", daemon=True)
     thread.start()
+    projector = budget_projector(
+        settings, open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    )
+    budgets = threading.Thread(target=projector.run, args=(stop,),
+                               name="budget-projector", daemon=True)
+    budgets.start()
+    archive = archive_thread(settings, stop) if settings.archive_events else None
+    sealer = sealer_thread(settings, stop)
     try:
         yield sink
     finally:
         stop.set()
         thread.join(timeout=30)
+        budgets.join(timeout=30)
+        if archive is not None:
+            archive.join(timeout=30)
+        sealer.join(timeout=30)
         if server is not None:
             server.stop()
 
@@ -81,6 +136,9 @@ def run(settings: Settings, role: Role = "all") -> None:
 
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level if settings.log_level != "info" else "warning")
+    # faust's progress spinner sets the root logger to DEBUG so that it turns on every
+    # record: every aiokafka send then builds a debug record (~8 % of a busy worker)
+    worker.spinner = None
     if role == "streams":
         worker.execute_from_commandline()
         return

@@ -6,6 +6,7 @@ A bad value fails at start with one sentence naming the variable and the fix.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -43,13 +44,78 @@ class Settings(BaseSettings):
     query_port: int = Field(
         8124, ge=0, le=65535, description="Loopback port of the embedded read endpoint."
     )
+    worker_session_timeout_seconds: float = Field(
+        10.0, ge=3, description="How soon a dead worker's partitions move to another."
+    )
     sink_batch_size: int = Field(1000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     simulated_latency_ms: int = Field(0, ge=0)
+    # -- generation: providers, video polling, retries, circuit breaker --
+    simulated_failure_rate: float = Field(0.0, ge=0, le=1)
+    simulated_video_polls: int = Field(1, ge=1, description="Polls until a simulated video ends.")
+    gemini_api_key: SecretStr | None = Field(None, description="Gemini API key (images, text).")
+    gemini_base_url: str | None = Field(
+        None, description="Override the Gemini and Vertex endpoints (tests: a local fake)."
+    )
+    gemini_timeout_seconds: float = Field(120.0, gt=0)
+    vertex_project: str | None = Field(None, description="Google Cloud project for Veo video.")
+    vertex_location: str = "us-central1"
+    vertex_access_token: SecretStr | None = Field(
+        None, description="A static OAuth token for Vertex; unset: application default credentials."
+    )
+    video_poll_base_seconds: float = Field(2.0, gt=0)
+    video_poll_factor: float = Field(1.5, ge=1)
+    video_poll_cap_seconds: float = Field(30.0, gt=0)
+    video_max_wait_seconds: float = Field(1800.0, gt=0)
+    video_poll_tick_seconds: float = Field(0.25, gt=0, description="How often due polls are run.")
+    provider_retry_attempts: int = Field(4, ge=1)
+    provider_retry_base_seconds: float = Field(0.5, ge=0)
+    provider_retry_cap_seconds: float = Field(8.0, ge=0)
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_window_seconds: float = Field(60.0, gt=0)
+    breaker_cooldown_seconds: float = Field(30.0, gt=0)
     cache_dir: Path = Field(
         Path.home() / ".cache" / "aipipe", description="Downloaded Kafka jars, shared by clones."
     )
     fault: str = Field("", description="Fault tests only: a named point where a worker dies.")
+    # -- admission: rate limits and budgets --
+    rate_limit: str = Field("60/60s", description="Default per-client limit, COUNT/WINDOW.")
+    rate_limits_file: Path | None = Field(
+        None, description="TOML overrides per client and model; re-read when it changes."
+    )
+    rate_limits_reload_seconds: float = Field(2.0, gt=0)
+    rate_limit_failure_mode: Literal["open", "closed"] = Field(
+        "open", description="Without Redis: per-worker in-process window (open) or reject."
+    )
+    rate_limit_redis_timeout_ms: int = Field(
+        250, ge=1, le=60_000, description="Slower than this and the limiter fails over."
+    )
+    rate_limit_probe_seconds: float = Field(1.0, gt=0)
+    admission_batch_size: int = Field(500, ge=1)
+    admission_batch_seconds: float = Field(0.02, gt=0)
+    budget_usd: Decimal | None = Field(
+        None, ge=0, description="Default budget per client and period; none when unset."
+    )
+    budget_period: Literal["month", "week", "day"] = "month"
+    budget_cache_seconds: float = Field(5.0, ge=0)
+    # -- analysts and history --
+    archive_events: bool = Field(
+        True, description="Archive every event of every topic into events_archive (cost sink)."
+    )
+    rollup_seal_seconds: float = Field(
+        60.0, gt=0, description="How often closed days of the cost rollups are sealed."
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from streams.admission.window import LimitError, parse_limit
+
+        try:
+            parse_limit(value, "AIPIPE_RATE_LIMIT")
+        except LimitError:
+            raise ValueError('must be COUNT/WINDOW, e.g. "60/60s" (units ms, s, m, h, d)') from None
+        return value
 
     @field_validator("home", "cache_dir")
     @classmethod
@@ -112,6 +178,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump(exclude_defaults=False).items():
             if value is None or name == "sentry_dsn":
                 continue
+            if isinstance(value, SecretStr):  # str() would pass on the mask, not the key
+                value = value.get_secret_value()
             env[f"AIPIPE_{name.upper()}"] = str(value)
         if self.sentry_dsn is not None:
             env["SENTRY_DSN"] = self.sentry_dsn.get_secret_value()

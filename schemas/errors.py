@@ -6,6 +6,7 @@
     ├── infra.settings.ConfigError   a bad AIPIPE_ variable
     ├── infra.services.ServiceError  a local Kafka or Redis that would not start
     ├── producers.DeliveryError      Kafka did not acknowledge a produced event
+    ├── streams.admission.window.LimitError  a malformed rate limit (names the entry)
     └── consumers.costs.StoreError   ClickHouse refused a write or a query
 """
 

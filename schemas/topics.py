@@ -32,8 +32,18 @@ class Topics:
         return f"{self.prefix}.video.polls"
 
     @property
+    def providers(self) -> str:
+        """Provider health: ``provider.circuit_opened`` and ``provider.circuit_closed``."""
+        return f"{self.prefix}.providers"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.prefix}.deadletter"
+
+    @property
+    def budgets(self) -> str:
+        """``budget.set`` (projected into ClickHouse) and ``budget.threshold_crossed``."""
+        return f"{self.prefix}.budgets"
 
     def all(self) -> tuple[str, ...]:
         return (
@@ -42,5 +52,7 @@ class Topics:
             self.rejected,
             self.completed,
             self.video_polls,
+            self.providers,
             self.deadletter,
+            self.budgets,
         )

@@ -42,7 +42,10 @@ from rich.console import Console
 from consumers.costs.store import open_clickhouse
 from infra.settings import Settings, load_settings
 from infra.topics import ensure_topics
+from tests.bench.admission import admission_figures
+from tests.bench.analytics import bench_analytics
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
+from tests.bench.latency import bench_latency
 from tests.bench.producer import bench_producer, profile_ours
 from tests.bench.report import Figure, Steps, render, write_json
 from tests.bench.workloads import completed_events, cost_rows, requested_events
@@ -59,6 +62,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sink-events", type=int, default=100_000, help="events through the sink")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per side (best one counts)")
     parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
+    parser.add_argument(
+        "--only", nargs="+", default=["pipeline", "admission", "latency", "analytics"],
+        choices=["pipeline", "admission", "latency", "analytics"], help="which parts to run",
+    )
+    parser.add_argument("--latency-count", type=int, default=1000)
+    parser.add_argument("--latency-rate", type=float, default=50.0)
+    parser.add_argument(
+        "--analytics-rows", type=int, default=int(os.environ.get("AIPIPE_BENCH_ROWS", 10_000_000)),
+        help="cost rows generated for the summary and budget queries (AIPIPE_BENCH_ROWS)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="also print a cProfile of our producer path"
     )
@@ -112,33 +125,44 @@ def main(argv: list[str] | None = None) -> int:
     chdb_dir = tempfile.mkdtemp(prefix="aipipe-bench-")
     figures: list[Figure] = []
     try:
-        say(f"[bold]1/3 producer[/bold]: building {args.events:,} OperationRequested events")
-        events = requested_events(args.events)
-        if args.profile:
-            say("  profiling our path (cProfile, one pass) …")
-            console.print(profile_ours(bootstrap, topics["ours"], events[: args.events // 2]))
-        figures += bench_producer(bootstrap, (topics["ours"], topics["raw"], topics["headers"]),
-                                  events, args.rounds, say)
-        del events
+        if "pipeline" in args.only:
+            say(f"[bold]1/3 producer[/bold]: building {args.events:,} OperationRequested events")
+            events = requested_events(args.events)
+            if args.profile:
+                say("  profiling our path (cProfile, one pass) …")
+                console.print(profile_ours(bootstrap, topics["ours"], events[: args.events // 2]))
+            figures += bench_producer(bootstrap, (topics["ours"], topics["raw"], topics["headers"]),
+                                      events, args.rounds, say)
+            del events
 
-        say(f"[bold]2/3 ClickHouse[/bold]: building {args.rows:,} cost rows; chDB at {chdb_dir}")
-        dsn = f"chdb://{chdb_dir}/chdb"
-        ours_client = open_clickhouse(dsn, "bench_setup")
-        raw_client = clickhouse_connect.get_client(dsn=dsn)
-        rows = cost_rows(args.rows)
-        store_figure = bench_store(ours_client, raw_client, rows, args.batch, args.rounds, say)
-        figures.append(store_figure)
-        del rows
+            say(f"[bold]2/3 ClickHouse[/bold]: building {args.rows:,} cost rows; "
+                f"chDB at {chdb_dir}")
+            dsn = f"chdb://{chdb_dir}/chdb"
+            ours_client = open_clickhouse(dsn, "bench_setup")
+            raw_client = clickhouse_connect.get_client(dsn=dsn)
+            rows = cost_rows(args.rows)
+            store_figure = bench_store(ours_client, raw_client, rows, args.batch, args.rounds, say)
+            figures.append(store_figure)
+            del rows
 
-        if not args.no_sink:
-            say(f"[bold]3/3 sink[/bold]: producing {args.sink_events:,} completed events "
-                f"to {topics['completed']}")
-            produce_completed(bootstrap, topics["completed"],
-                              completed_events(args.sink_events, seed=1))
-            say("  running CostSink until every row is written")
-            figures.append(bench_sink(bootstrap, ours_client, topics["completed"],
-                                      topics["deadletter"], args.sink_events, args.batch,
-                                      store_figure, say))
+            if not args.no_sink:
+                say(f"[bold]3/3 sink[/bold]: producing {args.sink_events:,} completed events "
+                    f"to {topics['completed']}")
+                produce_completed(bootstrap, topics["completed"],
+                                  completed_events(args.sink_events, seed=1))
+                say("  running CostSink until every row is written")
+                figures.append(bench_sink(bootstrap, ours_client, topics["completed"],
+                                          topics["deadletter"], args.sink_events, args.batch,
+                                          store_figure, say))
+        if "admission" in args.only:
+            figures += admission_figures(settings, say, rounds=max(args.rounds - 2, 1))
+        if "latency" in args.only:
+            figures += bench_latency(settings, say, args.latency_count, args.latency_rate)
+        if "analytics" in args.only:
+            figures += bench_analytics(
+                open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"), bootstrap, say,
+                rows=args.analytics_rows, rounds=7,
+            )
     finally:
         shutil.rmtree(chdb_dir, ignore_errors=True)
         _delete_topics(bootstrap, list(topics.values()))

@@ -7,7 +7,17 @@ import orjson
 import pytest
 
 from schemas import EVENT_TYPES, OperationCompleted, OperationRequested, Usage, encode
-from schemas.events import OperationAdmitted, OperationRejected, VideoPolled, VideoPollScheduled
+from schemas.events import (
+    BudgetSet,
+    BudgetThresholdCrossed,
+    OperationAdmitted,
+    OperationRejected,
+    ProviderCircuitClosed,
+    ProviderCircuitOpened,
+    VideoPolled,
+    VideoPollScheduled,
+    VideoStarted,
+)
 from schemas.jsonschema import export_json_schemas, json_schemas
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -26,6 +36,17 @@ SAMPLES = [
                        wait_seconds=2.0, due_at=NOW),
     VideoPolled(**ENVELOPE, operation_id="o", provider_operation="ops/1", attempt=1,
                 done=False, elapsed_seconds=2.0),
+    VideoStarted(**ENVELOPE, operation_id="o", requested_at=NOW, provider="gemini",
+                 model="veo-3.0-generate-001", provider_operation="ops/1",
+                 job={"duration_seconds": 8}),
+    ProviderCircuitOpened(**ENVELOPE, provider="gemini", model="gemini-2.5-flash-image",
+                          failures=5, window_seconds=60, cooldown_seconds=30,
+                          reason="503 UNAVAILABLE"),
+    ProviderCircuitClosed(**ENVELOPE, provider="gemini", model="gemini-2.5-flash-image",
+                          open_seconds=31.5),
+    BudgetSet(**ENVELOPE, amount_usd=Decimal("100"), period="month"),
+    BudgetThresholdCrossed(**ENVELOPE, threshold_percent=80, period="month", period_start=NOW,
+                           spend_usd=Decimal("80.5"), budget_usd=Decimal("100")),
 ]
 
 
