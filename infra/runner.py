@@ -35,14 +35,24 @@ def prepare_topics(settings: Settings) -> None:
     )
 
 
+def sink_options(settings: Settings, name: str) -> dict[str, Any]:
+    """What every batching sink of this pipeline shares; ``name`` makes its consumer group."""
+    return {
+        "bootstrap": settings.kafka_bootstrap,
+        "deadletter_topic": settings.topics.deadletter,
+        "group_id": f"{settings.topic_prefix}-{name}",
+        "max_rows": settings.sink_batch_size,
+        "max_seconds": settings.sink_batch_seconds,
+        "session_timeout_ms": int(settings.worker_session_timeout_seconds * 1000),
+    }
+
+
 def budget_projector(settings: Settings, client: Any) -> BudgetProjector:
     """``budget.set`` events into ClickHouse, by the process that owns it (see budgets.py)."""
     return BudgetProjector(
-        bootstrap=settings.kafka_bootstrap,
         topic=settings.topics.budgets,
-        deadletter_topic=settings.topics.deadletter,
-        group_id=f"{settings.topic_prefix}-budgets",
         store=BudgetStore(client, settings.clickhouse_database),
+        **sink_options(settings, "budgets"),
     )
 
 
@@ -51,14 +61,10 @@ def archive_thread(settings: Settings, stop: threading.Event) -> threading.Threa
     from consumers.archive import ArchiveSink, ArchiveStore
 
     sink = ArchiveSink(
-        bootstrap=settings.kafka_bootstrap,
         topics=settings.topics.all(),
-        deadletter_topic=settings.topics.deadletter,
-        group_id=f"{settings.topic_prefix}-archive",
         store=ArchiveStore(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
                            settings.clickhouse_database),
-        max_rows=settings.sink_batch_size,
-        max_seconds=settings.sink_batch_seconds,
+        **sink_options(settings, "archive"),
     )
     thread = threading.Thread(target=sink.run, args=(stop,), name="event-archive", daemon=True)
     thread.start()
@@ -82,14 +88,10 @@ def cost_sink_thread(settings: Settings) -> Iterator[CostSink]:
     """Run the cost sink (and, embedded, the read endpoint) in threads for the block."""
     client = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
     sink = CostSink(
-        bootstrap=settings.kafka_bootstrap,
         topic=settings.topics.completed,
-        deadletter_topic=settings.topics.deadletter,
-        group_id=f"{settings.topic_prefix}-costs",
         store=ClickHouseCostStore(client, settings.clickhouse_database),
-        max_rows=settings.sink_batch_size,
-        max_seconds=settings.sink_batch_seconds,
         fault=settings.fault,
+        **sink_options(settings, "costs"),
     )
     server = None
     if settings.embedded:

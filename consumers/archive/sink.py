@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -12,11 +10,11 @@ from typing import Any
 import orjson
 import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 
 from consumers.costs.rows import to_millis
-from consumers.costs.sink import Batch, FaultPoints, coordinates
 from consumers.costs.store import StoreError, database_name
+from consumers.sink import BatchingSink, coordinates
 from schemas.deadletter import REASON, read_headers
 from schemas.errors import EventDecodeError
 from schemas.events import decode
@@ -96,67 +94,27 @@ class ArchiveStore:
             raise StoreError(f"ClickHouse could not archive {len(rows)} events: {exc}") from exc
 
 
-class ArchiveSink:
-    """Consume ``topics``; insert each batch, then commit its offsets (as ``CostSink``)."""
+class ArchiveProjection:
+    stage = "archive"
 
-    def __init__(self, *, bootstrap: str, topics: Sequence[str], deadletter_topic: str,
-                 group_id: str, store: ArchiveStore, max_rows: int = 1000,
-                 max_seconds: float = 1.0, fault: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.topics = list(topics)
-        self.deadletter_topic = deadletter_topic
+    def __init__(self, store: ArchiveStore, deadletter_topic: str) -> None:
         self.store = store
-        self.max_rows, self.max_seconds = max_rows, max_seconds
-        self.faults = FaultPoints(fault)
-        self.clock = clock
-        self.batch, self.rows = Batch(), list[ArchiveRow]()
-        self.written = 0
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 1000,
-        })
+        self.deadletter_topic = deadletter_topic
 
-    def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe(self.topics, on_revoke=lambda *_: self.flush())
-        log.info("archive_sink_started", topics=len(self.topics))
-        try:
-            while not stop.is_set():
-                for message in self.consumer.consume(num_messages=self.max_rows, timeout=0.2):
-                    self.add(message)
-                if self.batch.due(self.max_rows, self.max_seconds, self.clock()) or (
-                        len(self.rows) >= self.max_rows):
-                    self.flush()
-            self.flush()
-        finally:
-            self.consumer.close()
-
-    def add(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("kafka_consume_error", error=error.str())
-            return
+    def rows(self, message: Message) -> list[ArchiveRow]:
         topic, partition, offset = coordinates(message)
-        self.batch.track(topic, partition, offset, self.clock())
         _, timestamp = message.timestamp()
-        self.rows.append(archive_row(message.value(), message.headers(), topic, partition,
-                                     offset, timestamp, self.deadletter_topic))
+        return [archive_row(message.value(), message.headers(), topic, partition, offset,
+                            timestamp, self.deadletter_topic)]
 
-    def flush(self) -> None:
-        batch, rows = self.batch, self.rows
-        self.batch, self.rows = Batch(), []
-        if not batch.next_offsets:
-            return
-        self.faults.reached("archive_before_insert")
-        self.store.write(rows, dedup_token=f"archive:{batch.dedup_token()}")
-        self.faults.reached("archive_after_insert")
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, n) for (t, p), n in batch.next_offsets.items()],
-            asynchronous=False,
-        )
-        self.written += len(rows)
-        log.info("archive_batch_written", rows=len(rows), total=self.written)
+    def write(self, rows: Sequence[ArchiveRow], dedup_token: str) -> None:
+        self.store.write(rows, dedup_token=dedup_token)
+
+
+class ArchiveSink(BatchingSink[ArchiveRow]):
+    """Every message of ``topics`` into the archive; nothing is dead-lettered here."""
+
+    def __init__(self, *, topics: Sequence[str], deadletter_topic: str, store: ArchiveStore,
+                 **options: Any) -> None:
+        super().__init__(topics=topics, deadletter_topic=deadletter_topic,
+                         projection=ArchiveProjection(store, deadletter_topic), **options)

@@ -9,8 +9,7 @@ Readers (admission, the CLI) ask ``BudgetStore`` through any read-only client.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,14 +17,11 @@ from typing import Any
 
 import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Message
 
 from consumers.costs.rows import to_millis
-from consumers.costs.sink import coordinates
 from consumers.costs.store import StoreError, database_name
-from producers.producer import EventProducer
-from schemas.deadletter import deadletter_headers
-from schemas.errors import EventDecodeError
+from consumers.sink import BatchingSink
 from schemas.events import BudgetPeriod, BudgetSet, decode
 from schemas.prices import COST_QUANTUM
 
@@ -113,61 +109,25 @@ class BudgetStore:
         return len(rows)
 
 
-class BudgetProjector:
-    """Consume the budgets topic; write ``budget.set`` events; commit after the write.
+class BudgetProjection:
+    """``budget.set`` events become budget rows; other budget events are not projected."""
 
-    Other event types on the topic (``budget.threshold_crossed``) are skipped; anything
-    undecodable goes to the dead-letter topic with the reason.
-    """
+    stage = "budgets"
 
-    def __init__(self, *, bootstrap: str, topic: str, deadletter_topic: str, group_id: str,
-                 store: BudgetStore) -> None:
-        self.topic = topic
-        self.deadletter_topic = deadletter_topic
+    def __init__(self, store: BudgetStore) -> None:
         self.store = store
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 1000,
-        })
-        self.deadletters = EventProducer(bootstrap)
 
-    def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe([self.topic])
-        try:
-            while not stop.is_set():
-                messages = self.consumer.consume(num_messages=500, timeout=0.3)
-                if messages:
-                    self.handle(messages)
-        finally:
-            self.consumer.close()
-            self.deadletters.close()
+    def rows(self, message: Message) -> list[BudgetSet]:
+        event = decode(message.value())
+        return [event] if isinstance(event, BudgetSet) else []
 
-    def handle(self, messages: list[Message]) -> None:
-        budgets: list[BudgetSet] = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("kafka_consume_error", error=error.str())
-                continue
-            try:
-                event = decode(message.value())
-            except EventDecodeError as exc:
-                topic, partition, offset = coordinates(message)
-                self.deadletters.send_raw(
-                    self.deadletter_topic, message.key(), message.value() or b"",
-                    deadletter_headers(reason=exc.reason, error=type(exc).__name__,
-                                       stage="budgets", topic=topic, partition=partition,
-                                       offset=offset, original=message.headers() or []))
-                continue
-            if isinstance(event, BudgetSet):
-                budgets.append(event)
-        self.deadletters.flush()
-        if budgets:
-            self.store.write(budgets)
-            log.info("budgets_written", count=len(budgets))
-        self.consumer.commit(asynchronous=False)
+    def write(self, rows: Sequence[BudgetSet], dedup_token: str) -> None:
+        self.store.write(rows)
+        log.info("budgets_written", count=len(rows))
+
+
+class BudgetProjector(BatchingSink[BudgetSet]):
+    """Consume the budgets topic; write ``budget.set`` events; commit after the write."""
+
+    def __init__(self, *, topic: str, store: BudgetStore, **options: Any) -> None:
+        super().__init__(topics=[topic], projection=BudgetProjection(store), **options)

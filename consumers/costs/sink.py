@@ -1,198 +1,44 @@
-"""The cost sink: completed operations from Kafka, in batches, into ClickHouse.
+"""The cost sink: completed operations from Kafka, in batches, into ``ai_cost_tracking``.
 
-Order per batch (at-least-once, idempotent by ``operation_id``):
-  1. poll messages until the batch is full or old enough;
-  2. send undecodable ones to the dead-letter topic and wait for Kafka's ack;
-  3. insert the rows with a deterministic deduplication token;
-  4. commit the offsets, only now.
-A crash anywhere repeats at most the batch; the token and ``ReplacingMergeTree`` (read
-with ``FINAL``) keep every operation counted once.
+The loop, batching and commit order are ``consumers.sink.BatchingSink``'s; this module
+says how a message becomes a cost row. Exactness after redeliveries comes from the store:
+the batch's deduplication token and ``ReplacingMergeTree`` read with ``FINAL``.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import Any
 
-import structlog
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 
 from consumers.costs.rows import CostRow, row_from_completed
 from consumers.costs.store import CostStore
-from producers.producer import EventProducer
-from schemas.deadletter import deadletter_headers
+from consumers.sink import BatchingSink, coordinates
 from schemas.errors import EventDecodeError
 from schemas.events import OperationCompleted, decode
 
-log = structlog.get_logger("aipipe.costs")
 
+class CostProjection:
+    stage = "costs"
 
-@dataclass
-class Batch:
-    """What one flush writes: rows, dead letters, and the offsets to commit after."""
-
-    rows: list[CostRow] = field(default_factory=list)
-    dead: int = 0
-    first: dict[tuple[str, int], int] = field(default_factory=dict)
-    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    started: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.rows) + self.dead
-
-    def track(self, topic: str, partition: int, offset: int, now: float) -> None:
-        if not self.next_offsets:
-            self.started = now
-        self.first.setdefault((topic, partition), offset)
-        self.next_offsets[(topic, partition)] = offset + 1
-
-    def dedup_token(self) -> str:
-        """The same messages always give the same token, whichever process retries them."""
-        return ";".join(
-            f"{t}:{p}:{self.first[(t, p)]}-{n - 1}"
-            for (t, p), n in sorted(self.next_offsets.items())
-        )
-
-    def due(self, max_rows: int, max_seconds: float, now: float) -> bool:
-        return bool(self.next_offsets) and (
-            len(self) >= max_rows or now - self.started >= max_seconds
-        )
-
-
-def coordinates(message: Message) -> tuple[str, int, int]:
-    """Topic, partition and offset of a consumed (not an error) message."""
-    topic, partition, offset = message.topic(), message.partition(), message.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
-
-
-class FaultPoints:
-    """SIGKILL this process at a named point, for fault tests.
-
-    ``AIPIPE_FAULT=after_insert@3`` kills the sink the third time it has inserted a batch
-    and not yet committed its offsets; ``before_insert@N`` kills it just before.
-    """
-
-    def __init__(self, spec: str) -> None:
-        point, _, nth = spec.partition("@")
-        self.point, self.nth, self.seen = point, int(nth or 1), 0
-
-    def reached(self, point: str) -> None:
-        if point != self.point:
-            return
-        self.seen += 1
-        if self.seen == self.nth:
-            log.warning("fault_injected", point=point, nth=self.nth)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class CostSink:
-    def __init__(
-        self,
-        *,
-        bootstrap: str,
-        topic: str,
-        deadletter_topic: str,
-        group_id: str,
-        store: CostStore,
-        max_rows: int = 1000,
-        max_seconds: float = 1.0,
-        fault: str = "",
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.topic = topic
-        self.deadletter_topic = deadletter_topic
+    def __init__(self, store: CostStore) -> None:
         self.store = store
-        self.max_rows = max_rows
-        self.max_seconds = max_seconds
-        self.faults = FaultPoints(fault)
-        self.clock = clock
-        self.batch = Batch()
-        self.written = 0
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                # a sink that died is replaced after 10 s, not the default 45 s
-                "session.timeout.ms": 10000,
-                "heartbeat.interval.ms": 1000,
-            }
-        )
-        self.deadletters = EventProducer(bootstrap)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.flush()  # write what was read before the partitions move to another sink
-
-    def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe([self.topic], on_revoke=self._on_revoke)
-        log.info("cost_sink_started", topic=self.topic)
-        try:
-            while not stop.is_set():
-                for message in self.consumer.consume(num_messages=self.max_rows, timeout=0.2):
-                    self.add(message)
-                if self.batch.due(self.max_rows, self.max_seconds, self.clock()):
-                    self.flush()
-            self.flush()
-        finally:
-            self.consumer.close()
-            self.deadletters.close()
-
-    def add(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("kafka_consume_error", error=error.str())
-            return
+    def rows(self, message: Message) -> list[CostRow]:
         topic, partition, offset = coordinates(message)
-        self.batch.track(topic, partition, offset, self.clock())
-        try:
-            event = decode(message.value())
-            if not isinstance(event, OperationCompleted):
-                raise EventDecodeError(
-                    f"Field 'event_type' is {event.event_type!r} on {topic}, which carries "
-                    "only operation.completed events; send it to its own topic."
-                )
-        except EventDecodeError as exc:
-            self.dead_letter(message, exc)
-            return
-        self.batch.rows.append(row_from_completed(event, topic, partition, offset))
+        event = decode(message.value())
+        if not isinstance(event, OperationCompleted):
+            raise EventDecodeError(
+                f"Field 'event_type' is {event.event_type!r} on {topic}, which carries "
+                "only operation.completed events; send it to its own topic."
+            )
+        return [row_from_completed(event, topic, partition, offset)]
 
-    def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
-        topic, partition, offset = coordinates(message)
-        log.warning("event_dead_lettered", stage="costs", reason=exc.reason,
-                    topic=topic, partition=partition, offset=offset)
-        self.deadletters.send_raw(
-            self.deadletter_topic,
-            message.key(),
-            message.value() or b"",
-            deadletter_headers(
-                reason=exc.reason, error=type(exc).__name__, stage="costs",
-                topic=topic, partition=partition, offset=offset,
-                original=message.headers() or [],
-            ),
-        )
-        self.batch.dead += 1
+    def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
+        self.store.write(rows, dedup_token=dedup_token)
 
-    def flush(self) -> None:
-        batch, self.batch = self.batch, Batch()
-        if not batch.next_offsets:
-            return
-        if batch.dead:
-            self.deadletters.flush()
-        if batch.rows:
-            self.faults.reached("before_insert")
-            self.store.write(batch.rows, dedup_token=batch.dedup_token())
-            self.faults.reached("after_insert")
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, n) for (t, p), n in batch.next_offsets.items()],
-            asynchronous=False,
-        )
-        self.written += len(batch.rows)
-        log.info("cost_batch_written", rows=len(batch.rows), dead_letters=batch.dead,
-                 total=self.written)
+
+class CostSink(BatchingSink[CostRow]):
+    def __init__(self, *, topic: str, store: CostStore, **options: Any) -> None:
+        super().__init__(topics=[topic], projection=CostProjection(store), **options)

@@ -26,10 +26,10 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumers.costs.rows import CostRow, row_from_completed, to_millis
-from consumers.costs.sink import Batch, coordinates
 from consumers.costs.store import ClickHouseCostStore, StoreError
 from consumers.replay.pricefile import price_table_json
 from consumers.replay.reprice import RepriceReport, reprice
+from consumers.sink import Batch, coordinates
 from schemas.errors import AipipeError, EventDecodeError
 from schemas.events import OperationCompleted, decode
 from schemas.prices import PriceTable
