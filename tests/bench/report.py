@@ -161,7 +161,7 @@ def render(figures: Sequence[Figure], console: Console, title: str) -> None:
             f"{f.ours:,.0f} {f.unit}",
             f"{f.baseline:,.0f} {f.unit}",
             f"{f.ratio:.2f}{TIMES}",
-            f"≥ {f.goal:.1f}{TIMES}" if f.goal is not None else "—",
+            f"≥ {f.goal:g}{TIMES}" if f.goal is not None else "—",
             verdict[f.passed],
             f"[dim]{f.cpu_ratio:.2f}{TIMES}[/dim]" if f.cpu_ratio is not None else "—",
         )

@@ -6,7 +6,6 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra import services
+from infra.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +40,6 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.05)
 
 
 def test_redis_start_ping_stop(tmp_path: Path) -> None:
@@ -129,7 +122,8 @@ def test_kafka_start_roundtrip_stop_restart(tmp_path: Path) -> None:
         assert services.start_kafka(HOST, port, tmp_path, CACHE).pid == status.pid
     finally:
         assert services.stop_kafka(tmp_path) is True
-    eventually(lambda: not services.kafka_status(HOST, port, tmp_path).running)
+    wait_for(lambda: not services.kafka_status(HOST, port, tmp_path).running, 30,
+             "the stopped broker to stop answering")
 
     restarted = services.start_kafka(HOST, port, tmp_path, CACHE)  # same data dir
     try:
