@@ -9,7 +9,7 @@ Readers (admission, the CLI) ask ``BudgetStore`` through any read-only client.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -34,6 +34,49 @@ class Budget:
     amount_usd: Decimal
     period: BudgetPeriod
     source: str  # "table" (aipipe budget set) or "settings" (AIPIPE_BUDGET_USD)
+
+
+THRESHOLDS = (80, 90, 100)
+
+
+def thresholds_reached(spend: Decimal, budget: Decimal) -> list[int]:
+    """The thresholds (percent of ``budget``) that ``spend`` has reached."""
+    return [t for t in THRESHOLDS if spend * 100 >= budget * t]
+
+
+def resolve_budget(
+    stored: Callable[[], Budget | None], default: Decimal | None,
+    default_period: BudgetPeriod, override: Decimal | None = None,
+) -> Budget | None:
+    """The budget that applies: ``--limit``, else the stored one, else the settings'."""
+    if override is not None:
+        return Budget(override, default_period, "--limit")
+    budget = stored()
+    if budget is None and default is not None:
+        budget = Budget(default, default_period, "settings")
+    return budget
+
+
+def budget_verdict(
+    client_id: str, budget: Budget | None, period: BudgetPeriod,
+    bounds: tuple[datetime, datetime], spend: Decimal,
+) -> dict[str, Any]:
+    """What ``aipipe budget check`` shows: spend, budget, thresholds and the decision."""
+    over = budget is not None and spend >= budget.amount_usd
+    return {
+        "client_id": client_id,
+        "period": period,
+        "period_start": bounds[0].isoformat(),
+        "period_end": bounds[1].isoformat(),
+        "spend_usd": str(spend),
+        "budget_usd": None if budget is None else str(budget.amount_usd),
+        "budget_source": None if budget is None else budget.source,
+        "remaining_usd": None if budget is None else str(budget.amount_usd - spend),
+        "thresholds_reached": [] if budget is None
+        else thresholds_reached(spend, budget.amount_usd),
+        "over_budget": over,
+        "decision": "reject: over_budget" if over else "admit",
+    }
 
 
 def period_bounds(period: BudgetPeriod, now: datetime) -> tuple[datetime, datetime]:

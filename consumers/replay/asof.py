@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from consumers.costs.budgets import Budget, period_bounds
+from consumers.costs.budgets import Budget, budget_verdict, period_bounds, resolve_budget
 from consumers.costs.rows import to_millis
 from consumers.costs.store import database_name
 from consumers.replay.replay import Range
@@ -69,27 +69,13 @@ def budget_report_as_of(
     override: Decimal | None = None,
 ) -> dict[str, Any]:
     """What ``aipipe budget check --as-of T`` shows (the fields of ``budget check``)."""
-    if override is not None:
-        budget: Budget | None = Budget(override, default_period, "--limit")
-    else:
-        budget = budget_as_of(client, database, client_id, as_of)
-        if budget is None and default is not None:
-            budget = Budget(default, default_period, "settings")
+    budget = resolve_budget(lambda: budget_as_of(client, database, client_id, as_of), default,
+                            default_period, override)
     period: BudgetPeriod = budget.period if budget is not None else default_period
     start, end = period_bounds(period, as_of)
     spend = spend_as_of(client, database, topic, ranges, client_id, start, as_of)
-    over = budget is not None and spend >= budget.amount_usd
     return {
-        "client_id": client_id,
+        **budget_verdict(client_id, budget, period, (start, end), spend),
         "as_of": as_of.isoformat(),
-        "period": period,
-        "period_start": start.isoformat(),
-        "period_end": end.isoformat(),
-        "spend_usd": str(spend),
-        "budget_usd": None if budget is None else str(budget.amount_usd),
-        "budget_source": None if budget is None else budget.source,
-        "remaining_usd": None if budget is None else str(budget.amount_usd - spend),
-        "over_budget": over,
-        "decision": "reject: over_budget" if over else "admit",
         "log_offsets": {str(r.partition): r.end for r in ranges},
     }

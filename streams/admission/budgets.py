@@ -28,7 +28,14 @@ from typing import Any, Protocol
 import structlog
 from redis.exceptions import RedisError
 
-from consumers.costs.budgets import Budget, BudgetStore, period_bounds
+from consumers.costs.budgets import (
+    Budget,
+    BudgetStore,
+    budget_verdict,
+    period_bounds,
+    resolve_budget,
+    thresholds_reached,
+)
 from schemas.events import (
     BudgetPeriod,
     BudgetThresholdCrossed,
@@ -37,7 +44,6 @@ from schemas.events import (
     utcnow,
 )
 
-THRESHOLDS = (80, 90, 100)
 log = structlog.get_logger("aipipe.admission.budgets")
 
 
@@ -52,11 +58,6 @@ class BudgetState:
     @property
     def over(self) -> bool:
         return self.spend_usd >= self.budget.amount_usd
-
-
-def thresholds_reached(spend: Decimal, budget: Decimal) -> list[int]:
-    """The thresholds (percent of ``budget``) that ``spend`` has reached."""
-    return [t for t in THRESHOLDS if spend * 100 >= budget * t]
 
 
 def budget_states(
@@ -85,30 +86,12 @@ def budget_report(
     default_period: BudgetPeriod, override: Decimal | None = None,
 ) -> dict[str, Any]:
     """What ``aipipe budget check`` shows: spend, budget, and admission's decision."""
-    if override is not None:
-        budget: Budget | None = Budget(override, default_period, "--limit")
-    else:
-        budget = store.budgets([client_id]).get(client_id)
-        if budget is None and default is not None:
-            budget = Budget(default, default_period, "settings")
+    budget = resolve_budget(lambda: store.budgets([client_id]).get(client_id), default,
+                            default_period, override)
     period = budget.period if budget is not None else default_period
-    start, end = period_bounds(period, now)
-    spend = store.spend([client_id], start, end)[client_id]
-    over = budget is not None and spend >= budget.amount_usd
-    return {
-        "client_id": client_id,
-        "period": period,
-        "period_start": start.isoformat(),
-        "period_end": end.isoformat(),
-        "spend_usd": str(spend),
-        "budget_usd": None if budget is None else str(budget.amount_usd),
-        "budget_source": None if budget is None else budget.source,
-        "remaining_usd": None if budget is None else str(budget.amount_usd - spend),
-        "thresholds_reached": [] if budget is None
-        else thresholds_reached(spend, budget.amount_usd),
-        "over_budget": over,
-        "decision": "reject: over_budget" if over else "admit",
-    }
+    bounds = period_bounds(period, now)
+    spend = store.spend([client_id], *bounds)[client_id]
+    return budget_verdict(client_id, budget, period, bounds, spend)
 
 
 class ThresholdLatch(Protocol):
