@@ -16,7 +16,7 @@ from typing import Any
 from rich.progress import Progress
 
 from infra.processes import WorkerProcess, wait_for
-from infra.reader import cost_store
+from infra.reader import pipeline_store
 from infra.runner import prepare_topics
 from infra.settings import Settings
 from infra.tables import console, table
@@ -93,22 +93,17 @@ def run_demo(base: Settings, operations: int, clients: int) -> None:
                     producer.send(settings.topics.requested, event)
                     progress.advance(sent)
             recorded = progress.add_task("recorded in ClickHouse", total=len(events))
-            store: list[Any] = []
+            store = pipeline_store(settings, worker.alive)
 
             def all_recorded() -> bool:
                 if not worker.alive():
                     raise RuntimeError(f"the pipeline worker exited:\n{worker.log_tail()}")
-                try:
-                    store[:] = store or [cost_store(settings)]
-                    done = sum(n for n, _ in store[0].totals().values())
-                except Exception:  # the worker is still starting its read endpoint
-                    store.clear()
-                    return False
+                done = sum(n for n, _ in store.totals().values())
                 progress.update(recorded, completed=done)
                 return bool(done >= len(events))
 
             wait_for(all_recorded, timeout=300, what="every operation to be recorded", interval=0.5)
-        report(store[0], expected_costs(events))
+        report(store, expected_costs(events))
     finally:
         worker.stop()
 

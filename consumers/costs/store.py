@@ -10,6 +10,7 @@ ranges half-open, ``[start, end)``, on ``created_at`` (when the cost was incurre
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -244,6 +245,18 @@ class ClickHouseCostStore:
         return {client: (count, _money(cost)) for client, count, cost in rows}
 
 
+def _open_chdb(path: Path, patience: float = 15.0) -> Client:
+    """Open the embedded engine, waiting out a short-lived holder of the path (a CLI read)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        except ClickHouseError as exc:
+            if "Cannot lock file" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # start-up only: another process holds the path for a moment
+
+
 def open_clickhouse(dsn: str, database: str) -> Client:
     """A migrated client for ``chdb:///path`` (embedded) or ``http(s)://user:pass@host:port``.
 
@@ -257,7 +270,7 @@ def open_clickhouse(dsn: str, database: str) -> Client:
         if url.scheme == "chdb":
             path = Path(url.netloc + url.path).expanduser().resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
-            client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+            client = _open_chdb(path)
         elif url.scheme in ("http", "https"):
             secure = url.scheme == "https"
             client = clickhouse_connect.get_client(

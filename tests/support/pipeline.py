@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from urllib.parse import urlparse
 
-import clickhouse_connect
 from confluent_kafka import Consumer, Message
 
 from consumers.costs.store import ClickHouseCostStore
 from infra.processes import WorkerProcess, wait_for
-from infra.queryserver import find_endpoint
+from infra.reader import pipeline_store
 from infra.settings import Settings
 from producers import EventProducer
 from schemas.events import Event
@@ -32,26 +30,10 @@ def store_of(
     settings: Settings, worker: WorkerProcess, timeout: float = 120
 ) -> ClickHouseCostStore:
     """The cost store as other processes see it: through the owning worker's endpoint."""
-    if not settings.embedded:
-        client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
-        return ClickHouseCostStore(client, settings.clickhouse_database)
-    urls: list[str] = []
-
-    def endpoint_up() -> bool:
-        if not worker.alive():
-            raise AssertionError(f"worker exited early:\n{worker.log_tail()}")
-        url = find_endpoint(settings.home)
-        if url:
-            urls.append(url)
-        return bool(url)
-
-    wait_for(endpoint_up, timeout, "the worker's read endpoint")
-    parsed = urlparse(urls[-1])
-    client = clickhouse_connect.get_client(
-        host=parsed.hostname, port=parsed.port, database=settings.clickhouse_database,
-        compress=False,
-    )
-    return ClickHouseCostStore(client, settings.clickhouse_database)
+    try:
+        return pipeline_store(settings, worker.alive, timeout)
+    except RuntimeError as exc:
+        raise AssertionError(f"{exc}:\n{worker.log_tail()}") from exc
 
 
 def operations_recorded(store: ClickHouseCostStore) -> int:
