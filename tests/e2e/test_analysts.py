@@ -319,8 +319,8 @@ def test_sealed_rollups_stay_exact_when_a_duplicate_arrives_after_the_seal(
         assert sources()["sealed"] == tuple(client.query(raw).result_rows[0])
 
         produce(settings, settings.topics.completed, [done(5, duration_ms=90_000)])
-        wait_for(lambda: client.query(raw).result_rows[0][2] != sources()["sealed"][2]
-                 or "raw" in sources(), 60, "the re-delivery recorded")
+        # (no wait on the bucket turning "raw": with a 0.5 s seal it may already be sealed
+        # again when looked at; exactness is what must hold at every moment)
         wait_for(lambda: client.query(
             "SELECT sum(duration_ms) FROM ai_cost_tracking FINAL").result_rows[0][0]
             == sum(e.duration_ms for e in events) - 1005 + 90_005, 60, "the copy recorded")
