@@ -27,6 +27,7 @@ from consumers.costs.migrations import migrate
 from consumers.costs.rows import COLUMNS, CostRow
 from consumers.costs.sink import CostSink
 from consumers.costs.store import TABLE, ClickHouseCostStore
+from infra.processes import wait_for
 from producers.producer import PRODUCER_DEFAULTS
 from schemas.events import OperationCompleted, encode
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare, rate
@@ -181,14 +182,13 @@ def bench_sink(
     stop = threading.Event()
     thread = threading.Thread(target=sink.run, args=(stop,), name="bench-sink", daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout
+    def all_written() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("the cost sink stopped before writing every row")
+        return sink.written >= count
+
     try:
-        while sink.written < count:
-            if not thread.is_alive():
-                raise RuntimeError("the cost sink stopped before writing every row")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the cost sink wrote {sink.written:,}/{count:,} in {timeout}s")
-            time.sleep(0.02)
+        wait_for(all_written, timeout, f"the cost sink to write {count:,} rows", interval=0.02)
     finally:
         stop.set()
         thread.join(30)

@@ -22,10 +22,12 @@ import time
 import uuid
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import orjson
+
+from tests.support.loopback import LoopbackServer
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -51,7 +53,7 @@ def prompt_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-class FakeGemini:
+class FakeGemini(LoopbackServer):
     """Start with ``with FakeGemini() as fake:``; ``fake.base_url`` goes to the SDK."""
 
     def __init__(self, video_polls: int = 1, text_tokens: int = 321) -> None:
@@ -62,24 +64,11 @@ class FakeGemini:
         self.down: dict[str, int] = {}
         self.operations: dict[str, int] = {}  # operation name -> polls so far
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        super().__init__(self._handler())
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeGemini:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        return f"http://{self.address}"
 
     # -- scripting -------------------------------------------------------------------
 

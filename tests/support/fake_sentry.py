@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import orjson
+
+from tests.support.loopback import LoopbackServer
 
 
 def parse_envelope(data: bytes) -> list[tuple[dict[str, Any], Any]]:
@@ -42,28 +44,15 @@ def parse_envelope(data: bytes) -> list[tuple[dict[str, Any], Any]]:
     return items
 
 
-class FakeSentry:
+class FakeSentry(LoopbackServer):
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        super().__init__(self._handler())
 
     @property
     def dsn(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://publickey@{host!s}:{port}/42"
-
-    def __enter__(self) -> FakeSentry:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        return f"http://publickey@{self.address}/42"
 
     def received(self) -> list[dict[str, Any]]:
         with self._lock:
