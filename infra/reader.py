@@ -1,8 +1,10 @@
 """A ClickHouse client for reading, wherever the data lives.
 
 With a server (``http://``) everyone talks to the server. With the embedded engine, a
-running pipeline owns the chDB path and serves reads on loopback; when none runs, the
-reader opens the path itself.
+running pipeline owns the chDB path and serves reads on loopback, with the user and
+password it publishes in ``$AIPIPE_HOME/query-endpoint.json``; when none runs, the reader
+opens the path itself. A reader reads the path its URL names: the home's endpoint is used
+only when it serves that very path.
 """
 
 from __future__ import annotations
@@ -13,25 +15,33 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 
-from consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
 from infra.processes import wait_for
-from infra.queryserver import find_endpoint
+from infra.queryserver import Endpoint, read_endpoint, refuse_other_path
 from infra.settings import Settings
 
 
-def endpoint_client(url: str, database: str) -> Any:
+def endpoint_client(endpoint: Endpoint, database: str, **options: Any) -> Any:
     """A clickhouse-connect client on a running pipeline's read endpoint."""
-    parsed = urlparse(url)
+    parsed = urlparse(endpoint.url)
     return clickhouse_connect.get_client(
-        host=parsed.hostname, port=parsed.port, database=database, compress=False
-    )
+        host=parsed.hostname, port=parsed.port, username=endpoint.user,
+        password=endpoint.password, database=database, compress=False, **options)
+
+
+def serving_endpoint(settings: Settings) -> Endpoint | None:
+    """The home's read endpoint if it runs and serves the chDB path the settings name."""
+    endpoint = read_endpoint(settings.home)
+    if endpoint is None or not endpoint.serves(settings.chdb_path):
+        return None
+    return endpoint
 
 
 def open_reader(settings: Settings) -> Any:
     if settings.embedded:
-        url = find_endpoint(settings.home)
-        if url is not None:
-            return endpoint_client(url, settings.clickhouse_database)
+        endpoint = serving_endpoint(settings)
+        if endpoint is not None:
+            return endpoint_client(endpoint, settings.clickhouse_database)
     return open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
 
 
@@ -42,18 +52,20 @@ def pipeline_store(
     wait for the pipeline's read endpoint instead (with a server, read the server)."""
     if not settings.embedded:
         return cost_store(settings)
-    urls: list[str] = []
+    found: list[Endpoint] = []
 
     def endpoint_up() -> bool:
         if not alive():
             raise RuntimeError("the pipeline worker exited before its read endpoint was up")
-        url = find_endpoint(settings.home)
-        urls.extend([url] if url else [])
-        return url is not None
+        endpoint = read_endpoint(settings.home)
+        if endpoint is not None and not endpoint.serves(settings.chdb_path):
+            raise StoreError(refuse_other_path(endpoint, settings.chdb_path))
+        found.extend([endpoint] if endpoint else [])
+        return endpoint is not None
 
     wait_for(endpoint_up, timeout, "the pipeline's read endpoint")
     return ClickHouseCostStore(
-        endpoint_client(urls[-1], settings.clickhouse_database), settings.clickhouse_database
+        endpoint_client(found[-1], settings.clickhouse_database), settings.clickhouse_database
     )
 
 

@@ -17,7 +17,7 @@ import structlog
 from consumers.costs.budgets import BudgetProjector, BudgetStore
 from consumers.costs.sink import CostSink
 from consumers.costs.store import ClickHouseCostStore, open_clickhouse
-from infra.queryserver import QueryServer
+from infra.queryserver import Limits, QueryServer
 from infra.settings import Settings
 from infra.topics import ensure_topics
 
@@ -96,7 +96,8 @@ def cost_sink_thread(settings: Settings) -> Iterator[CostSink]:
     server = None
     if settings.embedded:
         reader = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
-        server = QueryServer(reader, port=settings.query_port, home=settings.home)
+        server = QueryServer(reader, port=settings.query_port, home=settings.home,
+                             limits=Limits.from_settings(settings))
         server.start()
         log.info("query_endpoint_started", url=server.url)
     stop = threading.Event()

@@ -105,6 +105,22 @@ class Settings(BaseSettings):
     rollup_seal_seconds: float = Field(
         60.0, gt=0, description="How often closed days of the cost rollups are sealed."
     )
+    # -- read endpoint: auth and limits --
+    query_max_execution_seconds: float = Field(
+        60.0, gt=0, description="Longest an analyst query may run on the read endpoint."
+    )
+    query_max_memory_bytes: int = Field(2_000_000_000, gt=0, description="Memory per query.")
+    query_max_rows_to_read: int = Field(2_000_000_000, gt=0, description="Rows read per query.")
+    query_max_result_rows: int = Field(50_000_000, gt=0)
+    query_max_result_bytes: int = Field(1_000_000_000, gt=0)
+    query_max_threads: int = Field(2, ge=1, description="Engine threads per query.")
+    query_max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body.")
+    query_max_concurrent: int = Field(
+        4, ge=1, description="Analyst queries at once; admission's budget lookups have their own."
+    )
+    archive_prompts: bool = Field(
+        False, description="Keep prompt text in events_archive (default: a hash and a length)."
+    )
 
     @field_validator("rate_limit")
     @classmethod

@@ -1,48 +1,110 @@
 """``aipipe sql``: one read-only query against the configured ClickHouse, printed for people.
 
-The query runs where the readers' queries run (``infra.reader.open_reader``): the running
-pipeline's loopback endpoint for embedded chDB (so it works while the pipeline holds the
-path), the chDB path itself when no pipeline runs, or the server. Table names may be left
-unqualified: the configured database is the default. Only reads are allowed, checked
-here with the read endpoint's own rules before anything is sent, whatever the backend.
+Embedded, the query runs where the readers' queries run: the running pipeline's loopback
+endpoint when it serves the configured chDB path, else the path itself, opened here and
+served to this command by the same endpoint code on an ephemeral loopback port, so the
+same rules apply either way: read-only as ClickHouse's own parser decides
+(``infra.readonly``), the same limits. With a server, the server's read-only user
+decides. Table names may be left unqualified: the configured database is the default.
+``checked`` asks the engine before anything is opened, for a clear sentence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from infra.queryserver import READ_STATEMENTS, QueryError, check_read_only
+from infra.readonly import READONLY, Classifier, QueryError
 from infra.settings import Settings
 from schemas.errors import AipipeError
+
+READ_KINDS = "SELECT, WITH, SHOW, DESCRIBE, EXISTS, EXPLAIN"
+_OPEN_PATH = re.compile(r"already initialized with path '([^']*)'")
 
 
 class SqlError(AipipeError):
     """A query ``aipipe sql`` refused or ClickHouse failed; one sentence."""
 
 
-def checked(sql: str) -> str:
-    """``sql`` if it is a single read statement; else ``SqlError`` saying why."""
+def _engine_connection() -> Any:
+    """A read-only chDB connection to this process's engine (in memory if none is open)."""
+    import chdb
+
     try:
-        fmt = check_read_only(sql)
+        return chdb.connect(":memory:?readonly=1")  # type: ignore[no-untyped-call]
+    except Exception as exc:  # this process already runs the engine on a path: use it
+        found = _OPEN_PATH.search(str(exc))
+        if found is None:
+            raise
+        return chdb.connect(  # type: ignore[no-untyped-call]
+            f"file:{found.group(1)}?readonly=1")
+
+
+def _sentence(exc: QueryError) -> SqlError:
+    text = str(exc)
+    kind = re.search(r"Cannot execute (.+?) query in readonly mode", text)
+    if exc.code == READONLY and kind:
+        return SqlError(f"aipipe sql runs read-only queries ({READ_KINDS}); {kind.group(1)} "
+                        "would change data, so it was not run.")
+    return SqlError(f"The query was not run: {text}")
+
+
+def checked(sql: str) -> str:
+    """``sql`` if ClickHouse's parser finds one read statement without FORMAT; else
+    ``SqlError`` saying why."""
+    conn = _engine_connection()
+    try:
+        verdict = Classifier(conn).classify(sql)
     except QueryError as exc:
-        first = sql.split(None, 1)[0].upper() if sql.split() else ""
-        if exc.code == 164 and first not in READ_STATEMENTS:
-            raise SqlError(
-                f"aipipe sql runs read-only queries (SELECT, WITH, SHOW, DESCRIBE, EXISTS, "
-                f"EXPLAIN); {first or 'this'} would change data, so it was not run."
-            ) from None
-        raise SqlError(f"The query was not run: {exc}") from None
-    if fmt is not None:
-        raise SqlError(f"Leave out 'FORMAT {fmt}'; choose the output with --format "
+        raise _sentence(exc) from None
+    finally:
+        conn.close()
+    if verdict.format is not None:
+        raise SqlError(f"Leave out 'FORMAT {verdict.format}'; choose the output with --format "
                        "(table, csv, tsv, json).")
     return sql
+
+
+@contextlib.contextmanager
+def _own_endpoint(settings: Settings) -> Iterator[Any]:
+    """The configured chDB path, opened here and served to this process on loopback."""
+    from consumers.costs.store import open_clickhouse
+    from infra.queryserver import Limits, QueryServer
+    from infra.reader import endpoint_client
+
+    owner = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    server = QueryServer(owner, limits=Limits.from_settings(settings))
+    server.start()
+    try:
+        yield endpoint_client(server.endpoint, settings.clickhouse_database)
+    finally:
+        server.stop()
+        owner.close()
+
+
+@contextlib.contextmanager
+def analyst_session(settings: Settings) -> Iterator[Any]:
+    """A client for reading: the pipeline's endpoint, this process's own endpoint on the
+    chDB path, or the server as is (its read-only user decides)."""
+    if settings.embedded:
+        from infra.reader import endpoint_client, serving_endpoint
+
+        endpoint = serving_endpoint(settings)
+        if endpoint is None:
+            with _own_endpoint(settings) as client:
+                yield client
+            return
+        yield endpoint_client(endpoint, settings.clickhouse_database)
+        return
+    yield analyst_client(settings)
 
 
 def analyst_client(settings: Settings) -> Any:
@@ -71,13 +133,17 @@ def analyst_client(settings: Settings) -> Any:
 
 def run_query(settings: Settings, sql: str,
               params: Mapping[str, str]) -> tuple[list[str], list[Sequence[Any]]]:
-    client = analyst_client(settings)
-    try:
-        result = client.query(checked(sql), parameters=dict(params) or None)
-    except AipipeError:
-        raise
-    except Exception as exc:  # clickhouse-connect's errors, with the server's text
-        raise SqlError(f"ClickHouse refused the query: {str(exc).strip()}") from exc
+    with analyst_session(settings) as client:
+        try:
+            result = client.query(sql, parameters=dict(params) or None)
+        except AipipeError:
+            raise
+        except Exception as exc:  # clickhouse-connect's errors, with the server's text
+            message = str(exc).strip()
+            code = re.search(r"Code: (\d+)\.", message)
+            if code and int(code.group(1)) == READONLY:
+                raise _sentence(QueryError(READONLY, message)) from exc
+            raise SqlError(f"ClickHouse refused the query: {message}") from exc
     return list(result.column_names), [list(row) for row in result.result_rows]
 
 

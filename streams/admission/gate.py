@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from urllib.parse import urlparse
 
 import structlog
 
@@ -124,22 +123,24 @@ def _over_budget(request: OperationRequested, state: BudgetState) -> Decision:
 
 
 def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
-    """Open a read-only store: the server, or the owner's loopback endpoint (never chDB)."""
+    """Open a read-only store: the server, or the owner's loopback endpoint (never chDB).
+
+    Embedded, the endpoint must serve the chDB path the settings name (else: no store, and
+    admission keeps its last answers). Lookups run in the endpoint's admission slots
+    (``quota_key``) and wait at most a few seconds, so an analyst's long query never holds
+    up admission: on a timeout the budget gate keeps the last known spend.
+    """
 
     def open_store() -> BudgetStore | None:
-        import clickhouse_connect
-
         if settings.embedded:
-            from infra.queryserver import find_endpoint
+            from infra.reader import endpoint_client, serving_endpoint
 
-            url = find_endpoint(settings.home)
-            if url is None:
+            endpoint = serving_endpoint(settings)
+            if endpoint is None:
                 return None
-            parsed = urlparse(url)
-            client = clickhouse_connect.get_client(
-                host=parsed.hostname, port=parsed.port, compress=False,
-                database=settings.clickhouse_database,
-            )
+            client = endpoint_client(
+                endpoint, settings.clickhouse_database, send_receive_timeout=5,
+                settings={"quota_key": "aipipe-admission"})
         else:
             from infra.reader import open_reader
 

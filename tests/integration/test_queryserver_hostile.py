@@ -1,0 +1,338 @@
+"""Hostile queries against the embedded read endpoint and ``aipipe sql``.
+
+Every query here is refused with ClickHouse's error (a code and ``DB::Exception``), or
+bounded by a server-side limit; the canary file is never read, no target file is ever
+written, the owner's data is unchanged and its memory stays bounded. The same list runs
+through raw HTTP (exact bytes, no client rewriting) and through ``aipipe sql``'s own
+path (``checked`` then ``run_query`` on the chDB path, which serves itself).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import http.client
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from consumers.costs.migrations import migrate
+from infra.processes import wait_for
+from infra.queryserver import Limits, QueryServer
+from infra.settings import Settings
+from infra.sqlcmd import SqlError, checked, run_query
+
+pytestmark = pytest.mark.e2e
+
+SECRET = f"canary-{uuid.uuid4().hex}"
+LIMITS = Limits(max_execution_time=20, max_memory_usage=300_000_000,
+                max_rows_to_read=1_000_000_000_000, max_result_rows=0,
+                max_result_bytes=50_000_000, max_body_bytes=65_536)
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("canary") / "secret.txt"
+    path.write_text(SECRET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("outfiles")
+
+
+@pytest.fixture(scope="module")
+def database(chdb_client: Client) -> str:
+    name = f"hostile_{uuid.uuid4().hex[:10]}"
+    migrate(chdb_client, name)
+    chdb_client.command(f"INSERT INTO `{name}`.events_archive (event_id) VALUES ('keep')")
+    return name
+
+
+@pytest.fixture(scope="module")
+def server(chdb_client: Client) -> Iterator[QueryServer]:
+    with QueryServer(chdb_client, limits=LIMITS) as running:
+        yield running
+
+
+def hostile(canary: Path, out: Path) -> list[str]:
+    f, c = f"{out}/x.tsv", str(canary)
+    return [
+        # writes and DDL
+        "INSERT INTO events_archive (event_id) VALUES ('x')",
+        "INSERT INTO events_archive (event_id) SELECT 'x'",
+        "ALTER TABLE events_archive DELETE WHERE 1",
+        "ALTER TABLE events_archive UPDATE event_id = 'x' WHERE 1",
+        "DELETE FROM events_archive WHERE 1",
+        "TRUNCATE TABLE events_archive",
+        "DROP TABLE events_archive",
+        "RENAME TABLE events_archive TO gone",
+        "CREATE TABLE evil (a String) ENGINE = Memory",
+        f"CREATE TABLE evil ENGINE = File(TSV, '{f}') AS SELECT 1",
+        "OPTIMIZE TABLE events_archive FINAL",
+        "DETACH TABLE events_archive",
+        "CREATE USER evil IDENTIFIED BY 'x'",
+        "GRANT ALL ON *.* TO default",
+        f"BACKUP TABLE events_archive TO File('{f}')",
+        # SYSTEM, SET, KILL, USE
+        "SYSTEM SHUTDOWN",
+        "SYSTEM RELOAD CONFIG",
+        "SYSTEM FLUSH LOGS",
+        "SET readonly = 0",
+        "SET max_execution_time = 0",
+        "KILL QUERY WHERE 1",
+        "USE system",
+        # several statements, hidden by every comment and string form the lexer knows
+        "SELECT 1; DROP TABLE events_archive",
+        "SELECT 1 -- comment\n; DROP TABLE events_archive",
+        "SELECT 1 # hash comment\n; DROP TABLE events_archive",
+        "#!/bin/sh shebang comment\nSELECT 1; DROP TABLE events_archive",
+        "SELECT 1 /* outer /* nested */ still comment */; DROP TABLE events_archive",
+        "SELECT 'a\\'; DROP TABLE events_archive; --'; DROP TABLE events_archive",
+        "SELECT 'it''s'; DROP TABLE events_archive",
+        'SELECT "col;umn" FROM events_archive; DROP TABLE events_archive',
+        "SELECT `a;b` FROM events_archive; DROP TABLE events_archive",
+        "SELECT $$ ; DROP TABLE x $$; DROP TABLE events_archive",
+        "SELECT $tag$ ' $tag$; DROP TABLE events_archive",
+        "SELECT \u2018quoted\u2019; DROP TABLE events_archive",
+        "SELECT 1;\nINSERT INTO events_archive (event_id) VALUES ('x')",
+        # INTO OUTFILE in every position and spelling
+        f"SELECT 1 INTO OUTFILE '{f}'",
+        f"select 1 into outfile '{f}' TRUNCATE",
+        f"SELECT 1 INTO OUTFILE '{f}' APPEND",
+        f"SELECT 1 INTO OUTFILE '{f}' AND STDOUT",
+        f"SELECT 1 INTO OUTFILE '{f}' COMPRESSION 'gzip' FORMAT CSV",
+        f"SELECT 1 INTO /* hidden */ OUTFILE '{f}'",
+        f"SELECT 1 INTO -- hidden\n OUTFILE '{f}'",
+        f"SELECT 1 UNION ALL SELECT 2 INTO OUTFILE '{f}'",
+        f"WITH 1 AS x SELECT x INTO OUTFILE '{f}'",
+        f"SHOW TABLES INTO OUTFILE '{f}'",
+        f"DESCRIBE TABLE events_archive INTO OUTFILE '{f}'",
+        f"EXISTS TABLE events_archive INTO OUTFILE '{f}'",
+        f"EXPLAIN SELECT 1 INTO OUTFILE '{f}'",
+        f"SELECT 1 INTO OUTFILE $${f}$$",
+        # functions that reach files, URLs, S3, other databases, processes or the server
+        f"SELECT file('{c}')",
+        f"SELECT FILE('{c}')",
+        f"SELECT `file`('{c}')",
+        f"SELECT * FROM file('{c}', 'LineAsString')",
+        f"DESCRIBE file('{c}', 'LineAsString')",
+        f"SELECT * FROM (SELECT * FROM file('{c}', 'LineAsString'))",
+        f"SELECT 1 WHERE 1 IN (SELECT length(line) FROM file('{c}', 'LineAsString'))",
+        "SELECT * FROM url('http://127.0.0.1:9/x', 'CSV', 'a String')",
+        "SELECT * FROM s3('http://127.0.0.1:9/b/k.csv', 'CSV', 'a String')",
+        "SELECT * FROM remote('127.0.0.1:9000', system.one)",
+        "SELECT * FROM cluster('default', system.one)",
+        "SELECT * FROM mysql('127.0.0.1:3306', 'db', 't', 'u', 'p')",
+        "SELECT * FROM postgresql('127.0.0.1:5432', 'db', 't', 'u', 'p')",
+        f"SELECT * FROM sqlite('{c}', 't')",
+        "SELECT * FROM executable('id', 'TSV', 'a String')",
+        "SELECT * FROM input('a String')",
+        "SELECT * FROM merge('system', '.*')",
+        "SELECT * FROM hdfs('hdfs://127.0.0.1:9/x', 'CSV', 'a String')",
+        "SELECT * FROM jdbc('jdbc:x', 't')",
+        "SELECT * FROM system.processes",
+        "SELECT query FROM system.query_log",
+        "SELECT * FROM system.users",
+        "SELECT 1 IN system.processes",
+        "SELECT getServerSetting('path')",
+        "SELECT hostName(), filesystemAvailable()",
+        "SELECT dictGet('d', 'a', 1)",
+        "SELECT joinGet('events_archive', 'payload', 'x')",
+        "SELECT sleep(3)",
+        "SELECT * FROM {t:Identifier}",
+    ]
+
+
+def _auth(server: QueryServer) -> dict[str, str]:
+    token = base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def post(server: QueryServer, body: bytes, params: dict[str, str] | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    url = f"{server.url}/?{urlencode(params or {})}"
+    request = urllib.request.Request(url, data=body, headers={**_auth(server), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def assert_clickhouse_error(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status >= 400, body[:300]
+    code = headers["X-ClickHouse-Exception-Code"]
+    assert body.startswith(f"Code: {code}. DB::Exception: ".encode()), body[:300]
+
+
+def assert_untouched(chdb_client: Client, database: str, outdir: Path) -> None:
+    assert list(outdir.iterdir()) == []
+    assert chdb_client.command(f"SELECT count() FROM `{database}`.events_archive") == 1
+
+
+def test_the_list_is_long_enough(canary: Path, outdir: Path) -> None:
+    assert len(hostile(canary, outdir)) >= 40
+
+
+def test_every_hostile_query_is_refused_by_the_endpoint(
+    server: QueryServer, chdb_client: Client, database: str, canary: Path, outdir: Path
+) -> None:
+    for sql in hostile(canary, outdir):
+        status, headers, body = post(server, sql.encode(), {"database": database})
+        assert_clickhouse_error(status, headers, body)
+        assert SECRET.encode() not in body, sql
+    assert_untouched(chdb_client, database, outdir)
+
+
+def test_every_hostile_query_is_refused_by_aipipe_sql(
+    chdb_client: Client, database: str, canary: Path, outdir: Path, tmp_path: Path
+) -> None:
+    """``aipipe sql`` without a pipeline: it opens the chDB path and serves itself."""
+    settings = Settings(home=tmp_path, clickhouse_url=f"chdb://{chdb_client.path}",
+                        clickhouse_database=database)
+    for sql in hostile(canary, outdir):
+        with pytest.raises(SqlError) as refused:
+            checked(sql)
+            run_query(settings, sql, {})
+        assert SECRET not in str(refused.value)
+    assert_untouched(chdb_client, database, outdir)
+
+
+@pytest.mark.parametrize("params", [
+    {"readonly": "0"},
+    {"allow_ddl": "1"},
+    {"user_files_path": "/"},
+    {"max_execution_time": "0", "query": "SELECT getSetting('max_execution_time')"},
+    {"max_execution_time": "100000", "query": "SELECT getSetting('max_execution_time')"},
+    {"max_memory_usage": "0", "query": "SELECT getSetting('max_memory_usage')"},
+    {"max_result_bytes": "99999999999", "query": "SELECT getSetting('max_result_bytes')"},
+])
+def test_settings_in_the_url_never_raise_a_limit_or_leave_read_only(
+    server: QueryServer, params: dict[str, str]
+) -> None:
+    query = params.get("query")
+    status, headers, body = post(server, b"" if query else b"SELECT 1", params)
+    if query is None:
+        assert_clickhouse_error(status, headers, body)
+        assert headers["X-ClickHouse-Exception-Code"] == "164"
+        return
+    name = query.split("'")[1]
+    server_value = LIMITS.engine_settings()[name]
+    assert (status, float(body)) == (200, server_value)
+
+
+def test_a_client_may_lower_a_limit(server: QueryServer) -> None:
+    status, _, body = post(server, b"SELECT getSetting('max_execution_time')",
+                           {"max_execution_time": "3"})
+    assert (status, body) == (200, b"3\n")
+    status, headers, body = post(server, b"SELECT count() FROM numbers(10000000)",
+                                 {"max_rows_to_read": "1000"})
+    assert_clickhouse_error(status, headers, body)
+    assert headers["X-ClickHouse-Exception-Code"] == "158"  # TOO_MANY_ROWS
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Encoding": "gzip"}])
+def test_an_oversized_body_is_refused_before_it_is_read(
+    server: QueryServer, headers: dict[str, str]
+) -> None:
+    sql = b"SELECT '" + b"x" * 200_000 + b"'"
+    body = gzip.compress(sql) if headers else sql  # a small gzip that inflates past the limit
+    status, reply_headers, reply = post(server, body, headers=headers)
+    assert status == 413
+    assert reply_headers["X-ClickHouse-Exception-Code"] == "307"
+    assert b"larger than the read endpoint's limit of 65536 bytes" in reply
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_huge_results_are_bounded_and_streamed_without_growing_the_owner(
+    server: QueryServer,
+) -> None:
+    before = _rss()
+    status, headers, body = post(server, b"SELECT groupArray(number) FROM numbers(1000000000)")
+    assert_clickhouse_error(status, headers, body)
+    assert headers["X-ClickHouse-Exception-Code"] == "241"  # MEMORY_LIMIT_EXCEEDED
+
+    request = urllib.request.Request(f"{server.url}/", headers=_auth(server),
+                                     data=b"SELECT number, repeat('x', 100) FROM numbers(1e10)")
+    received = 0
+    with urllib.request.urlopen(request, timeout=60) as reply:  # headers come at once
+        assert reply.headers["Transfer-Encoding"] == "chunked"
+        with pytest.raises((http.client.HTTPException, OSError)):  # cut off by the limit
+            while chunk := reply.read(1 << 20):
+                received += len(chunk)
+            raise OSError("the stream ended without its error")
+    assert 1_000_000 < received < LIMITS.max_result_bytes * 1.5
+    assert _rss() - before < 400_000_000
+
+
+def _running(chdb_client: Client, marker: str) -> int:
+    return int(chdb_client.command(
+        "SELECT count() FROM system.processes WHERE query LIKE {m:String} "
+        "AND query NOT LIKE '%system.processes%'", parameters={"m": f"%{marker}%"}))
+
+
+@pytest.mark.parametrize("sql", [
+    # streams: the disconnect shows as a failed write
+    "SELECT number, repeat('{m}', 100) FROM numbers(1e12)",
+    # one row at the very end: the disconnect shows only on the socket
+    "SELECT count() FROM numbers(1e12) WHERE NOT startsWith(toString(number), '{m}')",
+])
+def test_a_client_that_disconnects_cancels_its_query(
+    server: QueryServer, chdb_client: Client, sql: str
+) -> None:
+    marker = f"gone{uuid.uuid4().hex[:8]}"
+    body = sql.format(m=marker).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        auth = _auth(server)["Authorization"]
+        sock.sendall(f"POST / HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for(lambda: _running(chdb_client, marker) == 1, 10, "the query to start")
+        if "repeat" in sql:
+            assert sock.recv(65536)
+    started = time.monotonic()
+    wait_for(lambda: _running(chdb_client, marker) == 0, 10, "the query to be cancelled")
+    assert time.monotonic() - started < LIMITS.max_execution_time / 2
+
+
+def test_without_the_password_or_from_another_host_nothing_runs(server: QueryServer) -> None:
+    url = f"{server.url}/?query={quote('SELECT 1')}"
+    for headers in ({}, {"X-ClickHouse-User": server.user, "X-ClickHouse-Key": "wrong"},
+                    {"Authorization": "Basic " + base64.b64encode(b"default:").decode()}):
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+            raise AssertionError("answered without the password")
+        except urllib.error.HTTPError as err:
+            assert err.code == 401
+            assert err.headers["X-ClickHouse-Exception-Code"] == "516"
+            assert err.read().startswith(b"Code: 516. DB::Exception: ")
+    for host in ("evil.example", "192.168.1.10", "localhost.evil.example"):
+        request = urllib.request.Request(url, headers={**_auth(server), "Host": host})
+        try:
+            urllib.request.urlopen(request, timeout=10)
+            raise AssertionError(f"answered Host {host}")
+        except urllib.error.HTTPError as err:
+            assert (err.code, err.headers["X-ClickHouse-Exception-Code"]) == (403, "195")
+    request = urllib.request.Request(url, headers={**_auth(server),
+                                                   "Origin": "http://evil.example"})
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(request, timeout=10)
+    for params in ({"user": server.user, "password": server.password}, {}):
+        request = urllib.request.Request(f"{url}&{urlencode(params)}",
+                                         headers={} if params else _auth(server))
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.read() == b"1\n"
