@@ -64,6 +64,7 @@ def archive_thread(settings: Settings, stop: threading.Event) -> threading.Threa
         topics=settings.topics.all(),
         store=ArchiveStore(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
                            settings.clickhouse_database),
+        keep_prompts=settings.archive_prompts,
         **sink_options(settings, "archive"),
     )
     thread = threading.Thread(target=sink.run, args=(stop,), name="event-archive", daemon=True)

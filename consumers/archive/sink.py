@@ -12,6 +12,7 @@ import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Message
 
+from consumers.archive.redact import archive_payload
 from consumers.costs.rows import to_millis
 from consumers.costs.store import StoreError, database_name
 from consumers.sink import BatchingSink, coordinates
@@ -43,10 +44,10 @@ ARCHIVE_COLUMNS = tuple(f.name for f in fields(ArchiveRow))
 
 
 def archive_row(value: bytes | None, headers: Any, topic: str, partition: int, offset: int,
-                timestamp_ms: int, deadletter_topic: str) -> ArchiveRow:
+                timestamp_ms: int, deadletter_topic: str, keep_prompts: bool = False) -> ArchiveRow:
     """The row for one message: the event's envelope when it decodes, its coordinates if not."""
     at = datetime.fromtimestamp(max(timestamp_ms, 0) / 1000, UTC)
-    raw = (value or b"").decode("utf-8", "replace")
+    raw = archive_payload(value, keep_prompts)
     coordinates_id = f"{topic}:{partition}:{offset}"
     if topic == deadletter_topic:
         reason = read_headers(headers).get(REASON, "")
@@ -97,15 +98,17 @@ class ArchiveStore:
 class ArchiveProjection:
     stage = "archive"
 
-    def __init__(self, store: ArchiveStore, deadletter_topic: str) -> None:
+    def __init__(self, store: ArchiveStore, deadletter_topic: str,
+                 keep_prompts: bool = False) -> None:
         self.store = store
         self.deadletter_topic = deadletter_topic
+        self.keep_prompts = keep_prompts
 
     def rows(self, message: Message) -> list[ArchiveRow]:
         topic, partition, offset = coordinates(message)
         _, timestamp = message.timestamp()
         return [archive_row(message.value(), message.headers(), topic, partition, offset,
-                            timestamp, self.deadletter_topic)]
+                            timestamp, self.deadletter_topic, self.keep_prompts)]
 
     def write(self, rows: Sequence[ArchiveRow], dedup_token: str) -> None:
         self.store.write(rows, dedup_token=dedup_token)
@@ -115,6 +118,7 @@ class ArchiveSink(BatchingSink[ArchiveRow]):
     """Every message of ``topics`` into the archive; nothing is dead-lettered here."""
 
     def __init__(self, *, topics: Sequence[str], deadletter_topic: str, store: ArchiveStore,
-                 **options: Any) -> None:
+                 keep_prompts: bool = False, **options: Any) -> None:
         super().__init__(topics=topics, deadletter_topic=deadletter_topic,
-                         projection=ArchiveProjection(store, deadletter_topic), **options)
+                         projection=ArchiveProjection(store, deadletter_topic, keep_prompts),
+                         **options)
