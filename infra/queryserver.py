@@ -25,9 +25,10 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
   or ``deflate``, ``wait_end_of_query``, ``/ping``; replies carry ``X-ClickHouse-Format``,
   ``-Query-Id``, ``-Timezone``, ``-Summary``, ``-Server-Display-Name``, and errors are
   ``Code: N. DB::Exception: ...`` with ``X-ClickHouse-Exception-Code``. Sessions
-  (``session_id``), ``client_protocol_version`` and ``compress=1`` (ClickHouse's native
-  block compression) are accepted and ignored: every request is stateless and replies are
-  plain or HTTP-compressed.
+  (``session_id``) and ``client_protocol_version`` are accepted and ignored: every
+  request is stateless, and Native output is chDB's own. ``compress=1`` (ClickHouse's
+  native LZ4 blocks with CityHash128 checksums, the JDBC driver's default) is refused
+  with code 48 and a sentence: such clients set ``compress=false``.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ _SAFE_SETTING_PREFIXES = ("output_format_", "format_", "date_time_output_format"
                           "totals_mode", "use_client_time_zone", "allow_experimental_",
                           "enable_analyzer", "allow_suspicious_", "union_default_mode")
 _CHUNK = 64 * 1024
+_BOOLS = {"true": "1", "false": "0"}
 
 
 class QueryServerError(AipipeError):
@@ -179,10 +181,12 @@ class Limits:
         }
 
 
-def effective_settings(limits: Limits, asked: Mapping[str, str]) -> dict[str, str]:
+def effective_settings(limits: Limits, asked: Mapping[str, str],
+                       current: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings a query runs with: the server's limits, lowered (never raised) by the
-    client, and the output settings the client asked for; anything else is refused as
-    ClickHouse refuses it in readonly mode."""
+    client, and the output settings the client asked for. Anything else is refused as
+    ClickHouse refuses it in readonly mode, unless it asks for the value already in force
+    (what drivers send by default, e.g. ``async_insert=0``); an unknown name is code 115."""
     out: dict[str, str] = {}
     bounds = limits.engine_settings()
     for name, value in asked.items():
@@ -200,12 +204,15 @@ def effective_settings(limits: Limits, asked: Mapping[str, str]) -> dict[str, st
         elif name == "readonly":
             if value not in ("1", "2"):
                 raise QueryError(READONLY, "Cannot modify 'readonly' setting in readonly mode.")
-        elif name in _PROTOCOL_PARAMS or name.startswith("param_"):
-            continue
+        elif name in _PROTOCOL_PARAMS or name.startswith(("param_", "async_insert",
+                                                            "wait_for_async_insert")):
+            continue  # protocol, or insert-only settings drivers send: no effect on reads
         elif name.startswith(_SAFE_SETTING_PREFIXES) and "file" not in name and (
                 "schema" not in name):
             out[name] = value
-        else:
+        elif current is not None and name not in current:
+            raise QueryError(115, f"Unknown setting '{name}'.")
+        elif current is None or _BOOLS.get(value.lower(), value) != current[name]:
             raise QueryError(READONLY, f"Cannot modify '{name}' setting in readonly mode.")
     for name, bound in bounds.items():
         out[name] = str(int(bound)) if float(bound).is_integer() else str(bound)
@@ -250,6 +257,10 @@ class ReadEngine:
         self.version, self.timezone = (
             self._owner.query("SELECT version(), timezone()", "TabSeparated")
             .bytes().decode().strip().split("\t"))
+        self.settings = dict(
+            line.split("\t", 1) for line in self._owner.query(
+                "SELECT name, value FROM system.settings", "TabSeparatedRaw",
+            ).bytes().decode().splitlines() if "\t" in line)
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         self._admission = threading.BoundedSemaphore(self.limits.admission_concurrent)
 
@@ -383,6 +394,10 @@ class _Handler(BaseHTTPRequestHandler):
     engine: ReadEngine
     password: str
 
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError):  # a client that hung up between requests
+            super().handle()
+
     def do_GET(self) -> None:
         self._handle(get=True)
 
@@ -475,6 +490,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _query(self, params: dict[str, str], body: bytes, query_id: str) -> None:
+        if params.get("compress") == "1":
+            raise QueryError(NOT_IMPLEMENTED, "compress=1 (ClickHouse's native LZ4 block "
+                             "compression) is not supported by the aipipe read endpoint; set "
+                             "compress=false (JDBC: ?compress=false) or use HTTP compression "
+                             "(enable_http_compression=1 with Accept-Encoding: gzip).")
         if params.get("query") and body:  # INSERT ... FORMAT X in the URL, data in the body
             try:
                 self.engine.classify(params["query"])
@@ -485,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
             part for part in (params.get("query", ""), body.decode("utf-8", "replace")) if part)
         if self.headers.get_content_type().startswith("multipart/"):
             raise QueryError(NOT_IMPLEMENTED, "External data (multipart) is not supported.")
-        settings = effective_settings(self.engine.limits, params)
+        settings = effective_settings(self.engine.limits, params, self.engine.settings)
         binds = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
         verdict = self.engine.classify(sql, binds)
         fmt = (verdict.format or self.headers.get("X-ClickHouse-Format")

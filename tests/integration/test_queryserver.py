@@ -312,3 +312,46 @@ def test_other_statements_fail_the_check(server: QueryServer, sql: str, code: in
     with pytest.raises(QueryError) as caught:
         server.engine.classify(sql)
     assert caught.value.code == code
+
+
+def test_headers_and_gzip_both_ways_as_clickhouse_takes_them(
+    server: QueryServer, database: str
+) -> None:
+    import gzip
+
+    body = gzip.compress(b"SELECT count() FROM ai_cost_tracking FINAL")
+    request = urllib.request.Request(
+        f"{server.url}/?enable_http_compression=1", data=body,
+        headers={"X-ClickHouse-User": server.user, "X-ClickHouse-Key": server.password,
+                 "X-ClickHouse-Database": database, "X-ClickHouse-Format": "JSONEachRow",
+                 "Content-Encoding": "gzip", "Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.headers["Content-Encoding"] == "gzip"
+        assert reply.headers["X-ClickHouse-Format"] == "JSONEachRow"
+        assert json.loads(gzip.decompress(reply.read())) == {"count()": len(ROWS)}
+
+
+def test_a_default_clickhouse_connect_client_works(server: QueryServer, database: str) -> None:
+    """compress=True: clickhouse-connect asks for HTTP compression and gets gzip."""
+    client = connect(server, database)
+    assert client.compression
+    assert client.command("SELECT count() FROM ai_cost_tracking FINAL") == len(ROWS)
+    assert client.query("SELECT number FROM numbers(300000)").row_count == 300_000  # streamed
+
+
+def test_a_reader_reads_the_path_its_url_names(
+    chdb_client: Client, tmp_path: Path, database: str
+) -> None:
+    from consumers.costs.store import StoreError
+    from infra.reader import pipeline_store, serving_endpoint
+    from infra.settings import Settings
+
+    with QueryServer(chdb_client, home=tmp_path):
+        same = Settings(home=tmp_path, clickhouse_url=f"chdb://{chdb_client.path}",
+                        clickhouse_database=database)
+        other = Settings(home=tmp_path, clickhouse_url=f"chdb://{tmp_path / 'other'}",
+                         clickhouse_database=database)
+        assert serving_endpoint(same) is not None
+        assert serving_endpoint(other) is None  # open_reader opens /other itself
+        with pytest.raises(StoreError, match="serves .* not .*other"):
+            pipeline_store(other, lambda: True, timeout=5)
