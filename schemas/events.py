@@ -5,10 +5,18 @@ Every event carries the envelope (``event_id``, ``event_type``, ``schema_version
 ``job_id``). Events that follow from an ``operation.requested`` carry its ``event_id`` as
 ``operation_id`` and get a deterministic ``event_id`` of their own (``derived_event_id``),
 so a step that is re-run after a crash emits the very same event again.
+
+The wire contract is stricter than the Python constructors, and is exactly what the
+exported JSON Schemas say (``schemas/jsonschema.py``): the envelope fields are required
+(a constructor defaults them), numbers are JSON numbers, booleans JSON booleans, times
+RFC 3339 strings in UTC, money decimal strings, and an event nests at most
+``MAX_DEPTH`` levels. ``decode`` applies those rules; the models apply them only when
+validated with the ``WIRE`` context.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,14 +24,18 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    Strict,
     TypeAdapter,
     ValidationError,
-    field_serializer,
-    field_validator,
+    ValidationInfo,
+    WithJsonSchema,
 )
 
 from schemas.errors import EventDecodeError
@@ -32,7 +44,100 @@ SCHEMA_VERSION = 1
 OperationType = Literal["image_generation", "video_generation", "text_generation"]
 RejectReason = Literal["rate_limited", "over_budget", "invalid"]
 
+# -- the wire rules ------------------------------------------------------------------------
+
+WIRE = {"wire": True}  # the validation context of ``decode``
+# the envelope fields a message must carry, though a Python constructor defaults them
+WIRE_REQUIRED = ("event_id", "event_type", "schema_version", "occurred_at")
+MAX_DEPTH = 32  # the event object is level 1; its params/metadata/job at most MAX_DEPTH - 1
+MAX_INT = 2**53 - 1  # the largest integer every JSON parser keeps exactly
+# RFC 3339 in UTC, to the microsecond. [0-9], not \d: \d is any Unicode digit in Python.
+TIME_PATTERN = (
+    r"^(?!0000)[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|\+00:00)$"
+)
+# a non-negative decimal with at most 9 digits on each side of the point
+DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,9})?$"
+_TIME, _DECIMAL = re.compile(TIME_PATTERN), re.compile(DECIMAL_PATTERN)
+
+
+def _on_wire(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get("wire"))
+
+
+def _wire_number(value: Any, info: ValidationInfo) -> Any:
+    if _on_wire(info) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("must be a JSON number, not a string or boolean")
+    return value
+
+
+def _wire_time(value: Any, info: ValidationInfo) -> Any:
+    if _on_wire(info) and not (isinstance(value, str) and _TIME.fullmatch(value)):
+        raise ValueError("must be an RFC 3339 time in UTC, such as 2026-01-31T12:00:00Z")
+    return value
+
+
+def _wire_decimal(value: Any, info: ValidationInfo) -> Any:
+    if _on_wire(info) and not (isinstance(value, str) and _DECIMAL.fullmatch(value)):
+        raise ValueError('must be a decimal string such as "0.039", at most 9 digits '
+                         "before and after the point")
+    return value
+
+
+def _decimal_text(value: Decimal) -> str:
+    return format(value, "f")
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests (a scalar 0, ``{}`` 1), counted up to ``limit + 1``.
+
+    Iterative, so no input can exhaust the stack; it stops once past ``limit``.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 _ID = Annotated[str, Field(min_length=1, max_length=200)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT), BeforeValidator(_wire_number)]
+Positive = Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(_wire_number)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_wire_number)]
+Flag = Annotated[bool, Strict()]
+Time = Annotated[
+    AwareDatetime,
+    BeforeValidator(_wire_time),
+    AfterValidator(_to_utc),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": TIME_PATTERN}),
+]
+Money = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=18, decimal_places=9),
+    BeforeValidator(_wire_decimal),
+    PlainSerializer(_decimal_text, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DECIMAL_PATTERN}),
+]
+# free-form JSON (params, metadata, job), one level below the event: schemas/jsonschema.py
+# turns the marker into a schema that allows no deeper nesting than ``decode`` does
+DEPTH_MARKER = "x-aipipe-max-depth"
+JsonObject = Annotated[
+    dict[str, Any], WithJsonSchema({"type": "object", DEPTH_MARKER: MAX_DEPTH - 1})
+]
 
 
 def new_event_id() -> str:
@@ -54,17 +159,14 @@ class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     event_id: _ID = Field(default_factory=new_event_id)
-    schema_version: int = SCHEMA_VERSION
-    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    schema_version: Annotated[
+        int, Field(ge=1, le=SCHEMA_VERSION), BeforeValidator(_wire_number)
+    ] = SCHEMA_VERSION
+    occurred_at: Time = Field(default_factory=utcnow)
     request_id: _ID
     client_id: _ID
     user_id: _ID | None = None
     job_id: _ID | None = None
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
 
     def envelope(self, event_id: str, **changes: Any) -> dict[str, Any]:
         """The envelope fields for a follow-on event of the same request."""
@@ -87,7 +189,7 @@ class OperationSpec(BaseModel):
     operation_type: OperationType
     provider: Annotated[str, Field(min_length=1)] = "simulated"
     model: Annotated[str, Field(min_length=1)]
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: JsonObject = Field(default_factory=dict)
 
 
 class OperationRequested(Event, OperationSpec):
@@ -108,25 +210,30 @@ class AdmissionFacts(BaseModel):
 
     backend: Literal["redis", "memory", "none"] = "none"
     limited_by: Literal["client", "model"] | None = None
-    limit: Annotated[int, Field(ge=1)] | None = None
-    window_ms: Annotated[int, Field(ge=1)] | None = None
-    remaining: Annotated[int, Field(ge=0)] | None = None
-    decided_at: AwareDatetime | None = None
+    limit: Positive | None = None
+    window_ms: Positive | None = None
+    remaining: Count | None = None
+    decided_at: Time | None = None
 
 
 class OperationAdmitted(Event, OperationSpec, AdmissionFacts):
+    """``requested_at`` is the pipeline's clock at admission: it picks the price table and
+    the month; ``client_occurred_at`` is the request's own ``occurred_at``, kept apart."""
+
     event_type: Literal["operation.admitted"] = "operation.admitted"
     operation_id: _ID
-    requested_at: AwareDatetime
+    requested_at: Time
+    client_occurred_at: Time | None = None
 
 
 class OperationRejected(Event, OperationSpec, AdmissionFacts):
     event_type: Literal["operation.rejected"] = "operation.rejected"
     operation_id: _ID
-    requested_at: AwareDatetime
+    requested_at: Time
+    client_occurred_at: Time | None = None
     reason: RejectReason
     detail: str = ""
-    retry_after_ms: Annotated[int, Field(ge=0)] | None = None
+    retry_after_ms: Count | None = None
 
 
 BudgetPeriod = Literal["month", "week", "day"]
@@ -136,27 +243,19 @@ class BudgetSet(Event):
     """An operator set a client's budget (``aipipe budget set``); the latest one counts."""
 
     event_type: Literal["budget.set"] = "budget.set"
-    amount_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
+    amount_usd: Money
     period: BudgetPeriod = "month"
-
-    @field_serializer("amount_usd")
-    def _amount_as_string(self, value: Decimal) -> str:
-        return format(value, "f")
 
 
 class BudgetThresholdCrossed(Event):
     """A client's spend reached ``threshold_percent`` of the budget in the period."""
 
     event_type: Literal["budget.threshold_crossed"] = "budget.threshold_crossed"
-    threshold_percent: Annotated[int, Field(ge=1, le=1000)]
+    threshold_percent: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_wire_number)]
     period: BudgetPeriod
-    period_start: AwareDatetime
-    spend_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
-    budget_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
-
-    @field_serializer("spend_usd", "budget_usd")
-    def _money_as_string(self, value: Decimal) -> str:
-        return format(value, "f")
+    period_start: Time
+    spend_usd: Money
+    budget_usd: Money
 
 
 class Usage(BaseModel):
@@ -164,57 +263,50 @@ class Usage(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    input_tokens: Annotated[int, Field(ge=0)] | None = None
-    output_tokens: Annotated[int, Field(ge=0)] | None = None
-    image_count: Annotated[int, Field(ge=0)] | None = None
-    video_seconds: Annotated[Decimal, Field(ge=0)] | None = None
-
-    @field_serializer("video_seconds")
-    def _seconds_as_string(self, value: Decimal | None) -> str | None:
-        return None if value is None else str(value)
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    image_count: Count | None = None
+    video_seconds: Money | None = None
 
 
 class OperationCompleted(Event):
     event_type: Literal["operation.completed"] = "operation.completed"
     operation_id: _ID
-    requested_at: AwareDatetime
+    requested_at: Time  # the pipeline's clock at admission
+    client_occurred_at: Time | None = None  # the request's own occurred_at
     operation_type: OperationType
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]
-    success: bool
+    success: Flag
     usage: Usage = Field(default_factory=Usage)
-    cost_usd: Decimal = Field(ge=0, max_digits=18, decimal_places=9)
+    cost_usd: Money
     price_version: str
-    duration_ms: Annotated[int, Field(ge=0)]
+    duration_ms: Count
     error_message: str | None = None
-    poll_count: Annotated[int, Field(ge=0)] = 0
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_serializer("cost_usd")
-    def _cost_as_string(self, value: Decimal) -> str:
-        return format(value, "f")
+    poll_count: Count = 0
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 class VideoPollScheduled(Event):
     event_type: Literal["video.poll_scheduled"] = "video.poll_scheduled"
     operation_id: _ID
     provider_operation: str
-    attempt: Annotated[int, Field(ge=1)]
-    wait_seconds: Annotated[float, Field(ge=0)]
-    due_at: AwareDatetime
+    attempt: Positive
+    wait_seconds: Seconds
+    due_at: Time
 
 
 class VideoPolled(Event):
     event_type: Literal["video.polled"] = "video.polled"
     operation_id: _ID
     provider_operation: str
-    attempt: Annotated[int, Field(ge=1)]
-    done: bool
-    elapsed_seconds: Annotated[float, Field(ge=0)]
+    attempt: Positive
+    done: Flag
+    elapsed_seconds: Seconds
     # why the poll failed (transient: polling goes on; permanent: ``final``)
     error_message: str | None = None
     # polling stops here: the video is done, failed, or waited past the maximum
-    final: bool = False
+    final: Flag = False
 
 
 class VideoStarted(Event):
@@ -222,12 +314,13 @@ class VideoStarted(Event):
 
     event_type: Literal["video.started"] = "video.started"
     operation_id: _ID
-    requested_at: AwareDatetime
+    requested_at: Time
+    client_occurred_at: Time | None = None
     operation_type: OperationType = "video_generation"
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]
     provider_operation: Annotated[str, Field(min_length=1)]
-    job: dict[str, Any] = Field(default_factory=dict)  # what the provider's polls need
+    job: JsonObject = Field(default_factory=dict)  # what the provider's polls need
 
 
 class ProviderCircuitOpened(Event):
@@ -239,9 +332,9 @@ class ProviderCircuitOpened(Event):
     event_type: Literal["provider.circuit_opened"] = "provider.circuit_opened"
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]
-    failures: Annotated[int, Field(ge=0)]
-    window_seconds: Annotated[float, Field(ge=0)]
-    cooldown_seconds: Annotated[float, Field(ge=0)]
+    failures: Count
+    window_seconds: Seconds
+    cooldown_seconds: Seconds
     reason: str
 
 
@@ -251,7 +344,7 @@ class ProviderCircuitClosed(Event):
     event_type: Literal["provider.circuit_closed"] = "provider.circuit_closed"
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]
-    open_seconds: Annotated[float, Field(ge=0)]
+    open_seconds: Seconds
 
 
 AnyEvent = Annotated[
@@ -310,19 +403,38 @@ def decode(data: bytes | None) -> AnyEvent:
 
 
 def decode_obj(raw: object) -> AnyEvent:
+    """Validate one parsed JSON value by the wire rules (see the module docstring)."""
     if not isinstance(raw, dict):
         raise EventDecodeError("The message is JSON but not an object; send a JSON object.")
     event_type = raw.get("event_type")
-    if event_type not in EVENT_TYPES:
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
+        what = "missing" if "event_type" not in raw else f"{shown(event_type)}, which is"
         raise EventDecodeError(
-            f"Field 'event_type' is {event_type!r}, which is not an aipipe event; "
-            f"use one of: {known}."
+            f"Field 'event_type' is {what} not an aipipe event type; use one of: {known}."
         )
+    if json_depth(raw, MAX_DEPTH) > MAX_DEPTH:
+        raise EventDecodeError(
+            f"This {event_type} event nests more than {MAX_DEPTH} levels deep; flatten "
+            "its params or metadata."
+        )
+    for name in WIRE_REQUIRED:
+        if name not in raw:
+            why = (" (a unique id the emitter keeps across retries, so a retried event "
+                   "counts once)" if name == "event_id" else "")
+            raise EventDecodeError(
+                f"Field '{name}' is missing from this {event_type} event; add it{why}."
+            )
     try:
-        return _any_event.validate_python(raw)
+        return _any_event.validate_python(raw, context=WIRE)
     except ValidationError as exc:
         raise EventDecodeError(_one_sentence(event_type, exc)) from exc
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a sentence never carries a payload."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _one_sentence(event_type: str, exc: ValidationError) -> str:
