@@ -2,9 +2,11 @@
 
 closed → open after ``threshold`` failures within ``window`` seconds; open → half-open
 once ``cooldown`` seconds have passed, letting one trial call through; half-open →
-closed when the trial succeeds, back to open when it fails. Only failures that say the
-provider is unhealthy (429, 5xx, timeouts) count; a rejected request (400, 403, 404) is
-the caller's problem and leaves the circuit alone.
+closed when the trial succeeds, back to open when it fails, and half-open with the trial
+released when it ends saying nothing about the provider (``on_neutral``), so the next call
+is the trial. Only failures that say the provider is unhealthy (429, 5xx, timeouts)
+count; a rejected request (400, 403, 404), an exception that is not the provider's answer
+and a cancelled call are neutral.
 """
 
 from __future__ import annotations
@@ -66,5 +68,6 @@ def on_failure(state: BreakerState, policy: BreakerPolicy, now: float) -> Breake
 
 
 def on_neutral(state: BreakerState) -> BreakerState:
-    """A call that ended without saying anything about the provider's health (e.g. a 400)."""
+    """A call that ended without saying anything about the provider's health (a 400, a bug,
+    a cancellation): a half-open circuit's trial is released."""
     return replace(state, trial_in_flight=False) if state.status == "half_open" else state

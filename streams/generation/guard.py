@@ -4,8 +4,11 @@ Each attempt asks the breaker first: while the circuit is open the call fails fa
 ``provider_unavailable`` and the provider is not called. A retryable failure (429, 5xx,
 timeout) counts against the circuit and is retried after a capped, jittered exponential
 delay (``backoff.retry_delay``); a permanent one (400, 403, 404) fails at once and leaves
-the circuit alone. The state lives in the worker; the transitions are returned so the
-caller can emit them as events. Clock, sleep and randomness are injected.
+the circuit alone. Anything else the call raises (a bug, a bad value, a cancellation during
+a rebalance) says nothing about the provider's health: it is not retried and propagates,
+and a half-open circuit's trial is released on the way, so every exit of a trial call
+settles it. The state lives in the worker; the transitions are returned so the caller can
+emit them as events. Clock, sleep and randomness are injected.
 """
 
 from __future__ import annotations
@@ -104,19 +107,22 @@ class ProviderGuard:
     ) -> Guarded[T]:
         out: Guarded[T] = Guarded()
         for attempt in range(1, self.retry.attempts + 1):
-            allowed, state = before_call(self.state(provider, model), self.breaker, self.clock())
+            before = self.state(provider, model)
+            allowed, state = before_call(before, self.breaker, self.clock())
             self.states[(provider, model)] = state
             if not allowed:
                 out.error = CircuitOpenError(provider, model)
                 return out
+            trial = state.trial_in_flight and not before.trial_in_flight  # this call is it
             out.attempts = attempt
             try:
                 out.value = await fn()
             except ProviderError as exc:
                 out.error = exc
                 if not exc.retryable:
-                    self._set(out, provider, model, on_neutral(self.state(provider, model)),
-                              str(exc))
+                    if trial:
+                        self._set(out, provider, model, on_neutral(self.state(provider, model)),
+                                  str(exc))
                     return out
                 failed = on_failure(self.state(provider, model), self.breaker, self.clock())
                 self._set(out, provider, model, failed, str(exc))
@@ -125,6 +131,10 @@ class ProviderGuard:
                 delay = retry_delay(attempt, self.retry.base, self.retry.cap, self.rand)
                 out.delays.append(delay)
                 await self.sleep(delay)
+            except BaseException:  # not the provider's answer, cancellation included
+                if trial:
+                    self.states[(provider, model)] = on_neutral(self.state(provider, model))
+                raise
             else:
                 out.error = None
                 self._set(out, provider, model, on_success(self.state(provider, model)), "ok")

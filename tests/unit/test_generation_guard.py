@@ -94,3 +94,67 @@ def test_the_circuit_opens_fails_fast_and_closes_after_a_successful_trial() -> N
     assert closed.value == "ok"
     assert [(t.before, t.after) for t in closed.transitions] == [("half_open", "closed")]
     assert g.state("gemini", "m").status == "closed"
+
+
+def opened(clock: Clock) -> ProviderGuard:
+    """A guard whose gemini/m circuit is open and past its cool-down: the next call is a trial."""
+    g = guard(clock, attempts=1, threshold=1)
+    asyncio.run(g.call("gemini", "m", scripted(503)[1]))
+    assert g.state("gemini", "m").status == "open"
+    clock.now += 31
+    return g
+
+
+@pytest.mark.parametrize("error", [ValueError("bad param"), KeyError("usage"), RuntimeError()])
+def test_a_trial_that_raises_a_non_provider_error_releases_the_trial(error: Exception) -> None:
+    clock = Clock()
+    g = opened(clock)
+
+    async def broken() -> str:
+        raise error
+
+    with pytest.raises(type(error)):
+        asyncio.run(g.call("gemini", "m", broken))
+    state = g.state("gemini", "m")
+    assert (state.status, state.trial_in_flight) == ("half_open", False)  # neutral, released
+    healthy = asyncio.run(g.call("gemini", "m", scripted()[1]))  # the next call is the trial
+    assert healthy.value == "ok" and g.state("gemini", "m").status == "closed"
+
+
+def test_a_cancelled_trial_releases_the_trial() -> None:
+    clock = Clock()
+    g = opened(clock)
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def hangs() -> str:
+            started.set()
+            await asyncio.Event().wait()  # a provider that never answers
+            return "never"
+
+        task = asyncio.create_task(g.call("gemini", "m", hangs))
+        await started.wait()
+        assert g.state("gemini", "m").trial_in_flight
+        blocked = await g.call("gemini", "m", scripted()[1])  # one trial at a time
+        assert isinstance(blocked.error, CircuitOpenError)
+        task.cancel()  # a rebalance takes the partition away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert g.state("gemini", "m").trial_in_flight is False
+    after = asyncio.run(g.call("gemini", "m", scripted()[1]))
+    assert after.value == "ok" and g.state("gemini", "m").status == "closed"
+
+
+def test_a_non_provider_error_outside_a_trial_leaves_the_circuit_alone() -> None:
+    clock = Clock()
+    g = guard(clock, threshold=1)
+
+    async def broken() -> str:
+        raise ValueError("bad param")
+
+    with pytest.raises(ValueError):
+        asyncio.run(g.call("gemini", "m", broken))
+    assert g.state("gemini", "m").status == "closed"
