@@ -79,6 +79,7 @@ def run_demo(base: Settings, operations: int, clients: int) -> None:
             "topic_prefix": f"demo-{stamp}",
             "clickhouse_database": f"demo_{stamp}",
             "query_port": 0,
+            "simulated_enabled": True,  # the demo's traffic is simulated
         }
     )
     console.print(f"[bold]aipipe demo[/bold]: topics demo-{stamp}.*, database demo_{stamp}")

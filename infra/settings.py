@@ -98,6 +98,44 @@ class Settings(BaseSettings):
     )
     budget_period: Literal["month", "week", "day"] = "month"
     budget_cache_seconds: float = Field(5.0, ge=0)
+    # -- admission: params, clock and providers --
+    providers: str = Field(
+        "gemini", description="The real providers offered, comma-separated (may be empty)."
+    )
+    simulated_enabled: bool = Field(
+        False, description="Offer the offline simulated provider (development, tests, demo)."
+    )
+    simulated_max_latency_ms: int = Field(5_000, ge=0, le=600_000)
+    simulated_max_polls: int = Field(20, ge=1, le=10_000)
+    params_max_bytes: int = Field(65_536, ge=1_024, le=900_000)
+    params_max_depth: int = Field(4, ge=2, le=30)
+    prompt_max_chars: int = Field(8_000, ge=1)
+    image_max_count: int = Field(4, ge=1)
+    text_max_output_tokens: int = Field(65_536, ge=1)
+    video_max_seconds: int = Field(8, ge=1)
+    clock_skew_seconds: float = Field(
+        300.0, ge=0, description="How far ahead of the pipeline's clock occurred_at may be."
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, value: str) -> str:
+        from streams.admission.params import REAL_PROVIDERS, SIMULATED
+
+        for name in filter(None, (n.strip() for n in value.split(","))):
+            if name == SIMULATED:
+                raise ValueError("simulated is offered by AIPIPE_SIMULATED_ENABLED=true, "
+                                 "not listed here")
+            if name not in REAL_PROVIDERS:
+                raise ValueError(f"{name!r} is not a provider; use {', '.join(REAL_PROVIDERS)}")
+        return value
+
+    @property
+    def offered_providers(self) -> tuple[str, ...]:
+        """The providers requests may name: AIPIPE_PROVIDERS, plus simulated if enabled."""
+        names = {n.strip() for n in self.providers.split(",") if n.strip()}
+        return tuple(sorted(names | ({"simulated"} if self.simulated_enabled else set())))
+
     # -- analysts and history --
     archive_events: bool = Field(
         True, description="Archive every event of every topic into events_archive (cost sink)."

@@ -91,4 +91,5 @@ def settings(services: Services, tmp_path: Path) -> Settings:
         sink_batch_size=50,
         sink_batch_seconds=0.3,
         env="production",
+        simulated_enabled=True,
     )

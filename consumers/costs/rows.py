@@ -44,6 +44,7 @@ class CostRow:
     kafka_topic: str
     kafka_partition: int
     kafka_offset: int
+    client_occurred_at: datetime | None = None  # the client's clock; requested_at bills
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CostRow))
@@ -85,4 +86,6 @@ def row_from_completed(
         kafka_topic=topic,
         kafka_partition=partition,
         kafka_offset=offset,
+        client_occurred_at=(to_millis(event.client_occurred_at)
+                            if event.client_occurred_at is not None else None),
     )

@@ -1,13 +1,20 @@
-"""The admission decisions as events: pure functions of the request and what was found.
+"""The admission decisions as events: pure functions of the request, the clock and what
+was found.
 
-In order: a request whose model has no price is ``invalid``; a client whose spend has
-reached its budget is ``over_budget``; then the rate limiter's outcome decides
-(``rate_limited`` with ``retry_after_ms``, or admitted). Every decision event carries a
-deterministic ``event_id``, and the facts that decided it (backend, limit, window).
+In order: a request that cannot run is ``invalid`` (a provider this deployment does not
+offer, params its provider does not take, an ``occurred_at`` outside the accepted skew, a
+model without a price); a client whose spend has reached its budget is ``over_budget``;
+then the rate limiter's outcome decides (``rate_limited`` with ``retry_after_ms``, or
+admitted). Every decision event carries a deterministic ``event_id``, the facts that
+decided it (backend, limit, window), ``requested_at`` from the pipeline's clock (it picks
+the price table and the month) and the client's own ``occurred_at`` as
+``client_occurred_at``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,55 +24,124 @@ from schemas.events import (
     OperationRejected,
     OperationRequested,
     derived_event_id,
+    shown,
+    utcnow,
 )
-from schemas.prices import PriceTable
+from schemas.prices import PriceTable, price_table_at
 from streams.admission.limiter import Backend
+from streams.admission.params import KNOWN_PROVIDERS, ParamLimits, params_problem
 from streams.admission.window import CLIENT, MODEL, Check, Limit, Outcome
 
 Decision = OperationAdmitted | OperationRejected
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # an occurred_at before this is a broken clock
 
 
-def _spec(request: OperationRequested) -> dict[str, Any]:
-    return request.model_dump(include={"operation_type", "provider", "model", "params"})
+@dataclass(frozen=True)
+class Rules:
+    """What admission holds a request to, from settings (``build_gate``)."""
+
+    providers: Collection[str] = KNOWN_PROVIDERS  # the offered ones
+    params: ParamLimits = field(default_factory=ParamLimits)
+    max_ahead: timedelta = timedelta(minutes=5)  # AIPIPE_CLOCK_SKEW_SECONDS
 
 
-def admitted(request: OperationRequested, **facts: Any) -> OperationAdmitted:
+def _spec(request: OperationRequested, keep_params: bool = True) -> dict[str, Any]:
+    spec = {"operation_type": request.operation_type, "provider": request.provider,
+            "model": request.model}
+    return {**spec, "params": request.params} if keep_params else spec
+
+
+def admitted(request: OperationRequested, now: datetime, **facts: Any) -> OperationAdmitted:
     return OperationAdmitted(
         **request.envelope(derived_event_id(request.event_id, "admitted")),
         **_spec(request),
         operation_id=request.event_id,
-        requested_at=request.occurred_at,
+        requested_at=now,
+        client_occurred_at=request.occurred_at,
         **facts,
     )
 
 
 def rejected(
-    request: OperationRequested, reason: str, detail: str, **facts: Any
+    request: OperationRequested, now: datetime, reason: str, detail: str,
+    keep_params: bool = True, **facts: Any,
 ) -> OperationRejected:
+    """The rejection; without ``keep_params`` it carries no params (they were the problem)."""
     return OperationRejected(
         **request.envelope(derived_event_id(request.event_id, "rejected")),
-        **_spec(request),
+        **_spec(request, keep_params),
         operation_id=request.event_id,
-        requested_at=request.occurred_at,
+        requested_at=now,
+        client_occurred_at=request.occurred_at,
         reason=reason,  # type: ignore[arg-type]
         detail=detail,
         **facts,
     )
 
 
-def invalid(request: OperationRequested, prices: PriceTable) -> OperationRejected | None:
-    """The ``invalid`` rejection of a request the price table cannot price, else None."""
-    try:
-        prices.price(request.model)
-    except PricingError as exc:
-        return rejected(request, "invalid", str(exc))
+def clock_problem(occurred_at: datetime, now: datetime, max_ahead: timedelta) -> str | None:
+    """Why the client's ``occurred_at`` is not believable, or ``None``.
+
+    Any time since 2000 up to ``max_ahead`` past the pipeline's clock is accepted and kept;
+    it never bills (``requested_at`` does).
+    """
+    when = f"{occurred_at:%Y-%m-%dT%H:%M:%SZ}"
+    if occurred_at < EARLIEST:
+        return (f"Field 'occurred_at' is {when}, before 2000-01-01; send the time the event "
+                "happened, in UTC.")
+    if occurred_at > now + max_ahead:
+        return (f"Field 'occurred_at' is {when}, more than {max_ahead.total_seconds():g} s "
+                f"ahead of the pipeline's clock ({now:%Y-%m-%dT%H:%M:%SZ}); send the time the "
+                "event happened, in UTC, from a synchronised clock.")
     return None
 
 
-def decide(request: OperationRequested, prices: PriceTable) -> Decision:
-    """Admit every request that can be priced (no limits, no budget)."""
-    return invalid(request, prices) or admitted(request)
+def invalid(
+    request: OperationRequested, now: datetime, prices: PriceTable, rules: Rules | None = None
+) -> OperationRejected | None:
+    """The ``invalid`` rejection of a request that cannot run as asked, else None."""
+    rules = rules or Rules()
+    if request.provider not in rules.providers:
+        offered = ", ".join(sorted(rules.providers)) or "none"
+        return rejected(request, now, "invalid",
+                        f"Provider {shown(request.provider, 40)} is not offered here; use one "
+                        f"of: {offered}.")
+    problem = params_problem(request.provider, request.operation_type, request.params,
+                             rules.params)
+    if problem is not None:
+        return rejected(request, now, "invalid", problem, keep_params=False)
+    problem = clock_problem(request.occurred_at, now, rules.max_ahead)
+    if problem is not None:
+        return rejected(request, now, "invalid", problem)
+    try:
+        prices.price(request.model)
+    except PricingError as exc:
+        return rejected(request, now, "invalid", str(exc))
+    return None
+
+
+def undecidable(request: OperationRequested, now: datetime, exc: BaseException) -> Decision:
+    """The ``invalid`` rejection of a request whose decision raised: it alone is refused.
+
+    It carries no params (they may be what broke the decision).
+    """
+    return rejected(
+        request, now, "invalid",
+        f"Admission could not decide this request ({type(exc).__name__}: "
+        f"{shown(str(exc), 200)}); fix the request or report it with its request_id.",
+        keep_params=False,
+    )
+
+
+def decide(
+    request: OperationRequested, now: datetime | None = None, rules: Rules | None = None,
+    prices: PriceTable | None = None,
+) -> Decision:
+    """Admit every request that can run and be priced (no limits, no budget)."""
+    now = now or utcnow()
+    prices = prices or price_table_at(now)
+    return invalid(request, now, prices, rules) or admitted(request, now)
 
 
 def limiter_time(at_us: int) -> datetime:
@@ -73,12 +149,13 @@ def limiter_time(at_us: int) -> datetime:
 
 
 def rate_decision(
-    request: OperationRequested, check: Check, outcome: Outcome | None, backend: Backend
+    request: OperationRequested, now: datetime, check: Check, outcome: Outcome | None,
+    backend: Backend,
 ) -> Decision:
     """The event for the limiter's ``outcome`` (``None``: the limiter failed closed)."""
     if outcome is None:
         return rejected(
-            request, "rate_limited",
+            request, now, "rate_limited",
             "The rate limiter's Redis is unavailable and admission fails closed "
             "(AIPIPE_RATE_LIMIT_FAILURE_MODE=closed); retry later.",
             backend="none",
@@ -97,13 +174,13 @@ def rate_decision(
             scope, limit, remaining = min(scopes, key=lambda s: (s[2], s[0] == "client"))
             facts.update(limited_by=scope, limit=limit.count, window_ms=limit.window_ms,
                          remaining=remaining)
-        return admitted(request, **facts)
+        return admitted(request, now, **facts)
     by = {CLIENT: "client", MODEL: "model"}[outcome.limited_by]
     refusing = check.client_limit if outcome.limited_by == CLIENT else check.model_limit
     assert refusing is not None
     subject = f"client {request.client_id!r}" if by == "client" else f"model {request.model!r}"
     return rejected(
-        request, "rate_limited",
+        request, now, "rate_limited",
         f"The {by} rate limit of {refusing} for {subject} is used up; retry after "
         f"{outcome.retry_after_ms} ms.",
         limited_by=by, limit=refusing.count, window_ms=refusing.window_ms, remaining=0,

@@ -1,25 +1,35 @@
 """The admission gate: decide a batch of requests with one limiter round trip.
 
-Validity first (a price for the model), then the budget (ClickHouse, cached), then the
-rate limits (client and model) for what is left, all of those in one ``decide`` call of
-the limiter. ``build_gate`` wires the real adapters from settings.
+Validity first (an offered provider, params it takes, a believable ``occurred_at``, a
+price for the model), then the budget (ClickHouse, cached), then the rate limits (client
+and model) for what is left, all of those in one ``decide`` call of the limiter. Every
+request gets its decision whatever its neighbours hold: a request whose decision raises
+is rejected as ``invalid`` on its own. ``build_gate`` wires the real adapters from
+settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import structlog
 
 from consumers.costs.budgets import BudgetStore
 from infra.settings import Settings
-from schemas.events import BudgetThresholdCrossed, OperationRequested
+from schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
 from schemas.prices import PriceTable, price_table_at
 from streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
-from streams.admission.decide import Decision, invalid, rate_decision, rejected
+from streams.admission.decide import (
+    Decision,
+    Rules,
+    invalid,
+    rate_decision,
+    rejected,
+    undecidable,
+)
 from streams.admission.limiter import (
     FailoverLimiter,
     MemoryRateLimitStore,
@@ -27,6 +37,7 @@ from streams.admission.limiter import (
     redis_client,
 )
 from streams.admission.limits import LimitsSource
+from streams.admission.params import ParamLimits
 from streams.admission.window import Check, parse_limit
 
 log = structlog.get_logger("aipipe.admission")
@@ -53,12 +64,14 @@ class AdmissionGate:
         budgets: BudgetGate | None,
         key_prefix: str,
         prices_at: Callable[[datetime], PriceTable] = price_table_at,
+        rules: Rules | None = None,
     ) -> None:
         self.limiter = limiter
         self.limits = limits
         self.budgets = budgets
         self.client_prefix, self.model_prefix = limiter_keys(key_prefix)
         self.prices_at = prices_at
+        self.rules = rules or Rules()
 
     def check(self, request: OperationRequested) -> Check:
         limits = self.limits.current()
@@ -70,12 +83,20 @@ class AdmissionGate:
             model_limit=limits.for_model(request.model),
         )
 
-    async def decide(self, requests: Sequence[OperationRequested]) -> Decided:
+    async def decide(
+        self, requests: Sequence[OperationRequested], now: datetime | None = None
+    ) -> Decided:
+        """One decision per request, in order; ``now`` (the pipeline's clock) bills them."""
+        now = now or utcnow()
         out = Decided()
         decisions: dict[int, Decision] = {}
         valid: list[tuple[int, OperationRequested]] = []
         for i, request in enumerate(requests):
-            refused = invalid(request, self.prices_at(request.occurred_at))
+            try:
+                refused = invalid(request, now, self.prices_at(now), self.rules)
+            except Exception as exc:  # one request's problem, never its batch's
+                decisions[i] = self._undecidable(request, now, exc)
+                continue
             if refused is not None:
                 decisions[i] = refused
             else:
@@ -85,19 +106,36 @@ class AdmissionGate:
             within = []
             for i, request in valid:
                 state = states.get(request.client_id)
-                if state is not None and state.over:
-                    decisions[i] = _over_budget(request, state)
-                else:
-                    within.append((i, request))
+                try:
+                    if state is not None and state.over:
+                        decisions[i] = _over_budget(request, now, state)
+                    else:
+                        within.append((i, request))
+                except Exception as exc:
+                    decisions[i] = self._undecidable(request, now, exc)
             valid = within
-        if valid:
-            checks = [self.check(r) for _, r in valid]
-            backend, outcomes = await self.limiter.decide(checks)
-            for n, (i, request) in enumerate(valid):
+        checked: list[tuple[int, OperationRequested, Check]] = []
+        for i, request in valid:
+            try:
+                checked.append((i, request, self.check(request)))
+            except Exception as exc:
+                decisions[i] = self._undecidable(request, now, exc)
+        if checked:
+            backend, outcomes = await self.limiter.decide([c for _, _, c in checked])
+            for n, (i, request, check) in enumerate(checked):
                 outcome = outcomes[n] if outcomes is not None else None
-                decisions[i] = rate_decision(request, checks[n], outcome, backend)
+                try:
+                    decisions[i] = rate_decision(request, now, check, outcome, backend)
+                except Exception as exc:
+                    decisions[i] = self._undecidable(request, now, exc)
         out.decisions = [decisions[i] for i in range(len(requests))]
         return out
+
+    @staticmethod
+    def _undecidable(request: OperationRequested, now: datetime, exc: Exception) -> Decision:
+        log.warning("admission_undecidable", request_id=request.request_id,
+                    client_id=request.client_id, error=type(exc).__name__)
+        return undecidable(request, now, exc)
 
 
 def usd(amount: Decimal) -> str:
@@ -112,9 +150,9 @@ def usd(amount: Decimal) -> str:
 _ADJECTIVE = {"month": "monthly", "week": "weekly", "day": "daily"}
 
 
-def _over_budget(request: OperationRequested, state: BudgetState) -> Decision:
+def _over_budget(request: OperationRequested, now: datetime, state: BudgetState) -> Decision:
     return rejected(
-        request, "over_budget",
+        request, now, "over_budget",
         f"Client {request.client_id!r} has spent ${usd(state.spend_usd)} of its "
         f"${usd(state.budget.amount_usd)} {_ADJECTIVE[state.budget.period]} budget since "
         f"{state.period_start:%Y-%m-%d}; raise it with `aipipe budget set` or wait for "
@@ -169,5 +207,24 @@ def build_gate(settings: Settings) -> AdmissionGate:
         default_usd=settings.budget_usd,
         default_period=settings.budget_period,
         cache_seconds=settings.budget_cache_seconds,
+        wait_seconds=settings.budget_wait_seconds,
     )
-    return AdmissionGate(limiter, limits, budgets, settings.topic_prefix)
+    return AdmissionGate(limiter, limits, budgets, settings.topic_prefix,
+                         rules=rules_from_settings(settings))
+
+
+def rules_from_settings(settings: Settings) -> Rules:
+    return Rules(
+        providers=frozenset(settings.offered_providers),
+        params=ParamLimits(
+            max_bytes=settings.params_max_bytes,
+            max_depth=settings.params_max_depth,
+            prompt_max_chars=settings.prompt_max_chars,
+            image_max_count=settings.image_max_count,
+            text_max_output_tokens=settings.text_max_output_tokens,
+            video_max_seconds=settings.video_max_seconds,
+            simulated_max_latency_ms=settings.simulated_max_latency_ms,
+            simulated_max_polls=settings.simulated_max_polls,
+        ),
+        max_ahead=timedelta(seconds=settings.clock_skew_seconds),
+    )

@@ -26,6 +26,7 @@ def completed(
         occurred_at=now,
         operation_id=operation.operation_id,
         requested_at=operation.requested_at,
+        client_occurred_at=operation.client_occurred_at,
         operation_type=operation.operation_type,
         provider=operation.provider,
         model=operation.model,

@@ -1,7 +1,9 @@
 """The providers a worker can call, by the name a request puts in ``provider``.
 
-Adding a provider (OpenAI, Stability, …) is one module implementing ``AIProvider``
-(``provider.py``) and one line here.
+Only the offered ones are built: those named in ``AIPIPE_PROVIDERS``, and the simulated
+one only with ``AIPIPE_SIMULATED_ENABLED=true`` (admission refuses the others, see
+``streams/admission/params.py``). Adding a provider (OpenAI, Stability, …) is one module
+implementing ``AIProvider`` (``provider.py``), one line here and its params rules there.
 """
 
 from __future__ import annotations
@@ -16,21 +18,26 @@ from streams.generation.simulated import SimulatedProvider
 
 
 def providers_from_settings(settings: Settings) -> dict[str, AIProvider]:
-    return {
-        "simulated": SimulatedProvider(
+    offered = set(settings.offered_providers)
+    providers: dict[str, AIProvider] = {}
+    if "simulated" in offered:
+        providers["simulated"] = SimulatedProvider(
             latency_ms=settings.simulated_latency_ms,
             failure_rate=settings.simulated_failure_rate,
             video_polls=settings.simulated_video_polls,
-        ),
-        "gemini": GeminiProvider(
+            max_latency_ms=settings.simulated_max_latency_ms,
+            max_polls=settings.simulated_max_polls,
+        )
+    if "gemini" in offered:
+        providers["gemini"] = GeminiProvider(
             api_key=settings.gemini_api_key,
             base_url=settings.gemini_base_url,
             vertex_project=settings.vertex_project,
             vertex_location=settings.vertex_location,
             vertex_access_token=settings.vertex_access_token,
             timeout_seconds=settings.gemini_timeout_seconds,
-        ),
-    }
+        )
+    return providers
 
 
 def poll_schedule(settings: Settings) -> PollSchedule:

@@ -7,8 +7,10 @@
   ``params.simulate.polls`` (default from settings)
 
 Scripted per request in ``params.simulate`` (defaults from settings):
-``{"latency_ms": 50, "polls": 5, "fail": false}``. A failure rate from settings fails a
-fixed share of operations, chosen by a hash of the operation id, so runs repeat.
+``{"latency_ms": 50, "polls": 5, "fail": false}``, bounded by ``max_latency_ms`` and
+``max_polls`` (admission refuses more; a request's value past them is cut to them here). A failure
+rate from settings fails a fixed share of operations, chosen by a hash of the operation
+id, so runs repeat. Offered only where ``AIPIPE_SIMULATED_ENABLED`` is set.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ class SimulatedProvider:
     name = "simulated"
 
     def __init__(
-        self, latency_ms: int = 0, failure_rate: float = 0.0, video_polls: int = 1
+        self, latency_ms: int = 0, failure_rate: float = 0.0, video_polls: int = 1,
+        max_latency_ms: int = 5_000, max_polls: int = 20,
     ) -> None:
         self.latency_ms = latency_ms
         self.failure_rate = failure_rate
         self.video_polls = video_polls
+        self.max_latency_ms = max_latency_ms
+        self.max_polls = max_polls
 
     def _script(self, operation: OperationAdmitted) -> dict[str, Any]:
         script = operation.params.get("simulate") or {}
@@ -70,8 +75,10 @@ class SimulatedProvider:
         return _share(operation.operation_id) < self.failure_rate
 
     async def _wait(self, script: dict[str, Any]) -> None:
-        latency = int(script.get("latency_ms", self.latency_ms))
-        if latency:
+        latency = self.latency_ms  # the operator's default; a request's own is bounded
+        if "latency_ms" in script:
+            latency = min(int(script["latency_ms"]), self.max_latency_ms)
+        if latency > 0:
             await asyncio.sleep(latency / 1000)  # the simulated call's own duration
 
     async def generate(self, operation: OperationAdmitted) -> ProviderResult:
@@ -99,7 +106,9 @@ class SimulatedProvider:
             raise ProviderError(FAILURE, retryable=False)
         try:
             usage = simulated_usage(operation.operation_type, operation.params)
-            polls = max(1, int(script.get("polls", self.video_polls)))
+            polls = self.video_polls
+            if "polls" in script:
+                polls = min(max(1, int(script["polls"])), self.max_polls)
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise ProviderError(f"bad params: {exc}", status=400, retryable=False) from exc
         return VideoJob(

@@ -136,7 +136,8 @@ def _output_rate(bootstrap: str, topics: list[str], expected: int, timeout: floa
 def _round_settings(base: Settings, home: Path, partitions: int) -> Settings:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     settings = base.model_copy(update={"topic_prefix": prefix, "home": home / prefix,
-                                       "partitions": partitions, "env": "production"})
+                                       "partitions": partitions, "env": "production",
+                                       "simulated_enabled": True})
     ensure_topics(settings.kafka_bootstrap, settings.topics.all(), partitions=partitions)
     return settings
 

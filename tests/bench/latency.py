@@ -109,7 +109,7 @@ def pipeline_latency(
     settings = base.model_copy(update={
         "home": Path(home), "topic_prefix": name, "clickhouse_database": name,
         "clickhouse_url": "", "query_port": 0, "sink_batch_seconds": sink_batch_seconds,
-        "simulated_latency_ms": 0, "env": "production",
+        "simulated_latency_ms": 0, "simulated_enabled": True, "env": "production",
     })
     clients = max(50, int(rate * 2))  # at most 0.5 requests/s per client: under 60/60s
     prepare_topics(settings)

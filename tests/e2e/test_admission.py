@@ -281,7 +281,8 @@ def test_a_redis_outage_fails_over_to_memory_and_back(
 
 
 def test_budgets_reject_over_budget_and_thresholds_fire_once(settings: Settings) -> None:
-    settings = settings.model_copy(update={"budget_cache_seconds": 0.0})
+    # 21 images in one request: past the default AIPIPE_IMAGE_MAX_COUNT of 4
+    settings = settings.model_copy(update={"budget_cache_seconds": 0.0, "image_max_count": 21})
     prepare_topics(settings)
     sink = WorkerProcess(settings, "costs").start()
     streams = WorkerProcess(settings, "streams").start()

@@ -121,7 +121,8 @@ class LocalRedis:
 
 def request(client: str, n: int, model: str = "gemini-2.5-flash-image") -> OperationRequested:
     return OperationRequested(request_id=f"{client}-{n}", client_id=client,
-                              operation_type="image_generation", model=model, occurred_at=NOW)
+                              operation_type="image_generation", model=model, occurred_at=NOW,
+                              params={"prompt": "a chair"})
 
 
 def gate_with(store: FakeStore, clock: Clock, redis: LocalRedis) -> AdmissionGate:
@@ -138,7 +139,7 @@ def test_the_gate_checks_price_then_budget_then_rate() -> None:
     gate = gate_with(store, Clock(), LocalRedis())
     batch = [request("rich", 1, model="dall-e-9"), request("broke", 1),
              *(request("rich", n) for n in range(2, 5))]
-    decided = asyncio.run(gate.decide(batch)).decisions
+    decided = asyncio.run(gate.decide(batch, now=NOW)).decisions
     assert [type(d).__name__ for d in decided] == [
         "OperationRejected", "OperationRejected", "OperationAdmitted", "OperationAdmitted",
         "OperationRejected"]
@@ -164,7 +165,7 @@ def test_thresholds_fire_once_each_per_period() -> None:
     def notices_at(amount: str, at: float) -> list[int]:
         spend["c"], clock.now = Decimal(amount), at
         return [n.threshold_percent
-                for n in asyncio.run(gate.decide([request("c", int(at))])).notices]
+                for n in asyncio.run(gate.decide([request("c", int(at))], now=NOW)).notices]
 
     assert notices_at("39", 0) == []  # 80 % of the $50 default is 40
     assert notices_at("41", 1) == []  # cached for 5 s: not asked again
@@ -187,7 +188,7 @@ def test_budgets_fail_open_when_clickhouse_cannot_be_asked() -> None:
                          LimitsSource(Limit(5, 1000)),
                          BudgetGate(broken, RedisLatch(LocalRedis(), "p"), default_usd=Decimal(1)),  # type: ignore[arg-type]
                          "p")
-    decided = asyncio.run(gate.decide([request("c", 1)])).decisions
+    decided = asyncio.run(gate.decide([request("c", 1)], now=NOW)).decisions
     assert isinstance(decided[0], OperationAdmitted)
 
 
@@ -204,7 +205,7 @@ def test_failing_closed_rejects_with_the_reason() -> None:
     primary.down = True
     limiter = FailoverLimiter(primary, MemoryRateLimitStore(), failure_mode="closed")  # type: ignore[arg-type]
     gate = AdmissionGate(limiter, LimitsSource(Limit(5, 1000)), None, "p")
-    decided = asyncio.run(gate.decide([request("c", 1)])).decisions[0]
+    decided = asyncio.run(gate.decide([request("c", 1)], now=NOW)).decisions[0]
     assert isinstance(decided, OperationRejected)
     assert (decided.reason, decided.backend) == ("rate_limited", "none")
     assert "fails closed" in decided.detail
@@ -225,3 +226,99 @@ def test_budget_report_for_the_cli() -> None:
                                               ("1.5", "1.50"), ("50.000000000", "50.00")])
 def test_dollars_show_cents_and_no_more_than_needed(amount: str, text: str) -> None:
     assert usd(Decimal(amount)) == text
+
+
+# -- one request never takes its batch with it ---------------------------------------------
+
+
+class ExplodingLimits:
+    """Limits that raise for one client, as a bug or a bad override file might."""
+
+    def current(self) -> ExplodingLimits:
+        return self
+
+    def for_client(self, client_id: str) -> Limit | None:
+        if client_id == "boom":
+            raise KeyError("no limits for 'boom'")
+        return Limit(100, 60_000)
+
+    def for_model(self, model: str) -> Limit | None:
+        return None
+
+
+def deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_each_request_gets_one_decision_whatever_its_neighbours_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streams.admission.gate as gate_module
+    from schemas.events import decode, encode
+
+    real_invalid = gate_module.invalid
+
+    def flaky_invalid(request: OperationRequested, *args: Any) -> OperationRejected | None:
+        if request.request_id == "rec":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_invalid(request, *args)
+
+    monkeypatch.setattr(gate_module, "invalid", flaky_invalid)
+
+    def req(client: str, request_id: str, **changes: Any) -> OperationRequested:
+        fields: dict[str, Any] = {"params": {"prompt": "a chair"}, "occurred_at": NOW}
+        fields.update(changes)
+        return OperationRequested(request_id=request_id, client_id=client,
+                                  operation_type="image_generation",
+                                  model="gemini-2.5-flash-image", **fields)
+
+    batch = [
+        req("a", "good-1"),
+        req("b", "old", occurred_at=datetime(1990, 1, 1, tzinfo=UTC)),
+        req("c", "huge-n", params={"prompt": "a chair", "n": 1e30}),
+        req("d", "deep", params=deep(300)),
+        req("boom", "boom"),
+        req("e", "rec"),
+        req("f", "slow", params={"prompt": "p", "simulate": {"latency_ms": 3_600_000}}),
+        req("g", "good-2"),
+    ]
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()), ExplodingLimits(),  # type: ignore[arg-type]
+                         None, "p")
+    decided = asyncio.run(gate.decide(batch, now=NOW)).decisions
+    assert [d.request_id for d in decided] == [r.request_id for r in batch]
+    verdicts = {d.request_id: (d.reason if isinstance(d, OperationRejected) else "admitted")
+                for d in decided}
+    assert verdicts == {"good-1": "admitted", "old": "invalid", "huge-n": "invalid",
+                        "deep": "invalid", "boom": "invalid", "rec": "invalid",
+                        "slow": "invalid", "good-2": "admitted"}
+    details = {d.request_id: d.detail for d in decided if isinstance(d, OperationRejected)}
+    assert "before 2000-01-01" in details["old"]
+    assert "'params.n' must be a whole number from 1 to 4" in details["huge-n"]
+    assert "nests more than 4 levels deep" in details["deep"]
+    assert details["boom"].startswith("Admission could not decide this request (KeyError")
+    assert details["rec"].startswith("Admission could not decide this request (RecursionError")
+    assert "'params.simulate.latency_ms' must be a whole number from 0 to 5000" in details["slow"]
+    for decision in decided:  # every decision can go on the wire and come back
+        assert decode(encode(decision)) == decision
+        assert decision.requested_at == NOW
+
+
+def test_the_price_table_is_chosen_at_the_pipelines_clock() -> None:
+    asked: list[datetime] = []
+
+    def prices_at(when: datetime) -> Any:
+        from schemas.prices import price_table_at
+
+        asked.append(when)
+        return price_table_at(when)
+
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()),
+                         LimitsSource(Limit(5, 1000)), None, "p", prices_at=prices_at)
+    backdated = request("c", 1).model_copy(update={"occurred_at": datetime(2001, 1, 1, tzinfo=UTC)})
+    decided = asyncio.run(gate.decide([backdated], now=NOW)).decisions[0]
+    assert isinstance(decided, OperationAdmitted)
+    assert asked == [NOW] and decided.requested_at == NOW
+    assert decided.client_occurred_at == datetime(2001, 1, 1, tzinfo=UTC)

@@ -19,6 +19,7 @@ from schemas.events import OperationCompleted, Usage
 REQUESTED = datetime(2025, 11, 3, 23, 59, 59, 999_999, tzinfo=UTC)
 # 01:00:00.123456 at +02:00 is 23:00:00.123456 UTC on the day before
 COMPLETED = datetime(2025, 11, 4, 1, 0, 0, 123_456, tzinfo=timezone(timedelta(hours=2)))
+CLIENT_CLOCK = datetime(2025, 6, 1, 12, 0, 0, 456_789, tzinfo=UTC)  # backdated: never bills
 
 
 def completed(**changes: object) -> OperationCompleted:
@@ -41,6 +42,7 @@ def completed(**changes: object) -> OperationCompleted:
         "duration_ms": 61_250,
         "poll_count": 7,
         "metadata": {"resolution": "720p", "aspect": "16:9", "n": 1},
+        "client_occurred_at": CLIENT_CLOCK,
     }
     fields_.update(changes)
     return OperationCompleted(**fields_)  # type: ignore[arg-type]
@@ -75,7 +77,13 @@ def test_every_field_maps_from_the_event() -> None:
         kafka_topic="aipipe.operations.completed",
         kafka_partition=3,
         kafka_offset=1041,
+        client_occurred_at=datetime(2025, 6, 1, 12, 0, 0, 456_000, tzinfo=UTC),
     )
+
+
+def test_an_event_from_before_client_occurred_at_maps_to_null() -> None:
+    assert row_from_completed(completed(client_occurred_at=None), "t", 0, 0).client_occurred_at \
+        is None
 
 
 def test_a_failed_text_operation_keeps_tokens_and_error() -> None:
@@ -113,11 +121,19 @@ def test_times_are_utc_to_the_millisecond() -> None:
 def test_columns_follow_the_dataclass_and_the_table() -> None:
     assert fields(CostRow)[0].name == "operation_id"
     assert tuple(f.name for f in fields(CostRow)) == COLUMNS
-    assert len(COLUMNS) == 25
+    assert len(COLUMNS) == 26
 
-    (_, ddl), *_ = migration_scripts()
-    create_table = next(s for s in statements(ddl, "db") if "ai_cost_tracking" in s)
+    scripts = dict(migration_scripts())
+    create_table = next(s for s in statements(scripts["0001_ai_cost_tracking.sql"], "db")
+                        if "ai_cost_tracking" in s)
     table_columns = re.findall(r"^\s{4}(\w+)\s", create_table, flags=re.MULTILINE)
+    # columns added later go in before ingested_at (ALTER TABLE ... AFTER)
+    added = [re.search(r"ADD COLUMN IF NOT EXISTS (\w+) .* AFTER (\w+)", s)
+             for sql in scripts.values() for s in statements(sql, "db")
+             if "ai_cost_tracking" in s and "ADD COLUMN" in s]
+    for match in added:
+        assert match is not None
+        table_columns.insert(table_columns.index(match[2]) + 1, match[1])
     assert tuple(table_columns) == (*COLUMNS, "ingested_at")
 
 

@@ -43,14 +43,37 @@ def test_a_video_is_done_on_the_scripted_poll_and_can_fail_to_start() -> None:
 
 def test_settings_configure_the_providers() -> None:
     settings = Settings(simulated_failure_rate=0.5, simulated_video_polls=3,
-                        simulated_latency_ms=7)
+                        simulated_latency_ms=7, simulated_enabled=True,
+                        simulated_max_latency_ms=100, simulated_max_polls=9)
     simulated = providers_from_settings(settings)["simulated"]
     assert isinstance(simulated, SimulatedProvider)
     assert (simulated.failure_rate, simulated.video_polls, simulated.latency_ms) == (0.5, 3, 7)
+    assert (simulated.max_latency_ms, simulated.max_polls) == (100, 9)
 
 
-def test_keys_reach_a_child_process_unmasked_and_stay_masked_in_repr() -> None:
-    settings = Settings(gemini_api_key="k-123", vertex_access_token="t-456")  # type: ignore[arg-type]
-    env = settings.to_env()
-    assert (env["AIPIPE_GEMINI_API_KEY"], env["AIPIPE_VERTEX_ACCESS_TOKEN"]) == ("k-123", "t-456")
-    assert "k-123" not in repr(settings) and "t-456" not in repr(settings)
+def test_only_offered_providers_are_built() -> None:
+    assert set(providers_from_settings(Settings(simulated_enabled=False))) == {"gemini"}
+    assert set(providers_from_settings(Settings(simulated_enabled=True))) == {"gemini",
+                                                                              "simulated"}
+    assert set(providers_from_settings(Settings(simulated_enabled=True, providers=""))) == {
+        "simulated"}
+    assert providers_from_settings(Settings(simulated_enabled=False, providers="")) == {}
+
+
+def test_a_requests_script_is_bounded_even_past_admission(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operation admitted before the bounds existed still cannot stall the worker."""
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    provider = SimulatedProvider(max_latency_ms=50, max_polls=2)
+    asyncio.run(provider.generate_image(op(1, simulate={"latency_ms": 3_600_000})))
+    job = asyncio.run(provider.start_video(op(2, "video_generation", simulate={"polls": 10_000})))
+    assert job.metadata["polls"] == 2
+    assert slept == [0.05]

@@ -11,6 +11,9 @@ from infra.settings import ConfigError, load_settings
         ("AIPIPE_CLICKHOUSE_URL", "postgres://db"),
         ("AIPIPE_PARTITIONS", "zero"),
         ("AIPIPE_ENV", "staging"),
+        ("AIPIPE_PROVIDERS", "gemini,openai"),
+        ("AIPIPE_PROVIDERS", "simulated"),
+        ("AIPIPE_SIMULATED_MAX_LATENCY_MS", "-1"),
     ],
 )
 def test_a_bad_variable_is_named_in_one_sentence(
@@ -36,3 +39,19 @@ def test_sentry_dsn_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert "key@" not in repr(settings)
     assert settings.to_env()["SENTRY_DSN"] == "http://key@127.0.0.1:1/1"
+
+
+def test_providers_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AIPIPE_PROVIDERS", "AIPIPE_SIMULATED_ENABLED"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_settings().offered_providers == ("gemini",)
+    monkeypatch.setenv("AIPIPE_SIMULATED_ENABLED", "true")
+    assert load_settings().offered_providers == ("gemini", "simulated")
+    monkeypatch.setenv("AIPIPE_PROVIDERS", "")
+    assert load_settings().offered_providers == ("simulated",)
+
+
+def test_a_bad_provider_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIPIPE_PROVIDERS", "simulated")
+    with pytest.raises(ConfigError, match="AIPIPE_SIMULATED_ENABLED=true"):
+        load_settings()

@@ -1,0 +1,180 @@
+"""Params checked at admission, per provider and operation type: a pure function.
+
+A request's ``params`` are the client's; generation reads them as it finds them. So
+admission holds them to what the provider reads (``streams/generation/simulated.py``,
+``gemini.py``) before anything runs: a size and a nesting limit first (counted without
+recursion, so no input can exhaust the stack), then each key. A key the provider does not
+take is refused rather than ignored, so a client never pays for something it did not
+get. ``params_problem`` returns one sentence naming the field and the fix, or ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from schemas.events import json_depth, shown
+
+SIMULATED = "simulated"
+# the real providers this code can call (see streams/generation/registry.py)
+REAL_PROVIDERS = ("gemini",)
+KNOWN_PROVIDERS = (*REAL_PROVIDERS, SIMULATED)
+
+# https://ai.google.dev/gemini-api/docs/image-generation (gemini-2.5-flash-image)
+GEMINI_IMAGE_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+# https://cloud.google.com/vertex-ai/generative-ai/docs/models/veo/3-0-generate-001
+VEO_RATIOS = ("16:9", "9:16")
+VEO_SECONDS = (4, 6, 8)
+
+
+@dataclass(frozen=True)
+class ParamLimits:
+    """The bounds, from settings (``AIPIPE_PARAMS_*`` and the like)."""
+
+    max_bytes: int = 65_536
+    max_depth: int = 4
+    prompt_max_chars: int = 8_000
+    image_max_count: int = 4
+    text_max_output_tokens: int = 65_536
+    video_max_seconds: int = 8
+    simulated_max_latency_ms: int = 5_000
+    simulated_max_polls: int = 20
+
+
+Check = Callable[[str, Any, ParamLimits], str | None]
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def prompt(field: str, value: Any, limits: ParamLimits) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= limits.prompt_max_chars:
+        return None
+    return (f"Field '{field}' must be a string of 1 to {limits.prompt_max_chars} characters, "
+            f"not {_what(value)}; send the prompt as text.")
+
+
+def whole(low: int, high: Callable[[ParamLimits], int], unit: str = "") -> Check:
+    def check(field: str, value: Any, limits: ParamLimits) -> str | None:
+        top = high(limits)
+        if _int(value, low, top):
+            return None
+        return f"Field '{field}' must be a whole number from {low} to {top}{unit}, not " \
+               f"{_what(value)}; send a value in that range."
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    def check(field: str, value: Any, limits: ParamLimits) -> str | None:
+        if any(value == c and type(value) is type(c) for c in choices):
+            return None
+        listed = ", ".join(map(str, choices))
+        return f"Field '{field}' must be one of {listed}, not {_what(value)}; pick one of those."
+    return check
+
+
+def seconds_choice(field: str, value: Any, limits: ParamLimits) -> str | None:
+    allowed = [s for s in VEO_SECONDS if s <= limits.video_max_seconds]
+    return one_of(*allowed)(field, value, limits)
+
+
+def gcs_uri(field: str, value: Any, limits: ParamLimits) -> str | None:
+    if isinstance(value, str) and value.startswith("gs://") and 5 < len(value) <= 1024:
+        return None
+    return (f"Field '{field}' must be a gs://bucket/path URI of at most 1024 characters, not "
+            f"{_what(value)}; name a Cloud Storage folder or leave it out.")
+
+
+def flag(field: str, value: Any, limits: ParamLimits) -> str | None:
+    if isinstance(value, bool):
+        return None
+    return f"Field '{field}' must be true or false, not {_what(value)}."
+
+
+SIMULATE: Mapping[str, Check] = {
+    "latency_ms": whole(0, lambda lim: lim.simulated_max_latency_ms,
+                        " (AIPIPE_SIMULATED_MAX_LATENCY_MS)"),
+    "polls": whole(1, lambda lim: lim.simulated_max_polls, " (AIPIPE_SIMULATED_MAX_POLLS)"),
+    "fail": flag,
+}
+
+
+def simulate(field: str, value: Any, limits: ParamLimits) -> str | None:
+    if not isinstance(value, dict):
+        return f"Field '{field}' must be an object such as {{\"polls\": 3}}, not {_what(value)}."
+    return _keys(field, value, SIMULATE, limits, "the simulated provider's script")
+
+
+_COUNT = whole(1, lambda lim: lim.image_max_count, " (AIPIPE_IMAGE_MAX_COUNT)")
+_TOKENS = whole(1, lambda lim: lim.text_max_output_tokens, " (AIPIPE_TEXT_MAX_OUTPUT_TOKENS)")
+_SECONDS = whole(1, lambda lim: lim.video_max_seconds, " (AIPIPE_VIDEO_MAX_SECONDS)")
+
+# provider -> operation type -> the keys it reads; "prompt" is required everywhere. The
+# simulated provider also takes the aspect ratios of the models it stands in for.
+RULES: Mapping[str, Mapping[str, Mapping[str, Check]]] = {
+    "gemini": {
+        "image_generation": {"prompt": prompt},
+        "text_generation": {"prompt": prompt, "max_output_tokens": _TOKENS},
+        "video_generation": {"prompt": prompt, "duration_seconds": seconds_choice,
+                             "output_gcs_uri": gcs_uri},
+    },
+    SIMULATED: {
+        "image_generation": {"prompt": prompt, "n": _COUNT,
+                             "aspect_ratio": one_of(*GEMINI_IMAGE_RATIOS), "simulate": simulate},
+        "text_generation": {"prompt": prompt, "max_output_tokens": _TOKENS, "simulate": simulate},
+        "video_generation": {"prompt": prompt, "duration_seconds": _SECONDS,
+                             "aspect_ratio": one_of(*VEO_RATIOS), "simulate": simulate},
+    },
+}
+assert set(RULES) == set(KNOWN_PROVIDERS)
+
+
+def params_problem(
+    provider: str, operation_type: str, params: Mapping[str, Any], limits: ParamLimits
+) -> str | None:
+    """Why ``params`` cannot go to ``provider`` for ``operation_type``, or ``None``."""
+    depth = json_depth(params, limits.max_depth)
+    if depth > limits.max_depth:
+        return (f"Field 'params' nests more than {limits.max_depth} levels deep "
+                "(AIPIPE_PARAMS_MAX_DEPTH); send flat params.")
+    size = len(orjson.dumps(params))
+    if size > limits.max_bytes:
+        return (f"Field 'params' is {size} bytes of JSON, over the {limits.max_bytes}-byte "
+                "limit (AIPIPE_PARAMS_MAX_BYTES); send large inputs by reference.")
+    rules = RULES.get(provider, {}).get(operation_type)
+    if rules is None:
+        return (f"Provider {provider!r} does not do {operation_type}; pick a provider that "
+                "does.")
+    if "prompt" not in params:
+        return "Field 'params.prompt' is missing; add the prompt as a non-empty string."
+    return _keys("params", params, rules, limits, f"{provider} {operation_type}")
+
+
+def _keys(
+    where: str, params: Mapping[str, Any], rules: Mapping[str, Check], limits: ParamLimits,
+    what: str,
+) -> str | None:
+    for key, value in params.items():
+        check = rules.get(key)
+        if check is None:
+            name = key if key.isprintable() and len(key) <= 40 else shown(key, 40)
+            return (f"Field '{where}.{name}' is not taken by {what}; use only: "
+                    f"{', '.join(rules)}.")
+        problem = check(f"{where}.{key}", value, limits)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters" if len(value) > 40 else repr(value)
+    if isinstance(value, int | float):
+        return shown(value, 30)
+    return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), "that")
