@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status demo test test-unit bench lint clean
+.PHONY: install tools up down status demo test test-unit bench lint clean
 
 install: $(STAMP)
 
@@ -28,7 +28,11 @@ status: install
 demo: up
 	$(BIN)/aipipe demo
 
-test: up
+# Clients the tests use that are not aipipe's own (Debian packages; CI runs as root).
+tools:
+	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat; }
+
+test: up tools
 	$(BIN)/python -m pytest
 
 test-unit: install

@@ -8,6 +8,7 @@ Sentry is initialised here when ``SENTRY_DSN`` is set.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -76,3 +77,29 @@ def report_exception(exc: BaseException, **tags: str) -> None:
         for name, value in tags.items():
             scope.set_tag(name, value)
         sentry_sdk.capture_exception(exc)
+
+
+#: The exit status of a worker that stopped itself because a part of it failed for good.
+EXIT_PART_FAILED = 70
+
+
+def exit_process(part: str, exc: BaseException, code: int = EXIT_PART_FAILED) -> None:
+    """Take the whole process down after ``part`` failed: a log line, Sentry, exit ``code``.
+
+    For a part that cannot go on and must not be restarted alone (a faust task whose
+    events are not yet acknowledged, a sink thread): ``os._exit`` skips every cleanup
+    that could commit offsets or acknowledge events, so a supervisor's restart repeats
+    the unfinished work instead of losing it.
+    """
+    structlog.get_logger("aipipe").critical(
+        "worker_part_failed", part=part, error=f"{type(exc).__name__}: {exc}",
+        exit_code=code, exc_info=exc,
+    )
+    try:
+        import sentry_sdk
+
+        report_exception(exc, part=part)
+        sentry_sdk.flush(timeout=2.0)
+    finally:
+        sys.stderr.flush()
+        os._exit(code)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(1000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     simulated_latency_ms: int = Field(0, ge=0)
+    generation_max_in_flight: int = Field(
+        256, ge=1, le=100_000, description="Operations a streams worker runs at once."
+    )
     # -- generation: providers, video polling, retries, circuit breaker --
     simulated_failure_rate: float = Field(0.0, ge=0, le=1)
     simulated_video_polls: int = Field(1, ge=1, description="Polls until a simulated video ends.")
@@ -98,6 +101,9 @@ class Settings(BaseSettings):
     )
     budget_period: Literal["month", "week", "day"] = "month"
     budget_cache_seconds: float = Field(5.0, ge=0)
+    budget_wait_seconds: float = Field(
+        1.0, gt=0, description="Longest admission waits for a budget lookup; then last answers."
+    )
     # -- admission: params, clock and providers --
     providers: str = Field(
         "gemini", description="The real providers offered, comma-separated (may be empty)."

@@ -114,7 +114,8 @@ def json_depth(value: Any, limit: int) -> int:
     return deepest
 
 
-_ID = Annotated[str, Field(min_length=1, max_length=200)]
+# ids are keys in Kafka, Redis and ClickHouse and land in logs and terminals: printable only
+_ID = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Count = Annotated[int, Field(ge=0, le=MAX_INT), BeforeValidator(_wire_number)]
 Positive = Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(_wire_number)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_wire_number)]

@@ -5,21 +5,30 @@ Topics carry raw bytes so that undecodable input reaches the dead-letter topic w
 reason instead of crashing the worker. faust is at-least-once: every emitted event has a
 deterministic ``event_id`` and duplicate inputs are skipped through changelog-backed
 tables, so a re-run after a crash repeats nothing downstream.
+
+Admission and generation run in the pipeline's own tasks fed by their agents
+(``streams.intake``): an event is acknowledged only after the events it caused are sent,
+and faust's consumer never counts a message no agent handled
+(``streams.consumer``), so neither an error nor a rebalance commits past an event that
+was not handled. Every error policy is explicit: what cannot be decoded is dead-lettered,
+what cannot be decided is rejected as ``invalid``, what fails in generation is a failed
+completion, and a failure to send (or a bug outside those) takes the process down
+(``supervised``) before anything more is acknowledged, so a supervisor's restart
+repeats the unfinished work.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import faust
 import structlog
-from faust.streams import _current_event as current_event_var
 
-from infra.logging import bound_event, report_exception
+from infra.logging import bound_event, exit_process, report_exception
 from infra.settings import Settings
 from producers.producer import headers_for
 from schemas.deadletter import deadletter_headers
@@ -37,11 +46,14 @@ from schemas.events import (
     encode,
     utcnow,
 )
-from streams.admission.gate import build_gate
+from streams.admission.decide import undecidable
+from streams.admission.gate import AdmissionGate, Decided, build_gate
+from streams.consumer import use_safe_seek_consumer
 from streams.generation import AIProvider, Generation
 from streams.generation.guard import ProviderGuard
 from streams.generation.polling import DueVideos, pending_after
 from streams.generation.registry import guard_from_settings, poll_schedule, providers_from_settings
+from streams.intake import Intake, acknowledge, as_current
 
 log = structlog.get_logger("aipipe.streams")
 
@@ -75,6 +87,7 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.worker_session_timeout_seconds / 5),
         datadir=str(settings.home / "faust"),
     )
+    use_safe_seek_consumer(app)
 
     def raw_topic(name: str) -> Any:
         return app.topic(name, key_type=bytes, value_type=bytes, value_serializer="raw")
@@ -85,9 +98,10 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     seen_requests = app.Table("seen-requests", default=bool, partitions=settings.partitions)
     done_operations = app.Table("done-operations", default=bool, partitions=settings.partitions)
 
-    async def emit(topic: Any, event: Event) -> None:
+    async def emit(topic: Any, event: Event) -> Awaitable[Any]:
+        """Send ``event``; the returned future resolves when the broker has it."""
         key, value = event.client_id.encode(), encode(event)
-        await topic.send(key=key, value=value, headers=headers_for(event))
+        return await topic.send(key=key, value=value, headers=headers_for(event))  # type: ignore[no-any-return]
 
     async def dead_letter(message: Any, stage: str, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)
@@ -104,6 +118,7 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         )
 
     async def decoded(message: Any, stage: str, expected: type[Event]) -> Any:
+        """The event of ``message``, or None after dead-lettering what cannot be decoded."""
         try:
             event = decode(message.value)
             if not isinstance(event, expected):
@@ -115,61 +130,105 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
             return event
         except EventDecodeError as exc:
             await dead_letter(message, stage, exc)
-            return None
+        except Exception as exc:  # anything a hostile payload can raise
+            await dead_letter(message, stage, EventDecodeError(
+                f"The message could not be decoded ({type(exc).__name__}); send a JSON "
+                "event that matches the published schema."))
+        return None
 
     gate = build_gate(settings)
     budgets_topic = raw_topic(topics.budgets)
+    admission_intake = Intake(maxsize=settings.admission_batch_size * 4)
 
     @app.agent(requested, name="admission")
     async def admission(stream: Any) -> None:
+        await admission_intake.feed(stream)
+
+    async def admit(events: list[Any]) -> None:
+        """Decide one batch: every request that decodes gets exactly one decision."""
+        requests, carriers = [], []
+        for event in events:
+            request = await decoded(event.message, "admission", OperationRequested)
+            if request is None or seen_requests[request.event_id]:
+                acknowledge(event)
+            else:
+                requests.append(request)
+                carriers.append(event)
+        if not requests:
+            return
+        result = await decide_each_once(gate, requests, deps.clock)
+        for notice in result.notices:
+            await emit(budgets_topic, notice)
+        sent = []
+        for decision in result.decisions:
+            out = admitted if isinstance(decision, OperationAdmitted) else rejected
+            sent.append(await emit(out, decision))
+            if isinstance(decision, OperationRejected) and decision.reason != "rate_limited":
+                log.info("operation_rejected", reason=decision.reason, detail=decision.detail,
+                         request_id=decision.request_id, client_id=decision.client_id)
+        # Only a decision the broker has may mark its request seen: the changelog write
+        # and the decision go to different partitions, and a crash between the two must
+        # not leave a request marked seen whose decision was lost.
+        await asyncio.gather(*sent)
+        for decision, event in zip(result.decisions, carriers, strict=True):
+            as_current(event)  # the table write goes to this event's changelog partition
+            seen_requests[decision.operation_id] = True
+            acknowledge(event)
+
+    async def admission_loop() -> None:
         # one limiter round trip per batch (see streams/admission/gate.py)
         size, within = settings.admission_batch_size, settings.admission_batch_seconds
-        async for batch in stream.take_events(size, within=within):
-            requests, carriers = [], []
-            for item in batch:
-                request = await decoded(item.message, "admission", OperationRequested)
-                if request is not None and not seen_requests[request.event_id]:
-                    requests.append(request)
-                    carriers.append(item)
-            result = await gate.decide(requests)
-            for notice in result.notices:
-                await emit(budgets_topic, notice)
-            for decision, item in zip(result.decisions, carriers, strict=True):
-                out = admitted if isinstance(decision, OperationAdmitted) else rejected
-                await emit(out, decision)
-                if isinstance(decision, OperationRejected) and decision.reason != "rate_limited":
-                    log.info("operation_rejected", reason=decision.reason, detail=decision.detail,
-                             request_id=decision.request_id, client_id=decision.client_id)
-                # a table write goes to the changelog partition of this task's current
-                # event; set only the task-local contextvar (stream.current_event belongs
-                # to the take() buffer running in the background)
-                current_event_var.set(weakref.ref(item))
-                seen_requests[decision.operation_id] = True
+        while True:
+            await admit(await admission_intake.batch(size, within))
 
     generator = Generation(
         deps.providers, deps.guard or guard_from_settings(settings), poll_schedule(settings),
         deps.clock, report_exception,
     )
+    in_flight = settings.generation_max_in_flight
+    generation_intake = Intake(maxsize=in_flight)
 
     @app.agent(admitted, name="generation")
     async def generation(stream: Any) -> None:
-        async for item in stream.events():
-            operation = await decoded(item.message, "generation", OperationAdmitted)
-            if operation is None or done_operations[operation.operation_id]:
-                continue
+        await generation_intake.feed(stream)
+
+    async def generate(event: Any) -> None:
+        """Run one admitted operation: exactly one completion (or its video's first poll)."""
+        operation = await decoded(event.message, "generation", OperationAdmitted)
+        if operation is not None and not done_operations[operation.operation_id]:
             with bound_event(request_id=operation.request_id, client_id=operation.client_id,
                              event_id=operation.event_id):
-                try:
-                    # a video only starts here (video.started + first poll_scheduled)
-                    events = await generator.run(operation)
-                except Exception as exc:  # a provider bug must not stop the partition
-                    report_exception(exc, request_id=operation.request_id,
-                                     client_id=operation.client_id)
-                    await dead_letter(item.message, "generation", exc)
-                    continue
-                await emit_generated(events)
+                # never raises for the operation: a failure is a failed completion
+                sent = await emit_generated(await generator.run(operation))
+                # done only once the broker has its events (see admit)
+                await asyncio.gather(*sent)
             # the generation step is done (for a video: started, never started again)
+            as_current(event)
             done_operations[operation.operation_id] = True
+        acknowledge(event)
+
+    async def generation_loop() -> None:
+        # up to ``in_flight`` operations at once, from every partition this worker holds:
+        # a slow one never holds back the others, and faust commits a partition only up to
+        # its first operation still running, so a crash re-runs at most those in flight
+        slots = asyncio.Semaphore(in_flight)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                exit_process("generation", task.exception())  # type: ignore[arg-type]
+
+        while True:
+            event = await generation_intake.one()
+            await slots.acquire()
+            task = asyncio.ensure_future(generate(event))
+            running.add(task)
+            task.add_done_callback(finished)
+
+    app.task(supervised("admission", admission_loop))
+    app.task(supervised("generation", generation_loop))
 
     # -- video polling: pending videos in a changelog-backed table, due polls on a timer --
     polls, providers_topic = raw_topic(topics.video_polls), raw_topic(topics.providers)
@@ -182,47 +241,54 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         return polls if isinstance(event, VideoStarted | VideoPollScheduled | VideoPolled) \
             else providers_topic
 
-    async def emit_generated(events: list[Event], confirm_completed: bool = False) -> None:
+    async def emit_generated(
+        events: list[Event], confirm_completed: bool = False
+    ) -> list[Awaitable[Any]]:
+        """Send ``events`` in order; the futures resolve when the broker has each."""
+        sent = []
         for event in events:
+            sent.append(await emit(topic_for(event), event))
             if isinstance(event, OperationCompleted):
-                sent = await topic_for(event).send(
-                    key=event.client_id.encode(), value=encode(event), headers=headers_for(event)
-                )
                 if confirm_completed:  # acked before the final video.polled that follows
-                    await sent
+                    await sent[-1]
                 log.info("ai_operation", operation_type=event.operation_type, model=event.model,
                          provider=event.provider, cost_usd=str(event.cost_usd),
                          duration_ms=event.duration_ms, success=event.success,
                          poll_count=event.poll_count, error=event.error_message)
-            else:
-                await emit(topic_for(event), event)
+        return sent
+
+    async def track_video(item: Any) -> None:
+        """Keep ``pending-videos`` in step with one event of the polls topic."""
+        event = await decoded(item.message, "video-polls", Event)
+        if event is None:
+            return
+        operation_id, entry = pending_after(pending_videos.get, event, item.message.partition)
+        if entry == "misrouted":
+            await dead_letter(item.message, "video-polls", EventDecodeError(
+                f"Field 'event_type' is {event.event_type!r} on {item.message.topic}, "
+                "which carries only video.* events; send it to its own topic."))
+        elif entry == "delete":
+            pending_videos.pop(operation_id, None)
+        elif entry is not None:
+            pending_videos[operation_id] = entry
 
     @app.agent(polls, name="video-polls")
     async def video_polls(stream: Any) -> None:
-        async for item in stream.events():
-            try:
-                event = decode(item.message.value)
-            except EventDecodeError as exc:
-                await dead_letter(item.message, "video-polls", exc)
-                continue
-            operation_id, entry = pending_after(pending_videos.get, event, item.message.partition)
-            if entry == "misrouted":
-                await dead_letter(item.message, "video-polls", EventDecodeError(
-                    f"Field 'event_type' is {event.event_type!r} on {item.message.topic}, "
-                    "which carries only video.* events; send it to its own topic."))
-            elif entry == "delete":
-                pending_videos.pop(operation_id, None)
-            elif entry is not None:
-                pending_videos[operation_id] = entry
+        try:
+            async for item in stream.events():
+                await track_video(item)
+        except Exception as exc:  # a send or table write failed: stop before it is acked
+            exit_process("video-polls", exc)
 
     async def poll_once(video: VideoStarted, attempt: int) -> None:
         with bound_event(request_id=video.request_id, client_id=video.client_id,
                          operation_id=video.operation_id, attempt=attempt):
             try:
-                await emit_generated(await generator.poll(video, attempt), confirm_completed=True)
-            except Exception as exc:  # a bug: logged and reported, retried after a restart
-                log.exception("video_poll_failed", error=str(exc))
-                report_exception(exc, request_id=video.request_id, client_id=video.client_id)
+                # never raises for the video: a failure is a failed poll or completion
+                events = await generator.poll(video, attempt)
+                await emit_generated(events, confirm_completed=True)
+            except Exception as exc:  # the events could not be sent
+                exit_process("video-poll", exc)
 
     async def run_due_polls() -> None:
         if app.rebalancing or app.in_recovery:
@@ -232,6 +298,52 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         for video, attempt in due_videos.take(pending_videos.items(), actives, deps.clock()):
             due_videos.spawn(poll_once(video, attempt))
 
-    app.timer(interval=settings.video_poll_tick_seconds, name="video-poll-timer")(run_due_polls)
+    app.timer(interval=settings.video_poll_tick_seconds, name="video-poll-timer")(
+        supervised("video-poll-timer", run_due_polls))
 
     return app
+
+
+def supervised(part: str, run: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """``run`` as a faust task or timer that takes the process down when it fails.
+
+    faust would log the error and restart the agent or go on with the timer, with the
+    failed work acknowledged or forgotten: a worker that looks alive and is not.
+    """
+
+    async def guarded() -> None:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            exit_process(part, exc)
+
+    guarded.__name__ = guarded.__qualname__ = part.replace("-", "_")
+    return guarded
+
+
+async def decide_each_once(
+    gate: AdmissionGate, requests: list[OperationRequested], clock: Callable[[], datetime],
+) -> Decided:
+    """The gate's decisions, one per request, even when deciding the batch raises.
+
+    The gate turns a request it cannot decide into an ``invalid`` rejection. Should the
+    batch raise all the same, each request is decided alone, and one that still raises
+    is rejected as ``invalid``: its neighbours never pay for it.
+    """
+    try:
+        return await gate.decide(requests, now=clock())
+    except Exception as exc:
+        log.exception("admission_batch_failed", requests=len(requests), error=str(exc))
+        report_exception(exc)
+    out = Decided()
+    for request in requests:
+        try:
+            alone = await gate.decide([request], now=clock())
+        except Exception as exc:
+            out.decisions.append(undecidable(request, clock(), exc))
+        else:
+            out.decisions += alone.decisions
+            out.notices += alone.notices
+    return out

@@ -12,7 +12,10 @@ is announced once per client and period with ``budget.threshold_crossed``: a Red
 in-process set when Redis is down).
 
 When ClickHouse cannot be asked, the last answer stays in use, and a client never seen
-is admitted (budgets fail open, like the rate limiter); the failure is logged.
+is admitted (budgets fail open, like the rate limiter); the failure is logged. Admission
+never waits on ClickHouse longer than ``wait_seconds``: a lookup still running then
+(a slow or wedged endpoint, an analyst's heavy query ahead of it) is left to finish in
+its thread, its answer is cached when it comes, and only one lookup runs at a time.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class BudgetGate:
         default_usd: Decimal | None = None,
         default_period: BudgetPeriod = "month",
         cache_seconds: float = 5.0,
+        wait_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -137,11 +141,34 @@ class BudgetGate:
         self.default_usd = default_usd
         self.default_period = default_period
         self.cache_seconds = cache_seconds
+        self.wait_seconds = wait_seconds
         self.clock = clock
         self.now = now
         self._store: BudgetStore | None = None
         self._cache: dict[str, tuple[float, BudgetState | None]] = {}
         self._failing = False
+        self._lookup: asyncio.Future[dict[str, BudgetState | None]] | None = None
+
+    async def _fresh(self, clients: set[str], moment: float) -> dict[str, BudgetState | None]:
+        """Ask ClickHouse about ``clients``, waiting at most ``wait_seconds`` for it."""
+        if self._lookup is None:
+            started = asyncio.ensure_future(asyncio.to_thread(self._refresh, clients))
+            started.add_done_callback(lambda done: self._late(done, moment))
+            self._lookup = started
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._lookup), self.wait_seconds)
+        except TimeoutError:
+            log.warning("budget_lookup_slow", wait_seconds=self.wait_seconds,
+                        effect="last known spend used; unknown clients admitted")
+            return {}
+
+    def _late(self, done: asyncio.Future[dict[str, BudgetState | None]], moment: float) -> None:
+        """Cache what a lookup found, also when admission stopped waiting for it."""
+        self._lookup = None
+        if done.cancelled() or done.exception() is not None:
+            return
+        for client, state in done.result().items():
+            self._cache[client] = (moment, state)
 
     async def states(
         self, requests: Sequence[OperationRequested]
@@ -153,7 +180,7 @@ class BudgetGate:
                  if c not in self._cache or moment - self._cache[c][0] >= self.cache_seconds}
         fresh: dict[str, BudgetState | None] = {}
         if stale:
-            fresh = await asyncio.to_thread(self._refresh, stale)
+            fresh = await self._fresh(stale, moment)
             for client in stale - set(fresh):  # not answered: keep what was known, retry later
                 self._cache[client] = (moment, self._cache.get(client, (0.0, None))[1])
             for client, state in fresh.items():

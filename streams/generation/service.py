@@ -40,6 +40,7 @@ from streams.generation.polling import after_poll, schedule_poll
 from streams.generation.provider import AIProvider, ProviderError, ProviderResult, VideoJob
 
 T = TypeVar("T")
+INTERNAL_ERROR = "internal_error"
 log = structlog.get_logger("aipipe.generation")
 Report = Callable[..., None]
 
@@ -64,7 +65,36 @@ class Generation:
         self.report = report
 
     async def run(self, operation: OperationAdmitted) -> list[Event]:
+        """The events of one admitted operation; never raises for the operation.
+
+        Anything the provider layer raises besides its own errors (a bug, a value the
+        params model let through) ends the operation as a failed completion with reason
+        ``internal_error``, reported to Sentry: every admitted operation gets exactly one
+        completion, and the worker goes on.
+        """
         started = time.perf_counter()
+        try:
+            return await self._run(operation, started)
+        except Exception as exc:
+            return [self._internal_failure(operation, exc, started)]
+
+    def _internal_failure(
+        self, operation: OperationAdmitted, exc: Exception, started: float
+    ) -> Event:
+        log.exception("generation_failed", provider=operation.provider, model=operation.model,
+                      error=f"{type(exc).__name__}: {exc}")
+        self.report(exc, request_id=operation.request_id, client_id=operation.client_id,
+                    provider=operation.provider, model=operation.model)
+        try:
+            prices = price_table_at(operation.requested_at)
+        except Exception:  # a time no price table covers: the failure costs nothing anyway
+            prices = price_table_at(self.clock())
+        result = failed(INTERNAL_ERROR, f"The operation failed inside aipipe "
+                        f"({type(exc).__name__}); it was reported and costs nothing.")
+        duration_ms = round((time.perf_counter() - started) * 1000)
+        return completed(operation, result, prices, duration_ms, self.clock())
+
+    async def _run(self, operation: OperationAdmitted, started: float) -> list[Event]:
         prices = price_table_at(operation.requested_at)
         provider = self.providers.get(operation.provider)
         if provider is None:
@@ -79,7 +109,8 @@ class Generation:
                 video = VideoStarted(
                     **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
                     occurred_at=self.clock(), operation_id=operation.operation_id,
-                    requested_at=operation.requested_at, provider=operation.provider,
+                    requested_at=operation.requested_at,
+                    client_occurred_at=operation.client_occurred_at, provider=operation.provider,
                     model=operation.model, provider_operation=job.name, job=job.metadata,
                 )
                 return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
@@ -93,7 +124,23 @@ class Generation:
         return [*events, completed(operation, result, prices, duration_ms, self.clock())]
 
     async def poll(self, video: VideoStarted, attempt: int) -> list[Event]:
-        """Poll ``video`` once (attempt ``attempt``) and decide what follows."""
+        """Poll ``video`` once (attempt ``attempt``) and decide what follows; never raises.
+
+        An unexpected error while polling ends the video as a failed completion
+        (``internal_error``) rather than leaving it pending with no one polling it.
+        """
+        try:
+            return await self._poll(video, attempt)
+        except Exception as exc:
+            log.exception("video_poll_failed", provider=video.provider, model=video.model,
+                          attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+            self.report(exc, request_id=video.request_id, client_id=video.client_id,
+                        provider=video.provider, model=video.model)
+            error = ProviderError(f"{INTERNAL_ERROR}: {type(exc).__name__}", retryable=False)
+            prices = price_table_at(video.requested_at)
+            return after_poll(video, attempt, error, self.schedule, prices, self.clock())
+
+    async def _poll(self, video: VideoStarted, attempt: int) -> list[Event]:
         provider = self.providers.get(video.provider)
         job = VideoJob(video.provider_operation, video.job)
         events: list[Event] = []
