@@ -31,7 +31,7 @@ import structlog
 from infra.logging import bound_event, exit_process, report_exception
 from infra.settings import Settings
 from producers.producer import headers_for
-from schemas.deadletter import deadletter_headers
+from schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
 from schemas.errors import EventDecodeError
 from schemas.events import (
     Event,
@@ -107,13 +107,14 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)
         log.warning("event_dead_lettered", stage=stage, reason=reason, topic=message.topic,
                     partition=message.partition, offset=message.offset)
+        value, cut = deadletter_value(message.value)
         await deadletter.send(
-            key=message.key,
-            value=message.value,
+            key=message.key[:1024] if message.key else message.key,
+            value=value,
             headers=deadletter_headers(
                 reason=reason, error=type(exc).__name__, stage=stage, topic=message.topic,
                 partition=message.partition, offset=message.offset,
-                original=list(message.headers or []),
+                original=[*kept_headers(message.headers), *cut],
             ),
         )
 

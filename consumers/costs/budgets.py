@@ -22,7 +22,8 @@ from confluent_kafka import Message
 from consumers.costs.rows import to_millis
 from consumers.costs.store import StoreError, database_name
 from consumers.sink import BatchingSink
-from schemas.events import BudgetPeriod, BudgetSet, decode
+from schemas.errors import EventDecodeError
+from schemas.events import BudgetPeriod, BudgetSet, BudgetThresholdCrossed, decode
 from schemas.prices import COST_QUANTUM
 
 TABLE = "client_budgets"
@@ -162,7 +163,14 @@ class BudgetProjection:
 
     def rows(self, message: Message) -> list[BudgetSet]:
         event = decode(message.value())
-        return [event] if isinstance(event, BudgetSet) else []
+        if isinstance(event, BudgetThresholdCrossed):  # the topic's other event: no row
+            return []
+        if not isinstance(event, BudgetSet):
+            raise EventDecodeError(
+                f"Field 'event_type' is {event.event_type!r} on {message.topic()}, which "
+                "carries only budget.set and budget.threshold_crossed events; send it to "
+                "its own topic.")
+        return [event]
 
     def write(self, rows: Sequence[BudgetSet], dedup_token: str) -> None:
         self.store.write(rows)

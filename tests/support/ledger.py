@@ -72,14 +72,17 @@ class Ledger:
         for message in self.consumer.consume(num_messages=5000, timeout=timeout):
             if message.error() is not None:
                 continue
-            event = orjson.loads(message.value() or b"{}")
-            kind = event.get("event_type")
+            try:  # a test may have put garbage on these topics on purpose
+                event = orjson.loads(message.value() or b"{}")
+                kind, operation_id = event["event_type"], event["operation_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
             book = self.completion_ids if kind == "operation.completed" else self.decision_ids
-            seen = book.setdefault(event["operation_id"], set())
+            seen = book.setdefault(operation_id, set())
             if kind == "operation.rejected" and event["event_id"] not in seen:
                 self.reasons[event["reason"]] += 1
             if kind != "operation.completed":
-                self.last_decision[event["operation_id"]] = event
+                self.last_decision[operation_id] = event
             seen.add(event["event_id"])
 
     def decided(self) -> int:
