@@ -1,0 +1,96 @@
+"""Many provider calls in flight per worker, bounded by a setting, never by the agent loop.
+
+One real ``aipipe run streams`` worker and the simulated provider at a fixed latency:
+
+* N operations of latency L with an in-flight cap C finish in about N·L/C, far under the
+  N·L a one-at-a-time agent takes (the deadline is a quarter of the serial time, wide
+  headroom on a busy machine; the figure itself is a benchmark's business);
+* an operation that takes 60 s holds back nothing: requests sent after it, from other
+  clients and the same one, complete while it is still running.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from infra.processes import WorkerProcess, wait_for
+from infra.runner import prepare_topics
+from infra.settings import Settings
+from schemas.events import OperationRequested
+from tests.support.ledger import Ledger, produce_backlog
+
+pytestmark = pytest.mark.e2e
+
+
+def slow(i: int, latency_ms: int, client: str) -> OperationRequested:
+    return OperationRequested(
+        request_id=f"slow-{i}", client_id=client, operation_type="image_generation",
+        provider="simulated", model="gemini-2.5-flash-image",
+        params={"prompt": "p", "simulate": {"latency_ms": latency_ms}},
+    )
+
+
+def concurrent(settings: Settings, in_flight: int) -> Settings:
+    return settings.model_copy(update={
+        "rate_limit": "1000000/1s", "generation_max_in_flight": in_flight,
+        "simulated_max_latency_ms": 60_000,
+    })
+
+
+def test_n_operations_of_latency_l_take_about_n_l_over_c(settings: Settings) -> None:
+    n, latency_ms, cap = 200, 1000, 50
+    settings = concurrent(settings, cap)
+    prepare_topics(settings)
+    worker = WorkerProcess(settings, "streams").start()
+    ledger = Ledger(settings)
+    try:
+        warm = [slow(-1, 0, "warm-up")]  # wait for the worker to be up before timing
+        produce_backlog(settings, warm)
+        wait_for(lambda: (ledger.poll(), ledger.completed() == 1)[1], 120, "the worker's start")
+        requests = [slow(i, latency_ms, f"client-{i % 6}") for i in range(n)]
+        started = time.monotonic()
+        produce_backlog(settings, requests)
+        serial = n * latency_ms / 1000
+
+        def all_done() -> bool:
+            ledger.poll()
+            assert worker.alive(), worker.log_tail()
+            return ledger.completed() == n + 1
+
+        wait_for(all_done, serial / 4, f"{n} operations in a quarter of {serial:.0f} s")
+        took = time.monotonic() - started
+        print(f"{n} operations of {latency_ms} ms with {cap} in flight: {took:.1f} s "
+              f"(serial {serial:.0f} s, ideal {serial / cap:.1f} s)")
+        assert ledger.problems(r.event_id for r in requests) == []
+    finally:
+        ledger.close()
+        worker.stop()
+
+
+def test_a_slow_operation_holds_back_nothing(settings: Settings) -> None:
+    settings = concurrent(settings, 64)
+    prepare_topics(settings)
+    worker = WorkerProcess(settings, "streams").start()
+    ledger = Ledger(settings)
+    try:
+        stuck = slow(0, 60_000, "client-a")
+        produce_backlog(settings, [stuck])
+        wait_for(lambda: (ledger.poll(), ledger.decided() == 1)[1], 120, "the slow one admitted")
+        after = [slow(i, 50, "client-a" if i % 2 else "client-b") for i in range(1, 41)]
+        produce_backlog(settings, after)
+
+        def others_done() -> bool:
+            ledger.poll()
+            assert worker.alive(), worker.log_tail()
+            return all(ledger.completed_for(r.event_id) for r in after)
+
+        wait_for(others_done, 45, "the 40 operations sent after the slow one")
+        assert not ledger.completed_for(stuck.event_id)  # still running: it came first
+        wait_for(lambda: (ledger.poll(), ledger.completed_for(stuck.event_id))[1], 120,
+                 "the slow operation itself")
+        assert ledger.problems([stuck.event_id, *(r.event_id for r in after)]) == []
+    finally:
+        ledger.close()
+        worker.stop()

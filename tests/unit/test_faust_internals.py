@@ -1,0 +1,39 @@
+"""The faust internals the streams rely on are still there, or an upgrade fails loudly here.
+
+``streams/consumer.py`` overrides parts of faust's consumer and ``streams/intake.py``
+sets faust's task-local current event; pyproject pins faust-streaming to the 0.15 line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import faust.streams
+from faust.transport import consumer as base
+from faust.transport.drivers import aiokafka as driver
+from faust.types import tuples
+
+from streams.consumer import SafeSeekConsumer
+
+
+def test_faust_is_the_line_the_consumer_fixes_were_written_for() -> None:
+    assert version("faust-streaming").startswith("0.15."), (
+        "faust-streaming changed: re-check streams/consumer.py against its consumer and "
+        "Stream._py_aiter, then move the pin in pyproject.toml"
+    )
+
+
+def test_the_overridden_and_used_internals_exist() -> None:
+    assert isinstance(faust.streams._current_event.get(None), type(None))
+    for name in ("ack", "on_partitions_assigned", "_new_offset", "_is_changelog_tp"):
+        assert hasattr(base.Consumer, name), name
+    assert hasattr(driver.Consumer, "seek_to_committed")
+    assert hasattr(driver.AIOKafkaConsumerThread, "seek_to_beginning")
+    slots = tuples.Message.__slots__
+    assert "generation_id" in slots and "tracked" in slots
+    source = inspect.getsource(base.Consumer.__init__)
+    for state in ("_acked", "_acked_index", "_gap", "_read_offset", "_committed_offset"):
+        assert f"self.{state} =" in source, state
+    assert issubclass(SafeSeekConsumer, driver.Consumer)
+    assert hasattr(faust.streams.Stream, "noack")
