@@ -63,7 +63,7 @@ def up(ctx: _Context) -> None:
     s = ctx.settings
     for status in (
         services.start_kafka(*s.kafka_host_port, home=s.home, cache_dir=s.cache_dir),
-        services.start_redis(*s.redis_host_port, home=s.home),
+        services.start_redis(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{status.name:<6} {status.address:<22} up   {status.detail}")
 
@@ -91,7 +91,7 @@ def status(ctx: _Context) -> None:
     s = ctx.settings
     for st in (
         services.kafka_status(*s.kafka_host_port, home=s.home),
-        services.redis_status(*s.redis_host_port, home=s.home),
+        services.redis_status(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{st.name:<6} {st.address:<22} {'up' if st.running else 'down':<5} {st.detail}")
     if s.embedded:

@@ -4,14 +4,21 @@ Kafka runs from the Maven Central jars that ``infra/kafka/pom.xml`` resolves, wi
 machine's Java; Redis is the Debian ``redis-server``. Both run detached with a pid file
 and a log under ``<home>/kafka`` or ``<home>/redis``, and count as running only when
 they answer (Kafka metadata, Redis PING), never by pid alone.
+
+Redis is not an open door: it listens on loopback only, in protected mode, and wants a
+password, generated once per home and kept in ``<home>/redis.json`` (0600) beside the
+read endpoint's file. The password reaches Redis through a 0600 config file, never the
+command line; settings pick it up from the home (``infra.settings.home_redis_password``).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +37,7 @@ from confluent_kafka.admin import AdminClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from infra.settings import REDIS_PASSWORD_FILE, home_redis_password
 from schemas.errors import AipipeError
 
 log = structlog.get_logger(__name__)
@@ -37,6 +45,7 @@ log = structlog.get_logger(__name__)
 KAFKA_DIR = Path(__file__).parent / "kafka"
 POLL = 0.2
 KAFKA_COMM, REDIS_COMM = "java", "redis-server"  # names in /proc/<pid>/stat
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 JVM_FLAGS = ["-Xmx512m", "-Xms256m", "-XX:+UseSerialGC", "-XX:CICompilerCount=2",
              "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
 
@@ -56,6 +65,7 @@ class ServiceStatus:
     running: bool
     pid: int | None
     detail: str
+    protected: bool = False  # Redis: it refuses clients without the password
 
 
 # --- Kafka -------------------------------------------------------------------------
@@ -176,25 +186,43 @@ def kill_kafka(home: Path, sig: signal.Signals = signal.SIGKILL) -> bool:
 
 # --- Redis -------------------------------------------------------------------------
 
-def _redis_probe(host: str, port: int, timeout: float = 1.0) -> str | None:
+def _redis_answer(host: str, port: int, password: str | None,
+                  timeout: float = 1.0) -> tuple[bool, str] | None:
+    """(True, "redis 7.0.15") if a Redis answers INFO with ``password``; (False, its error)
+    if one answers but refuses; None if none answers at host:port."""
     # redis-py retries a failed connect with backoff by default (~5 s); a probe must not.
-    client = redis.Redis(host=host, port=port, socket_timeout=timeout,
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout,
                          socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
     try:
-        version = client.info("server").get("redis_version", "?")
+        return True, f"redis {client.info('server').get('redis_version', '?')}"
+    except redis.AuthenticationError as exc:
+        return False, str(exc)
     except (redis.RedisError, OSError):
         return None
     finally:
         client.close()
-    return f"redis {version}"
 
 
-def redis_status(host: str, port: int, home: Path) -> ServiceStatus:
-    """Whether a Redis answers at host:port, with the pid from ``home`` if any."""
-    detail = _redis_probe(host, port)
-    return ServiceStatus("redis", f"{host}:{port}", detail is not None,
-                         _live_pid(home / "redis" / "redis.pid", REDIS_COMM),
-                         detail or "no Redis answers PING")
+def redis_status(host: str, port: int, home: Path, password: str | None = None) -> ServiceStatus:
+    """Whether a Redis answers at host:port, whether it wants a password, and whether
+    ``password`` (else the one kept under ``home``) opens it; with the pid from ``home``."""
+    pid = _live_pid(home / "redis" / "redis.pid", REDIS_COMM)
+    address = f"{host}:{port}"
+    bare = _redis_answer(host, port, None)
+    if bare is None:
+        return ServiceStatus("redis", address, False, pid, "no Redis answers PING")
+    if bare[0]:
+        return ServiceStatus("redis", address, True, pid, f"{bare[1]}, no password: open to "
+                             "every local user (if `aipipe up` started it, `aipipe down` then "
+                             "`aipipe up` restarts it protected)")
+    password = password or home_redis_password(home, host, port)
+    opened = _redis_answer(host, port, password) if password else None
+    if opened is not None and opened[0]:
+        return ServiceStatus("redis", address, True, pid,
+                             f"{opened[1]}, password in {home / REDIS_PASSWORD_FILE}", True)
+    return ServiceStatus("redis", address, True, pid, "wants a password that this home does "
+                         "not have; put it in AIPIPE_REDIS_URL (redis://:PASSWORD@host:port/0)",
+                         True)
 
 
 def ensure_redis_server() -> str:
@@ -214,26 +242,60 @@ def ensure_redis_server() -> str:
     return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def start_redis(host: str, port: int, home: Path, timeout: float = 30) -> ServiceStatus:
-    """Start an in-memory Redis (no persistence) on host:port unless one already answers."""
-    server = ensure_redis_server()
-    status = redis_status(host, port, home)
+def start_redis(host: str, port: int, home: Path, timeout: float = 30,
+                password: str | None = None) -> ServiceStatus:
+    """Start an in-memory Redis (no persistence) on loopback host:port, in protected mode
+    with a password, unless one already answers there.
+
+    The password is ``password`` if given, else the one kept under ``home`` (so clients
+    keep working across restarts), else a new one; it is kept in ``<home>/redis.json``.
+    A Redis that answers without a password is left running (other clients may be using
+    it), with a warning and the way to protect it.
+    """
+    status = redis_status(host, port, home, password)
     if status.running:
+        if not status.protected:
+            log.warning("redis_unprotected", address=status.address, pid=status.pid,
+                        fix="aipipe down; aipipe up")
         return status
+    if host not in LOOPBACK:
+        raise ServiceError(f"aipipe starts Redis on loopback only, not on {host}; point "
+                           "AIPIPE_REDIS_URL at 127.0.0.1, or at a Redis that runs already.")
+    server = ensure_redis_server()
     started = time.monotonic()
     rdir = home / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
-    pid_file, redis_log = rdir / "redis.pid", rdir / "redis.log"
-    pid = _live_pid(pid_file, REDIS_COMM) or _spawn(
-        [server, "--bind", host, "--port", str(port), "--dir", str(rdir), "--save", "",
-         "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"],
-        redis_log, pid_file)
-    _wait(lambda: _redis_probe(host, port) is not None, pid, timeout,
-          f"Redis at {host}:{port}", [redis_log])
-    status = redis_status(host, port, home)
-    log.info("redis_started", address=status.address, pid=status.pid,
+    pid_file, redis_log, conf = rdir / "redis.pid", rdir / "redis.log", rdir / "redis.conf"
+    password = password or home_redis_password(home, host, port) or secrets.token_urlsafe(24)
+    _write_private(conf, "".join(f"{key} {_conf_value(value)}\n" for key, value in (
+        ("bind", host), ("port", str(port)), ("protected-mode", "yes"),
+        ("requirepass", password), ("dir", str(rdir)), ("save", ""), ("appendonly", "no"),
+        ("daemonize", "no"))))
+    _write_private(home / REDIS_PASSWORD_FILE, json.dumps(
+        {"host": host, "port": port, "password": password}))
+    pid = _live_pid(pid_file, REDIS_COMM) or _spawn([server, str(conf)], redis_log, pid_file)
+    _wait(lambda: (_redis_answer(host, port, password) or (False, ""))[0],
+          pid, timeout, f"Redis at {host}:{port}", [redis_log])
+    status = redis_status(host, port, home, password)
+    log.info("redis_started", address=status.address, pid=status.pid, protected=True,
              seconds=round(time.monotonic() - started, 1))
     return status
+
+
+def _conf_value(value: str) -> str:
+    """A redis.conf argument: double-quoted, with backslashes and quotes escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by this user only (0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.replace(path)
 
 
 def stop_redis(home: Path, timeout: float = 10) -> bool:

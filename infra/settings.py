@@ -6,12 +6,20 @@ A bad value fails at start with one sentence naming the variable and the fix.
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlparse
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlparse, urlunparse
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import AipipeError
@@ -22,14 +30,37 @@ class ConfigError(AipipeError):
     """A setting is missing or malformed; the message names the variable and the fix."""
 
 
+REDIS_PASSWORD_FILE = "redis.json"  # <home>/redis.json (0600), written by ``aipipe up``
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def home_redis_password(home: Path, host: str, port: int) -> str | None:
+    """The password ``aipipe up`` keeps under ``home`` for the Redis it runs at host:port."""
+    try:
+        kept = json.loads((home / REDIS_PASSWORD_FILE).read_text())
+        same_host = kept["host"] == host or {kept["host"], host} <= set(_LOOPBACK)
+        return str(kept["password"]) if same_host and int(kept["port"]) == port else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def reveal(value: SecretStr | str) -> str:
+    """The real value of a secret setting (``model_copy`` may have put a plain str there)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIPIPE_", frozen=True, extra="ignore")
 
     home: Path = Field(Path(".aipipe"), description="Where local data, logs and caches live.")
     kafka_bootstrap: str = "127.0.0.1:9092"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    clickhouse_url: str = Field(
-        "", description="chdb:///path (embedded, the default under AIPIPE_HOME) or http(s)://."
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Without a password: the one `aipipe up` keeps for it under AIPIPE_HOME.",
+    )
+    clickhouse_url: SecretStr = Field(
+        SecretStr(""),
+        description="chdb:///path (embedded, the default under AIPIPE_HOME) or http(s)://.",
     )
     clickhouse_database: str = "aipipe"
     topic_prefix: str = Field("aipipe", pattern=r"^[A-Za-z0-9._-]+$")
@@ -193,17 +224,39 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis(cls, value: str) -> str:
-        if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+    def _redis(cls, value: SecretStr) -> SecretStr:
+        if urlparse(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis:// URL, e.g. redis://127.0.0.1:6379/0")
         return value
 
     @field_validator("clickhouse_url")
     @classmethod
-    def _clickhouse(cls, value: str) -> str:
-        if value and urlparse(value).scheme not in ("chdb", "http", "https"):
+    def _clickhouse(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and urlparse(url).scheme not in ("chdb", "http", "https"):
             raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_password(cls, data: Any) -> Any:
+        """A redis:// URL without a password gets the one ``aipipe up`` keeps for that Redis
+        under the home, so the default URL reaches the protected local Redis."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            url = urlparse(reveal(data.get("redis_url", cls.model_fields["redis_url"].default)))
+            home = Path(data.get("home", cls.model_fields["home"].default)).expanduser().resolve()
+            port = url.port or 6379
+        except (AttributeError, TypeError, ValueError):
+            return data  # the field validators name what is wrong
+        if url.scheme not in ("redis", "rediss") or url.password is not None:
+            return data
+        password = home_redis_password(home, url.hostname or "127.0.0.1", port)
+        if password is None:
+            return data
+        netloc = f"{url.username or ''}:{quote(password, safe='')}@{url.netloc.rpartition('@')[2]}"
+        return {**data, "redis_url": SecretStr(urlunparse(url._replace(netloc=netloc)))}
 
     @property
     def topics(self) -> Topics:
@@ -211,7 +264,7 @@ class Settings(BaseSettings):
 
     @property
     def clickhouse_dsn(self) -> str:
-        return self.clickhouse_url or f"chdb://{(self.home / 'chdb').resolve()}"
+        return reveal(self.clickhouse_url) or f"chdb://{(self.home / 'chdb').resolve()}"
 
     @property
     def embedded(self) -> bool:
@@ -228,8 +281,18 @@ class Settings(BaseSettings):
 
     @property
     def redis_host_port(self) -> tuple[str, int]:
-        url = urlparse(self.redis_url)
+        url = urlparse(self.redis_dsn)
         return url.hostname or "127.0.0.1", url.port or 6379
+
+    @property
+    def redis_dsn(self) -> str:
+        """The Redis URL to connect with, password included: never log it."""
+        return reveal(self.redis_url)
+
+    @property
+    def redis_password(self) -> str | None:
+        password = urlparse(self.redis_dsn).password
+        return None if password is None else unquote(password)
 
 
     def to_env(self) -> dict[str, str]:

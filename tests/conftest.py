@@ -34,8 +34,9 @@ def _local_services() -> Services:
 
     base = load_settings()
     services.start_kafka(*base.kafka_host_port, home=base.home, cache_dir=base.cache_dir)
-    services.start_redis(*base.redis_host_port, home=base.home)
-    return Services(base.kafka_bootstrap, base.redis_url, "")
+    services.start_redis(*base.redis_host_port, home=base.home, password=base.redis_password)
+    # read again: a Redis started just now keeps its password under the home
+    return Services(base.kafka_bootstrap, load_settings().redis_dsn, "")
 
 
 def _container_services() -> Iterator[Services]:  # pragma: no cover - needs Docker

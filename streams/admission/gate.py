@@ -189,7 +189,7 @@ def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
 
 
 def build_gate(settings: Settings) -> AdmissionGate:
-    client = redis_client(settings.redis_url, settings.rate_limit_redis_timeout_ms)
+    client = redis_client(settings.redis_dsn, settings.rate_limit_redis_timeout_ms)
     limiter = FailoverLimiter(
         RedisRateLimitStore(client),
         MemoryRateLimitStore(),

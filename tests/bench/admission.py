@@ -341,7 +341,7 @@ def admission_figures(settings: Settings, say: Say, *, decisions: int = 100_000,
                       depth: int = 100, events: int = 20_000, rounds: int = 3) -> list[Figure]:
     """Both admission figures, for ``tests.bench.__main__``."""
     say(f"[bold]admission 1/2 limiter[/bold]: {decisions:,} decisions, depth {depth}")
-    figures = [bench_limiter(settings.redis_url, decisions, depth, rounds, say)]
+    figures = [bench_limiter(settings.redis_dsn, decisions, depth, rounds, say)]
     say(f"[bold]admission 2/2 faust[/bold]: {events:,} requests per round")
     figures.append(bench_admission(settings, events, max(rounds - 1, 1), say))
     return figures

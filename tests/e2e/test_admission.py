@@ -35,7 +35,7 @@ from confluent_kafka.admin import AdminClient
 from infra import services
 from infra.processes import WorkerProcess, wait_for
 from infra.runner import prepare_topics
-from infra.settings import Settings
+from infra.settings import Settings, home_redis_password
 from producers import EventProducer
 from schemas.events import (
     BudgetThresholdCrossed,
@@ -196,7 +196,7 @@ def test_workers_share_the_model_limit_and_keys_always_expire(
                        timeout=60, workers=tuple(workers))
         for worker in workers:
             worker.kill()
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis.Redis.from_url(settings.redis_dsn)
         keys = list(client.scan_iter(f"{settings.topic_prefix}:ratelimit:*"))
         ttls = [client.pttl(k) for k in keys]  # -2: expired since the scan, which is fine
         assert keys and all(ttl == -2 or 0 < ttl <= 2000 for ttl in ttls), ttls
@@ -227,7 +227,8 @@ def test_a_redis_outage_fails_over_to_memory_and_back(
     host, port, redis_home = own_redis
     probe = 1.0
     settings = settings.model_copy(update={
-        "redis_url": f"redis://{host}:{port}/0", "rate_limit": "1000/1s",
+        "redis_url": f"redis://:{home_redis_password(redis_home, host, port)}@{host}:{port}/0",
+        "rate_limit": "1000/1s",
         "rate_limit_probe_seconds": probe, "rate_limit_redis_timeout_ms": 100,
     })
     prepare_topics(settings)

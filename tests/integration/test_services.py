@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
+import stat
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from pydantic import SecretStr
 
 from infra import services
-from infra.processes import wait_for
+from infra.processes import WorkerProcess, wait_for
+from infra.runner import prepare_topics
+from infra.settings import Settings, home_redis_password
+from schemas.events import OperationAdmitted, OperationRequested, decode
+from tests.support.pipeline import consume, produce
 
 pytestmark = pytest.mark.e2e
 
@@ -49,9 +60,10 @@ def test_redis_start_ping_stop(tmp_path: Path) -> None:
 
     status = services.start_redis(HOST, port, tmp_path)
     try:
-        assert status.running and status.pid is not None
+        assert status.running and status.pid is not None and status.protected
         assert status.address == f"{HOST}:{port}"
-        client = redis.Redis(host=HOST, port=port)
+        client = redis.Redis(host=HOST, port=port,
+                             password=home_redis_password(tmp_path, HOST, port))
         assert client.ping() is True
         client.close()
         again = services.start_redis(HOST, port, tmp_path)  # does not start a second
@@ -65,11 +77,55 @@ def test_redis_start_ping_stop(tmp_path: Path) -> None:
 def test_redis_sigkill_then_restart(tmp_path: Path) -> None:
     port = free_port()
     first = services.start_redis(HOST, port, tmp_path)
+    password = home_redis_password(tmp_path, HOST, port)
     try:
         assert services.kill_redis(tmp_path, signal.SIGKILL) is True
         assert not services.redis_status(HOST, port, tmp_path).running
         second = services.start_redis(HOST, port, tmp_path)
-        assert second.running and second.pid != first.pid
+        assert second.running and second.pid != first.pid and second.protected
+        # the same password, so clients holding the URL reconnect after a restart
+        assert home_redis_password(tmp_path, HOST, port) == password
+        assert redis.Redis(host=HOST, port=port, password=password).ping() is True
+    finally:
+        services.stop_redis(tmp_path)
+
+
+def _raw(port: int, *commands: bytes) -> list[bytes]:
+    """Each command's first reply line, as a client with no library would see it."""
+    replies = []
+    with socket.create_connection((HOST, port), timeout=5) as conn:
+        for command in commands:
+            conn.sendall(command + b"\r\n")
+            replies.append(conn.recv(4096).split(b"\r\n")[0])
+    return replies
+
+
+def test_redis_refuses_a_client_without_the_password(tmp_path: Path) -> None:
+    port = free_port()
+    status = services.start_redis(HOST, port, tmp_path)
+    try:
+        kept = tmp_path / "redis.json"
+        password = home_redis_password(tmp_path, HOST, port)
+        assert password and json.loads(kept.read_text())["port"] == port
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "redis" / "redis.conf").stat().st_mode) == 0o600
+        assert status.pid is not None
+        assert password.encode() not in Path(f"/proc/{status.pid}/cmdline").read_bytes()
+
+        assert _raw(port, b"PING", b"GET x", b"CONFIG GET *") == [
+            b"-NOAUTH Authentication required."] * 3
+        assert _raw(port, b"AUTH wrong")[0].startswith(b"-WRONGPASS")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=HOST, port=port).ping()
+        assert _raw(port, f"AUTH {password}".encode(), b"PING") == [b"+OK", b"+PONG"]
+
+        client = redis.Redis(host=HOST, port=port, password=password, decode_responses=True)
+        assert client.config_get("protected-mode") == {"protected-mode": "yes"}
+        assert client.config_get("bind") == {"bind": HOST}
+        client.close()
+        assert services.redis_status(HOST, port, tmp_path).protected
+        with pytest.raises(services.ServiceError, match="loopback only"):
+            services.start_redis("0.0.0.0", free_port(), tmp_path / "elsewhere")
     finally:
         services.stop_redis(tmp_path)
 
@@ -139,3 +195,78 @@ def test_kafka_start_roundtrip_stop_restart(tmp_path: Path) -> None:
     finally:
         services.stop_kafka(tmp_path)
     assert services.kafka_status(HOST, port, tmp_path).pid is None
+
+
+def _cli(home: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env,
+                                                       "AIPIPE_HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_aipipe_up_protects_redis_and_no_worker_logs_its_password(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """``aipipe up`` on a fresh home: Redis refuses clients without the password; a worker
+    given the password-less URL finds the password under its home, decides through Redis,
+    and no line it logs (at debug level) carries the password."""
+    home, port = tmp_path / "fresh", free_port()
+    bare_url = f"redis://{HOST}:{port}/0"
+    env = {"AIPIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "AIPIPE_REDIS_URL": bare_url,
+           "AIPIPE_ENV": "production"}
+    shown = _cli(home, env, "up")
+    try:
+        password = home_redis_password(home, HOST, port)
+        assert password is not None
+        assert _raw(port, b"PING") == [b"-NOAUTH Authentication required."]
+        status = _cli(home, env, "status")
+        assert f"redis  {HOST}:{port}" in status and "password in" in status, status
+        assert "no password" not in status
+
+        worker_settings = settings.model_copy(update={
+            "home": home, "redis_url": SecretStr(bare_url), "log_level": "debug",
+        })
+        prepare_topics(worker_settings)
+        worker = WorkerProcess(worker_settings, "streams").start()
+        try:
+            requests = [OperationRequested(
+                request_id=f"r{i}", client_id=f"c{i % 3}", operation_type="image_generation",
+                model="gemini-2.5-flash-image", provider="simulated",
+                params={"prompt": "a chair"}) for i in range(20)]
+            produce(worker_settings, worker_settings.topics.requested, requests)
+            decided = [decode(m.value()) for m in consume(
+                worker_settings, worker_settings.topics.admitted, len(requests), timeout=120)]
+            assert worker.alive(), worker.log_tail()
+        finally:
+            worker.stop()
+        assert len(decided) == len(requests), worker.log_tail()
+        assert {d.backend for d in decided if isinstance(d, OperationAdmitted)} == {"redis"}
+        keys = redis.Redis(host=HOST, port=port, password=password).keys(
+            f"{settings.topic_prefix}:ratelimit:*")
+        assert keys
+
+        logged = worker.log_path.read_text()
+        assert "rate_limiter_failover" not in logged and len(logged.splitlines()) > 10
+        for text in (logged, shown, status):
+            assert password not in text and quote(password, safe="") not in text
+    finally:
+        services.stop_redis(home)
+
+
+def test_settings_take_the_password_from_the_home_and_never_show_it(tmp_path: Path) -> None:
+    (tmp_path / "redis.json").write_text(json.dumps(
+        {"host": HOST, "port": 6390, "password": "pa/ss"}))
+    found = Settings(home=tmp_path, redis_url=SecretStr("redis://localhost:6390/1"),
+                     clickhouse_url=SecretStr("http://u:ch-secret@127.0.0.1:8123"))
+    assert found.redis_dsn == "redis://:pa%2Fss@localhost:6390/1"
+    assert found.redis_password == "pa/ss"
+    assert found.to_env()["AIPIPE_REDIS_URL"] == found.redis_dsn  # children get the real one
+    assert found.to_env()["AIPIPE_CLICKHOUSE_URL"] == "http://u:ch-secret@127.0.0.1:8123"
+    for shown in (repr(found), str(found), str(found.model_dump()), found.model_dump_json()):
+        assert "pa%2Fss" not in shown and "ch-secret" not in shown
+    # another port, or a URL with its own password: left as given
+    assert Settings(home=tmp_path, redis_url=SecretStr("redis://127.0.0.1:6391/0")
+                    ).redis_password is None
+    assert Settings(home=tmp_path, redis_url=SecretStr("redis://:own@127.0.0.1:6390/0")
+                    ).redis_password == "own"
