@@ -92,6 +92,24 @@ class Settings(BaseSettings):
         None, description="Override the Gemini and Vertex endpoints (tests: a local fake)."
     )
     gemini_timeout_seconds: float = Field(120.0, gt=0)
+    openai_api_key: SecretStr | None = Field(None, description="OpenAI API key (images, text).")
+    openai_base_url: str | None = Field(
+        None, description="Override the OpenAI endpoint (a proxy; tests: a local fake)."
+    )
+    openai_timeout_seconds: float = Field(120.0, gt=0)
+    stability_api_key: SecretStr | None = Field(None, description="Stability AI API key.")
+    stability_base_url: str | None = Field(
+        None, description="Override https://api.stability.ai (tests: a local fake)."
+    )
+    stability_timeout_seconds: float = Field(120.0, gt=0)
+    artifact_url: str = Field(
+        "", description="Where outputs are kept: s3://bucket/prefix, gs://…; empty: "
+        "AIPIPE_HOME/artifacts."
+    )
+    video_output_buckets: str = Field(
+        "", description="Cloud Storage buckets a Veo request may name in output_gcs_uri, "
+        "comma-separated; empty: none."
+    )
     vertex_project: str | None = Field(None, description="Google Cloud project for Veo video.")
     vertex_location: str = "us-central1"
     vertex_access_token: SecretStr | None = Field(

@@ -268,6 +268,28 @@ class Usage(BaseModel):
     output_tokens: Count | None = None
     image_count: Count | None = None
     video_seconds: Money | None = None
+    # images priced by size and quality (dall-e-3): the price table's key, "hd 1024x1792"
+    image_variant: Annotated[str, Field(pattern=r"^[a-z0-9]+ [0-9]+x[0-9]+$")] | None = None
+
+
+INLINE_TEXT_BYTES = 4096  # a text output up to this many UTF-8 bytes also travels inline
+
+
+class Output(BaseModel):
+    """One result of an operation, in the artifact store (or the provider's own storage).
+
+    ``sha256`` and ``size`` are of the stored bytes; a video the provider wrote to its own
+    bucket (Veo's ``gs://``) is referenced as it is, without them. ``text`` repeats a text
+    output of at most ``INLINE_TEXT_BYTES`` bytes, so a reader need not fetch it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*://")]
+    mime_type: Annotated[str, Field(pattern=r"^[a-z]+/[A-Za-z0-9.+-]+$", max_length=100)]
+    size: Count | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    text: Annotated[str, Field(max_length=INLINE_TEXT_BYTES)] | None = None
 
 
 class OperationCompleted(Event):
@@ -286,6 +308,7 @@ class OperationCompleted(Event):
     error_message: str | None = None
     poll_count: Count = 0
     metadata: JsonObject = Field(default_factory=dict)
+    outputs: Annotated[list[Output], Field(max_length=64)] = Field(default_factory=list)
 
 
 class VideoPollScheduled(Event):

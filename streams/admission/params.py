@@ -2,8 +2,9 @@
 
 A request's ``params`` are the client's; generation reads them as it finds them. So
 admission holds them to what the provider reads (``streams/generation/simulated.py``,
-``gemini.py``) before anything runs: a size and a nesting limit first (counted without
-recursion, so no input can exhaust the stack), then each key. A key the provider does not
+``gemini.py``, ``openai_provider.py``, ``stability.py``) before anything runs: a size and a
+nesting limit first (counted without recursion, so no input can exhaust the stack), then
+each key. A key the provider does not
 take is refused rather than ignored, so a client never pays for something it did not
 get. ``params_problem`` returns one sentence naming the field and the fix, or ``None``.
 """
@@ -20,7 +21,7 @@ from schemas.events import json_depth, shown
 
 SIMULATED = "simulated"
 # the real providers this code can call (see streams/generation/registry.py)
-REAL_PROVIDERS = ("gemini",)
+REAL_PROVIDERS = ("gemini", "openai", "stability")
 KNOWN_PROVIDERS = (*REAL_PROVIDERS, SIMULATED)
 
 # https://ai.google.dev/gemini-api/docs/image-generation (gemini-2.5-flash-image)
@@ -28,6 +29,14 @@ GEMINI_IMAGE_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", 
 # https://cloud.google.com/vertex-ai/generative-ai/docs/models/veo/3-0-generate-001
 VEO_RATIOS = ("16:9", "9:16")
 VEO_SECONDS = (4, 6, 8)
+# https://platform.openai.com/docs/api-reference/images/create (gpt-image-1 and dall-e-3;
+# which sizes and qualities go with which model is checked by the provider)
+OPENAI_SIZES = ("1024x1024", "1536x1024", "1024x1536", "1024x1792", "1792x1024", "auto")
+OPENAI_QUALITIES = ("low", "medium", "high", "auto", "standard", "hd")
+# https://platform.stability.ai/docs/api-reference (Stable Image generate: ultra, core, sd3)
+STABILITY_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
+STABILITY_FORMATS = ("png", "jpeg", "webp")
+STABILITY_MAX_SEED = 4_294_967_294
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,9 @@ class ParamLimits:
     video_max_seconds: int = 8
     simulated_max_latency_ms: int = 5_000
     simulated_max_polls: int = 20
+    # the Cloud Storage buckets a video request may name (None: not checked here; the
+    # Gemini provider refuses a bucket outside AIPIPE_VIDEO_OUTPUT_BUCKETS in any case)
+    video_output_buckets: tuple[str, ...] | None = None
 
 
 Check = Callable[[str, Any, ParamLimits], str | None]
@@ -84,7 +96,13 @@ def seconds_choice(field: str, value: Any, limits: ParamLimits) -> str | None:
 
 def gcs_uri(field: str, value: Any, limits: ParamLimits) -> str | None:
     if isinstance(value, str) and value.startswith("gs://") and 5 < len(value) <= 1024:
-        return None
+        allowed = limits.video_output_buckets
+        bucket = value[5:].split("/", 1)[0]
+        if allowed is None or bucket in allowed:
+            return None
+        listed = ", ".join(allowed) or "none"
+        return (f"Field '{field}' names bucket {shown(bucket, 60)}, which this pipeline may "
+                f"not write to (AIPIPE_VIDEO_OUTPUT_BUCKETS: {listed}); leave it out.")
     return (f"Field '{field}' must be a gs://bucket/path URI of at most 1024 characters, not "
             f"{_what(value)}; name a Cloud Storage folder or leave it out.")
 
@@ -121,6 +139,17 @@ RULES: Mapping[str, Mapping[str, Mapping[str, Check]]] = {
         "text_generation": {"prompt": prompt, "max_output_tokens": _TOKENS},
         "video_generation": {"prompt": prompt, "duration_seconds": seconds_choice,
                              "output_gcs_uri": gcs_uri},
+    },
+    "openai": {
+        "image_generation": {"prompt": prompt, "n": _COUNT, "size": one_of(*OPENAI_SIZES),
+                             "quality": one_of(*OPENAI_QUALITIES)},
+        "text_generation": {"prompt": prompt, "max_output_tokens": _TOKENS},
+    },
+    "stability": {
+        "image_generation": {"prompt": prompt, "negative_prompt": prompt,
+                             "aspect_ratio": one_of(*STABILITY_RATIOS),
+                             "output_format": one_of(*STABILITY_FORMATS),
+                             "seed": whole(0, lambda lim: STABILITY_MAX_SEED)},
     },
     SIMULATED: {
         "image_generation": {"prompt": prompt, "n": _COUNT,

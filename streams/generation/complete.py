@@ -8,6 +8,7 @@ from typing import Any
 
 from schemas.events import OperationAdmitted, OperationCompleted, VideoStarted, derived_event_id
 from schemas.prices import PriceTable
+from streams.generation.outputs import record
 from streams.generation.provider import ProviderResult
 
 
@@ -19,8 +20,16 @@ def completed(
     now: datetime,
     poll_count: int = 0,
 ) -> OperationCompleted:
-    """The one completed event of ``operation`` (the same ``event_id`` on every re-run)."""
+    """The one completed event of ``operation`` (the same ``event_id`` on every re-run).
+
+    Its ``outputs`` are those of ``result`` that are stored (or referenced); an output
+    left with bytes only (no store was configured) is counted in ``outputs_not_stored``.
+    """
     cost = prices.cost(operation.model, result.usage) if result.success else Decimal(0)
+    outputs = [r for r in map(record, result.outputs) if r is not None]
+    metadata = dict(result.metadata)
+    if len(outputs) < len(result.outputs):
+        metadata["outputs_not_stored"] = len(result.outputs) - len(outputs)
     return OperationCompleted(
         **operation.envelope(derived_event_id(operation.operation_id, "completed")),
         occurred_at=now,
@@ -37,7 +46,8 @@ def completed(
         duration_ms=max(0, duration_ms),
         error_message=result.error_message,
         poll_count=poll_count,
-        metadata=result.metadata,
+        metadata=metadata,
+        outputs=outputs,
     )
 
 

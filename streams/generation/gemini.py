@@ -7,6 +7,11 @@
   name, rebuilt from the name alone so a restarted worker polls the same operation.
   Billed seconds are the requested duration times the videos returned.
 
+Outputs: the images' inline bytes and the answer's text are returned for the artifact
+store; a video Veo wrote to Cloud Storage (``output_gcs_uri``) is referenced by its
+``gs://`` URI, not copied, and one returned as bytes is stored. A request may name only a
+bucket in ``video_output_buckets`` (``AIPIPE_VIDEO_OUTPUT_BUCKETS``).
+
 Keys come from settings as ``SecretStr`` and go only into the SDK's clients. The SDK's
 own retries are off (its default); retries and the circuit breaker are ``guard.py``'s.
 SDK and transport errors are wrapped in ``ProviderError`` with the cause kept.
@@ -24,7 +29,13 @@ from google.genai import types
 from pydantic import SecretStr
 
 from schemas.events import OperationAdmitted, Usage
-from streams.generation.provider import ProviderError, ProviderResult, VideoJob, VideoStatus
+from streams.generation.provider import (
+    ProviderError,
+    ProviderOutput,
+    ProviderResult,
+    VideoJob,
+    VideoStatus,
+)
 
 T = TypeVar("T")
 DEFAULT_VIDEO_SECONDS = 8
@@ -47,6 +58,23 @@ def usage_from_response(response: types.GenerateContentResponse) -> Usage:
     )
 
 
+def outputs_from_response(
+    response: types.GenerateContentResponse, image: bool
+) -> tuple[ProviderOutput, ...]:
+    """The images (inline bytes) of an image answer, or the text of a text answer."""
+    parts = [part for candidate in response.candidates or []
+             for part in (candidate.content.parts if candidate.content else None) or []]
+    if image:
+        return tuple(
+            ProviderOutput(part.inline_data.mime_type or "image/png", data=part.inline_data.data)
+            for part in parts
+            if part.inline_data is not None and part.inline_data.data
+            and (part.inline_data.mime_type or "").startswith("image/")
+        )
+    text = "".join(part.text for part in parts if part.text and not part.thought)
+    return (ProviderOutput("text/plain", data=text.encode()),)
+
+
 class GeminiProvider:
     name = "gemini"
 
@@ -59,8 +87,10 @@ class GeminiProvider:
         vertex_location: str = "us-central1",
         vertex_access_token: SecretStr | None = None,
         timeout_seconds: float = 120.0,
+        video_output_buckets: tuple[str, ...] = (),
     ) -> None:
         self._api_key = api_key
+        self._buckets = video_output_buckets
         self._vertex_project = vertex_project
         self._vertex_location = vertex_location
         self._vertex_token = vertex_access_token
@@ -148,7 +178,8 @@ class GeminiProvider:
                 error_message=f"no image returned (finish reason {reason})",
             )
         return ProviderResult(success=True, usage=usage,
-                              metadata={"response_id": response.response_id or ""})
+                              metadata={"response_id": response.response_id or ""},
+                              outputs=outputs_from_response(response, image))
 
     async def generate_image(self, operation: OperationAdmitted) -> ProviderResult:
         return await self._content(operation, image=True)
@@ -161,7 +192,14 @@ class GeminiProvider:
         seconds = int(params.get("duration_seconds", DEFAULT_VIDEO_SECONDS))
         config: dict[str, Any] = {"duration_seconds": seconds, "number_of_videos": 1}
         if params.get("output_gcs_uri"):
-            config["output_gcs_uri"] = str(params["output_gcs_uri"])
+            uri = str(params["output_gcs_uri"])
+            bucket = uri.removeprefix("gs://").split("/", 1)[0]
+            if not uri.startswith("gs://") or bucket not in self._buckets:
+                raise ProviderError(
+                    f"gemini generate_videos: bucket {bucket!r} is not one this pipeline may "
+                    "write to (AIPIPE_VIDEO_OUTPUT_BUCKETS)", status=400, retryable=False,
+                )
+            config["output_gcs_uri"] = uri
         started = await self._call(
             "generate_videos",
             self.vertex.aio.models.generate_videos(
@@ -187,8 +225,15 @@ class GeminiProvider:
             filtered = polled.result.rai_media_filtered_reasons if polled.result else None
             return VideoStatus(done=True, error_message=f"no video returned ({filtered})")
         seconds = Decimal(int(job.metadata.get("duration_seconds", DEFAULT_VIDEO_SECONDS)))
+        outputs = tuple(
+            ProviderOutput(v.video.mime_type or "video/mp4", uri=v.video.uri)
+            if v.video.uri else
+            ProviderOutput(v.video.mime_type or "video/mp4", data=v.video.video_bytes)
+            for v in videos if v.video and (v.video.uri or v.video.video_bytes)
+        )
         return VideoStatus(
             done=True,
             usage=Usage(video_seconds=seconds * len(videos)),
             metadata={"videos": [v.video.uri for v in videos if v.video and v.video.uri]},
+            outputs=outputs,
         )

@@ -84,7 +84,7 @@ def after_poll(
     if isinstance(outcome, VideoStatus) and outcome.done:
         if outcome.error_message is None:
             return finish(ProviderResult(success=True, usage=outcome.usage,
-                                         metadata=outcome.metadata))
+                                         metadata=outcome.metadata, outputs=outcome.outputs))
         return finish(failed("video_failed", outcome.error_message))
     if isinstance(outcome, ProviderError) and not outcome.retryable:
         return finish(failed("provider_error", str(outcome), status=outcome.status))

@@ -6,6 +6,10 @@ returns a ``VideoJob`` (the provider's operation name plus what later polls need
 in the ``video.started`` event and the pending-videos table, so any worker can poll it
 after a restart without starting the video again.
 
+Results carry their outputs as ``ProviderOutput``: the bytes the provider returned, or the
+URI of what it wrote to its own storage (Veo's ``gs://``). Generation stores the bytes in
+the artifact store (``streams/artifacts``) and records them on ``operation.completed``.
+
 Providers raise ``ProviderError`` for what the provider said or failed to say
 (``retryable`` for 429, 5xx and timeouts, not for 400, 403, 404); anything else is a bug.
 """
@@ -35,11 +39,37 @@ class ProviderError(AipipeError):
 
 
 @dataclass(frozen=True)
+class ProviderOutput:
+    """One output: ``data`` (bytes to store), or a ``uri`` where it is already stored.
+
+    A provider returns bytes, or the URI of what it wrote to its own storage (then
+    ``size`` and ``sha256`` are unknown). Once stored in the artifact store, the output
+    carries the store's ``uri``, ``size`` and ``sha256``, and keeps ``data`` for text
+    that travels inline.
+    """
+
+    mime_type: str
+    data: bytes | None = None
+    uri: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.uri is None:
+            raise ValueError("a ProviderOutput has data or a uri")
+
+    def __repr__(self) -> str:  # never the bytes
+        what = f"{len(self.data)} bytes" if self.data is not None else self.uri
+        return f"ProviderOutput({self.mime_type}, {what})"
+
+
+@dataclass(frozen=True)
 class ProviderResult:
     success: bool
     usage: Usage
     error_message: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[ProviderOutput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +88,7 @@ class VideoStatus:
     usage: Usage = field(default_factory=Usage)
     error_message: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[ProviderOutput, ...] = ()
 
 
 class AIProvider(Protocol):

@@ -2,22 +2,47 @@
 
 Only the offered ones are built: those named in ``AIPIPE_PROVIDERS``, and the simulated
 one only with ``AIPIPE_SIMULATED_ENABLED=true`` (admission refuses the others, see
-``streams/admission/params.py``). Adding a provider (OpenAI, Stability, …) is one module
-implementing ``AIProvider`` (``provider.py``), one line here and its params rules there.
+``streams/admission/params.py``). Adding a provider is one module implementing
+``AIProvider`` (``provider.py``), one line here and its params rules there.
+
+Every provider comes wrapped in ``StoringProvider``: the outputs it returns are stored in
+the artifact store named by ``AIPIPE_ARTIFACT_URL`` (default ``AIPIPE_HOME/artifacts``)
+before the completion records them.
 """
 
 from __future__ import annotations
 
 from infra.settings import Settings
+from streams.artifacts.store import ArtifactStore, store_from_url
 from streams.generation.backoff import PollSchedule
 from streams.generation.breaker import BreakerPolicy
 from streams.generation.gemini import GeminiProvider
 from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.openai_provider import OpenAIProvider
+from streams.generation.outputs import StoringProvider
 from streams.generation.provider import AIProvider
 from streams.generation.simulated import SimulatedProvider
+from streams.generation.stability import StabilityProvider
 
 
-def providers_from_settings(settings: Settings) -> dict[str, AIProvider]:
+def artifacts_from_settings(settings: Settings) -> ArtifactStore:
+    return store_from_url(settings.artifact_url, settings.home)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def providers_from_settings(
+    settings: Settings, artifacts: ArtifactStore | None = None
+) -> dict[str, AIProvider]:
+    """The offered providers, their outputs stored in ``artifacts`` (from settings if None)."""
+    store = artifacts if artifacts is not None else artifacts_from_settings(settings)
+    return {name: StoringProvider(provider, store)
+            for name, provider in _bare_providers(settings).items()}
+
+
+def _bare_providers(settings: Settings) -> dict[str, AIProvider]:
     offered = set(settings.offered_providers)
     providers: dict[str, AIProvider] = {}
     if "simulated" in offered:
@@ -36,6 +61,19 @@ def providers_from_settings(settings: Settings) -> dict[str, AIProvider]:
             vertex_location=settings.vertex_location,
             vertex_access_token=settings.vertex_access_token,
             timeout_seconds=settings.gemini_timeout_seconds,
+            video_output_buckets=_names(settings.video_output_buckets),
+        )
+    if "openai" in offered:
+        providers["openai"] = OpenAIProvider(
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url,
+            timeout_seconds=settings.openai_timeout_seconds,
+        )
+    if "stability" in offered:
+        providers["stability"] = StabilityProvider(
+            api_key=settings.stability_api_key,
+            base_url=settings.stability_base_url,
+            timeout_seconds=settings.stability_timeout_seconds,
         )
     return providers
 

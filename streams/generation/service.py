@@ -27,6 +27,7 @@ from schemas.events import (
     utcnow,
 )
 from schemas.prices import price_table_at
+from streams.artifacts.store import ArtifactStore
 from streams.generation.backoff import PollSchedule
 from streams.generation.complete import completed, failed
 from streams.generation.guard import (
@@ -36,8 +37,15 @@ from streams.generation.guard import (
     ProviderGuard,
     Transition,
 )
+from streams.generation.outputs import store_result
 from streams.generation.polling import after_poll, schedule_poll
-from streams.generation.provider import AIProvider, ProviderError, ProviderResult, VideoJob
+from streams.generation.provider import (
+    AIProvider,
+    ProviderError,
+    ProviderResult,
+    VideoJob,
+    VideoStatus,
+)
 
 T = TypeVar("T")
 INTERNAL_ERROR = "internal_error"
@@ -57,12 +65,16 @@ class Generation:
         schedule: PollSchedule,
         clock: Callable[[], datetime] = utcnow,
         report: Report = _no_report,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.providers = providers
         self.guard = guard
         self.schedule = schedule
         self.clock = clock
         self.report = report
+        # outputs still in bytes are stored here (providers from the registry come wrapped
+        # in ``StoringProvider`` and return them stored already)
+        self.artifacts = artifacts
 
     async def run(self, operation: OperationAdmitted) -> list[Event]:
         """The events of one admitted operation; never raises for the operation.
@@ -120,6 +132,8 @@ class Generation:
                     else provider.generate_text)
             result = await self._guarded(events, operation, lambda: call(operation))
         assert isinstance(result, ProviderResult)
+        if self.artifacts is not None:
+            result = await store_result(result, self.artifacts, operation.provider)
         duration_ms = round((time.perf_counter() - started) * 1000)
         return [*events, completed(operation, result, prices, duration_ms, self.clock())]
 
@@ -153,6 +167,8 @@ class Generation:
             )
             events += self._transitions(video, guarded.transitions)
             outcome = guarded.value if guarded.error is None else guarded.error
+            if isinstance(outcome, VideoStatus) and self.artifacts is not None:
+                outcome = await store_result(outcome, self.artifacts, video.provider)
             if guarded.error is not None:
                 self._report(guarded.error, video, "poll_video")
         prices = price_table_at(video.requested_at)

@@ -6,6 +6,10 @@
 - video: ``video_seconds`` = ``params.duration_seconds`` (default 8), done on poll
   ``params.simulate.polls`` (default from settings)
 
+Outputs are deterministic too: an image is a small PNG whose colour follows from the
+operation id and the image's index, a text a short line naming the operation, so the
+artifact path runs in the demo and the tests, and a re-run yields the very same bytes.
+
 Scripted per request in ``params.simulate`` (defaults from settings):
 ``{"latency_ms": 50, "polls": 5, "fail": false}``, bounded by ``max_latency_ms`` and
 ``max_polls`` (admission refuses more; a request's value past them is cut to them here). A failure
@@ -23,7 +27,14 @@ from typing import Any
 
 from schemas.events import OperationAdmitted, Usage
 from schemas.prices import IMAGE_TOKENS_PER_IMAGE
-from streams.generation.provider import ProviderError, ProviderResult, VideoJob, VideoStatus
+from streams.generation.png import solid_png
+from streams.generation.provider import (
+    ProviderError,
+    ProviderOutput,
+    ProviderResult,
+    VideoJob,
+    VideoStatus,
+)
 
 FAILURE = "simulated provider failure"
 
@@ -44,6 +55,17 @@ def simulated_usage(operation_type: str, params: dict[str, Any]) -> Usage:
     return Usage(
         input_tokens=input_tokens, output_tokens=int(params.get("max_output_tokens", 256))
     )
+
+
+def simulated_outputs(operation: OperationAdmitted, usage: Usage) -> tuple[ProviderOutput, ...]:
+    """The bytes a simulated image or text operation returns (the same on every run)."""
+    seed = operation.operation_id.encode()
+    if operation.operation_type == "image_generation":
+        return tuple(ProviderOutput("image/png", data=solid_png(seed + b"/%d" % i))
+                     for i in range(usage.image_count or 0))
+    text = (f"Simulated answer for operation {operation.operation_id}: "
+            f"{usage.output_tokens or 0} tokens.\n")
+    return (ProviderOutput("text/plain", data=text.encode()),)
 
 
 def _share(operation_id: str) -> float:
@@ -91,7 +113,8 @@ class SimulatedProvider:
             usage = simulated_usage(operation.operation_type, operation.params)
         except (TypeError, ValueError, ArithmeticError) as exc:
             return ProviderResult(success=False, usage=Usage(), error_message=f"bad params: {exc}")
-        return ProviderResult(success=True, usage=usage, metadata={"simulated": True})
+        return ProviderResult(success=True, usage=usage, metadata={"simulated": True},
+                              outputs=simulated_outputs(operation, usage))
 
     async def generate_image(self, operation: OperationAdmitted) -> ProviderResult:
         return await self.generate(operation)

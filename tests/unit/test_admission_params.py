@@ -80,7 +80,7 @@ def test_what_the_provider_reads_is_accepted(provider: str, kind: str,
     ("simulated", "image_generation", {**P, "x": deep(100_000)}, "nests more than 4 levels"),
     ("simulated", "image_generation", {**P, "x": "y" * 70_000},
      "over the 65536-byte limit (AIPIPE_PARAMS_MAX_BYTES)"),
-    ("stability", "image_generation", P, "Provider 'stability' does not do image_generation"),
+    ("stability", "text_generation", P, "Provider 'stability' does not do text_generation"),
 ])
 def test_what_the_provider_cannot_read_is_refused_in_one_sentence(
     provider: str, kind: str, params: dict[str, Any], sentence: str,

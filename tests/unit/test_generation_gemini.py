@@ -4,9 +4,12 @@ Loopback only: the fake listens on 127.0.0.1 in this process; nothing leaves the
 """
 
 import asyncio
+import base64
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +22,13 @@ from schemas.events import (
     VideoPollScheduled,
     VideoStarted,
 )
+from streams.artifacts.store import LocalArtifactStore
 from streams.generation import Generation
 from streams.generation.backoff import PollSchedule
 from streams.generation.gemini import GeminiProvider
 from streams.generation.guard import ProviderGuard, RetryPolicy
 from streams.generation.provider import ProviderError
-from tests.support.fake_gemini import FakeGemini, prompt_tokens
+from tests.support.fake_gemini import PNG, FakeGemini, prompt_tokens
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 VEO = "veo-3.0-generate-001"
@@ -131,3 +135,45 @@ def test_missing_configuration_is_a_permanent_error_naming_the_variable() -> Non
 def test_keys_stay_out_of_the_provider_repr(fake: FakeGemini) -> None:
     text = repr(provider(fake))
     assert "test-key-123" not in text and "test-token-456" not in text
+
+
+def test_the_image_bytes_are_kept_and_a_veo_video_in_its_bucket_is_referenced(
+    fake: FakeGemini, tmp_path: Path
+) -> None:
+    store = LocalArtifactStore(tmp_path)
+    gemini = GeminiProvider(
+        api_key=SecretStr("k"), base_url=fake.base_url, vertex_project="proj-1",
+        vertex_access_token=SecretStr("t"), video_output_buckets=("fake-bucket",),
+    )
+    gen = Generation({"gemini": gemini}, ProviderGuard(), PollSchedule(), artifacts=store)
+    [image] = asyncio.run(gen.run(op("image_generation", "gemini-2.5-flash-image")))
+    assert isinstance(image, OperationCompleted) and image.success
+    png = base64.b64decode(PNG)
+    [output] = image.outputs
+    assert (output.mime_type, output.sha256) == ("image/png", hashlib.sha256(png).hexdigest())
+    assert asyncio.run(store.get(output.uri)) == png
+
+    [text] = asyncio.run(gen.run(op("text_generation", "gemini-2.5-flash")))
+    assert isinstance(text, OperationCompleted)
+    assert [o.text for o in text.outputs] == ["fake answer"]
+
+    started, _ = asyncio.run(gen.run(op("video_generation", VEO, duration_seconds=4,
+                                        output_gcs_uri="gs://fake-bucket/videos/")))
+    assert isinstance(started, VideoStarted)
+    [start] = fake.calls("predictLongRunning")
+    assert start.body["parameters"]["storageUri"] == "gs://fake-bucket/videos/"
+    done = [asyncio.run(gen.poll(started, n)) for n in (1, 2, 3)][2][0]
+    assert isinstance(done, OperationCompleted) and done.success
+    [video] = done.outputs
+    assert video.uri.startswith("gs://fake-bucket/") and video.uri.endswith(".mp4")
+    assert (video.mime_type, video.size, video.sha256) == ("video/mp4", None, None)
+    assert list(tmp_path.rglob("*.mp4")) == []  # referenced, not copied
+
+
+def test_a_bucket_outside_the_setting_is_refused_before_any_call(fake: FakeGemini) -> None:
+    gen = Generation({"gemini": provider(fake)}, ProviderGuard(), PollSchedule())
+    [done] = asyncio.run(gen.run(op("video_generation", VEO,
+                                    output_gcs_uri="gs://someone-else/videos/")))
+    assert isinstance(done, OperationCompleted) and not done.success
+    assert "AIPIPE_VIDEO_OUTPUT_BUCKETS" in (done.error_message or "")
+    assert fake.calls("predictLongRunning") == []

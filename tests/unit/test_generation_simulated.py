@@ -1,7 +1,9 @@
 """The simulated provider: scripted per request, defaults from settings, deterministic."""
 
 import asyncio
+import hashlib
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from infra.settings import Settings
 from schemas.events import OperationAdmitted
 from streams.generation import ProviderError, SimulatedProvider
+from streams.generation.outputs import StoringProvider
 from streams.generation.registry import providers_from_settings
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -45,7 +48,9 @@ def test_settings_configure_the_providers() -> None:
     settings = Settings(simulated_failure_rate=0.5, simulated_video_polls=3,
                         simulated_latency_ms=7, simulated_enabled=True,
                         simulated_max_latency_ms=100, simulated_max_polls=9)
-    simulated = providers_from_settings(settings)["simulated"]
+    stored = providers_from_settings(settings)["simulated"]
+    assert isinstance(stored, StoringProvider)
+    simulated = stored.inner
     assert isinstance(simulated, SimulatedProvider)
     assert (simulated.failure_rate, simulated.video_polls, simulated.latency_ms) == (0.5, 3, 7)
     assert (simulated.max_latency_ms, simulated.max_polls) == (100, 9)
@@ -77,3 +82,49 @@ def test_a_requests_script_is_bounded_even_past_admission(
     job = asyncio.run(provider.start_video(op(2, "video_generation", simulate={"polls": 10_000})))
     assert job.metadata["polls"] == 2
     assert slept == [0.05]
+
+
+def test_outputs_are_deterministic_pngs_and_text_stored_once_across_re_runs(
+    tmp_path: Path,
+) -> None:
+    from schemas.events import OperationCompleted
+    from streams.artifacts.store import LocalArtifactStore
+    from streams.generation import Generation
+    from streams.generation.backoff import PollSchedule
+    from streams.generation.guard import ProviderGuard
+
+    store = LocalArtifactStore(tmp_path)
+    stored = StoringProvider(SimulatedProvider(), store)
+    gen = Generation({"simulated": stored}, ProviderGuard(), PollSchedule())
+    image = op(1).model_copy(update={"model": "gemini-2.5-flash-image",
+                                     "params": {"prompt": "p", "n": 2}})
+    runs = [asyncio.run(gen.run(image)) for _ in range(2)]  # a re-run after a crash
+    first, again = (next(e for e in r if isinstance(e, OperationCompleted)) for r in runs)
+    assert first.outputs == again.outputs and len(first.outputs) == 2
+    assert first.outputs[0].sha256 != first.outputs[1].sha256  # one colour per image
+    for output in first.outputs:
+        data = asyncio.run(store.get(output.uri))
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and output.mime_type == "image/png"
+        assert output.sha256 == hashlib.sha256(data).hexdigest()
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 2
+
+    text = op(2, "text_generation").model_copy(update={"model": "gemini-2.5-flash"})
+    [done] = asyncio.run(gen.run(text))
+    assert isinstance(done, OperationCompleted)
+    [output] = done.outputs
+    assert output.text == "Simulated answer for operation op-2: 256 tokens.\n"
+    assert asyncio.run(store.get(output.uri)) == output.text.encode()
+
+
+def test_without_a_store_the_completion_says_how_many_outputs_were_not_kept() -> None:
+    from schemas.events import OperationCompleted
+    from streams.generation import Generation
+    from streams.generation.backoff import PollSchedule
+    from streams.generation.guard import ProviderGuard
+
+    gen = Generation({"simulated": SimulatedProvider()}, ProviderGuard(), PollSchedule())
+    image = op(1).model_copy(update={"model": "gemini-2.5-flash-image",
+                                     "params": {"prompt": "p", "n": 3}})
+    [done] = asyncio.run(gen.run(image))
+    assert isinstance(done, OperationCompleted) and done.success
+    assert done.outputs == [] and done.metadata["outputs_not_stored"] == 3

@@ -11,7 +11,7 @@ from infra.settings import ConfigError, load_settings
         ("AIPIPE_CLICKHOUSE_URL", "postgres://db"),
         ("AIPIPE_PARTITIONS", "zero"),
         ("AIPIPE_ENV", "staging"),
-        ("AIPIPE_PROVIDERS", "gemini,openai"),
+        ("AIPIPE_PROVIDERS", "gemini,midjourney"),
         ("AIPIPE_PROVIDERS", "simulated"),
         ("AIPIPE_SIMULATED_MAX_LATENCY_MS", "-1"),
     ],

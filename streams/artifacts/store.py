@@ -1,0 +1,166 @@
+"""The artifact store: content-addressed bytes with their MIME type.
+
+Every output is stored under the SHA-256 of its bytes::
+
+    <root>/sha256/<first two hex digits>/<sha256 hex><extension of the MIME type>
+
+so storing the same bytes again (an operation re-run after a crash, the same image twice)
+finds the object already there and returns the same URI: a re-run never stores a second
+copy under a new name. The local adapter writes to a temporary file in the target
+directory and renames it into place, so a reader never sees half an object; object stores
+(s3, gcs) make a PUT visible whole by themselves.
+
+``get`` reads only what its own store holds: a URI outside the store's root is refused,
+so a URI taken from an event cannot make a worker or the CLI read another file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from schemas.errors import AipipeError
+
+EXTENSIONS = {
+    "image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
+    "video/mp4": ".mp4", "text/plain": ".txt", "application/json": ".json",
+}
+INLINE_WRITE_BYTES = 256 * 1024  # smaller local writes stay on the event loop
+
+
+class ArtifactError(AipipeError):
+    """An artifact could not be stored or read; the message names the URI and the fix."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    uri: str
+    mime_type: str
+    size: int
+    sha256: str
+
+
+def artifact_key(sha256: str, mime_type: str) -> str:
+    """The path of an object below the store's root."""
+    base = mime_type.split(";")[0].strip().lower()
+    return f"sha256/{sha256[:2]}/{sha256}{EXTENSIONS.get(base, '.bin')}"
+
+
+class ArtifactStore(Protocol):
+    async def put(self, data: bytes, mime_type: str) -> Artifact: ...
+
+    async def get(self, uri: str) -> bytes: ...
+
+
+class LocalArtifactStore:
+    """A directory on this machine; URIs are ``file://`` URLs of absolute paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalArtifactStore({str(self.root)!r})"
+
+    def _write(self, path: Path, data: bytes) -> None:
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def put(self, data: bytes, mime_type: str) -> Artifact:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.root / artifact_key(digest, mime_type)
+        try:
+            if len(data) <= INLINE_WRITE_BYTES:
+                self._write(path, data)
+            else:
+                await asyncio.to_thread(self._write, path, data)
+        except OSError as exc:
+            raise ArtifactError(
+                f"Cannot store an artifact under {self.root} ({exc.strerror}); make the "
+                "directory writable or set AIPIPE_ARTIFACT_URL."
+            ) from exc
+        return Artifact(path.as_uri(), mime_type, len(data), digest)
+
+    def _path(self, uri: str) -> Path:
+        parsed = urlparse(uri)
+        path = Path(unquote(parsed.path)).resolve()
+        if parsed.scheme != "file" or not path.is_relative_to(self.root):
+            raise ArtifactError(f"{uri} is not in the artifact store {self.root.as_uri()}.")
+        return path
+
+    async def get(self, uri: str) -> bytes:
+        path = self._path(uri)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise ArtifactError(f"Cannot read {uri} ({exc.strerror}).") from exc
+
+
+class FsspecArtifactStore:
+    """Any fsspec filesystem by URL: ``s3://bucket/prefix``, ``gs://…``, ``memory://…``.
+
+    s3 and gcs need their fsspec packages (``s3fs``, ``gcsfs``) and take credentials the
+    way those packages do (environment, instance roles); ``options`` go to the filesystem.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        from fsspec.core import url_to_fs
+
+        try:
+            self.fs, root = url_to_fs(url.rstrip("/"), **options)
+        except (ImportError, ValueError) as exc:
+            raise ArtifactError(
+                f"AIPIPE_ARTIFACT_URL {url} cannot be opened ({exc}); install the fsspec "
+                "package for its scheme (s3fs, gcsfs) or fix the URL."
+            ) from exc
+        self.root = root.rstrip("/")
+        self.url = self.fs.unstrip_protocol(self.root)
+
+    def __repr__(self) -> str:
+        return f"FsspecArtifactStore({self.url!r})"
+
+    def _put(self, path: str, data: bytes) -> None:
+        if not self.fs.exists(path):
+            self.fs.pipe_file(path, data)
+
+    async def put(self, data: bytes, mime_type: str) -> Artifact:
+        digest = hashlib.sha256(data).hexdigest()
+        path = f"{self.root}/{artifact_key(digest, mime_type)}"
+        try:
+            await asyncio.to_thread(self._put, path, data)
+        except OSError as exc:
+            raise ArtifactError(f"Cannot store an artifact in {self.url} ({exc}).") from exc
+        return Artifact(self.fs.unstrip_protocol(path), mime_type, len(data), digest)
+
+    async def get(self, uri: str) -> bytes:
+        if not uri.startswith(self.url + "/") or "/../" in uri:
+            raise ArtifactError(f"{uri} is not in the artifact store {self.url}.")
+        path = self.fs._strip_protocol(uri)
+        try:
+            data: bytes = await asyncio.to_thread(self.fs.cat_file, path)
+        except (OSError, KeyError) as exc:
+            raise ArtifactError(f"Cannot read {uri} ({exc}).") from exc
+        return data
+
+
+def store_from_url(url: str, home: Path) -> ArtifactStore:
+    """The store ``url`` names (``AIPIPE_ARTIFACT_URL``); empty: ``home/artifacts``."""
+    if not url:
+        return LocalArtifactStore(home / "artifacts")
+    if url.startswith("file://"):
+        return LocalArtifactStore(Path(unquote(urlparse(url).path)))
+    return FsspecArtifactStore(url)

@@ -1,0 +1,105 @@
+"""One contract for every artifact store: the local directory and fsspec (``memory://``)."""
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from streams.artifacts.store import (
+    ArtifactError,
+    ArtifactStore,
+    FsspecArtifactStore,
+    LocalArtifactStore,
+    store_from_url,
+)
+from streams.generation.png import solid_png
+
+PNG = solid_png(b"contract")
+
+
+def local(tmp_path: Path) -> ArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+def memory(tmp_path: Path) -> ArtifactStore:
+    return FsspecArtifactStore(f"memory://aipipe-test/{uuid.uuid4().hex}")
+
+
+STORES = [pytest.param(local, id="local"), pytest.param(memory, id="fsspec-memory")]
+Factory = Callable[[Path], ArtifactStore]
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_put_returns_what_get_reads_back_by_its_sha256(make: Factory, tmp_path: Path) -> None:
+    store = make(tmp_path)
+    artifact = asyncio.run(store.put(PNG, "image/png"))
+    assert (artifact.mime_type, artifact.size) == ("image/png", len(PNG))
+    assert artifact.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert artifact.uri.endswith(f"/sha256/{artifact.sha256[:2]}/{artifact.sha256}.png")
+    assert asyncio.run(store.get(artifact.uri)) == PNG
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_the_same_bytes_are_stored_once_under_the_same_uri(
+    make: Factory, tmp_path: Path
+) -> None:
+    store = make(tmp_path)
+
+    async def twice() -> tuple[str, str, str]:
+        first = await store.put(PNG, "image/png")
+        again = await store.put(PNG, "image/png")
+        other = await store.put(b"hello\n", "text/plain")
+        return first.uri, again.uri, other.uri
+
+    first, again, other = asyncio.run(twice())
+    assert first == again != other
+    assert other.endswith(".txt")
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_uri_outside_the_store_is_refused(make: Factory, tmp_path: Path) -> None:
+    store = make(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not an artifact")
+    artifact = asyncio.run(store.put(PNG, "image/png"))
+    outside = [secret.as_uri(), "memory://elsewhere/x.png",
+               artifact.uri.rsplit("/sha256/", 1)[0] + "/../../secret.txt"]
+    for uri in outside:
+        with pytest.raises(ArtifactError, match="is not in the artifact store"):
+            asyncio.run(store.get(uri))
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_missing_object_is_an_artifact_error(make: Factory, tmp_path: Path) -> None:
+    store = make(tmp_path)
+    artifact = asyncio.run(store.put(PNG, "image/png"))
+    missing = artifact.uri.replace(artifact.sha256, "0" * 64)
+    with pytest.raises(ArtifactError, match="Cannot read"):
+        asyncio.run(store.get(missing))
+
+
+def test_the_local_store_leaves_no_temporary_files_and_no_second_copy(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    big = bytes(range(256)) * 2048  # over the inline-write size: written in a thread
+    for _ in range(3):
+        asyncio.run(store.put(big, "application/octet-stream"))
+        asyncio.run(store.put(PNG, "image/png"))
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                   if p.is_file())
+    digest_big, digest_png = (hashlib.sha256(b).hexdigest() for b in (big, PNG))
+    assert files == sorted([f"sha256/{digest_big[:2]}/{digest_big}.bin",
+                            f"sha256/{digest_png[:2]}/{digest_png}.png"])
+
+
+def test_the_url_setting_picks_the_adapter(tmp_path: Path) -> None:
+    default = store_from_url("", tmp_path)
+    assert isinstance(default, LocalArtifactStore) and default.root == tmp_path / "artifacts"
+    explicit = store_from_url((tmp_path / "elsewhere").as_uri(), tmp_path)
+    assert isinstance(explicit, LocalArtifactStore)
+    assert explicit.root == tmp_path / "elsewhere"
+    assert isinstance(store_from_url("memory://bucket/prefix", tmp_path), FsspecArtifactStore)
+    with pytest.raises(ArtifactError, match="AIPIPE_ARTIFACT_URL nosuch://b"):
+        store_from_url("nosuch://b/p", tmp_path)

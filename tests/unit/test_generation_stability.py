@@ -1,0 +1,136 @@
+"""Stability's Stable Image REST API through httpx against the local fake.
+
+Loopback only: the fake listens on 127.0.0.1 in this process; nothing leaves the machine.
+"""
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from schemas.events import OperationAdmitted, OperationCompleted
+from streams.artifacts.store import LocalArtifactStore
+from streams.generation import Generation
+from streams.generation.backoff import PollSchedule
+from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.outputs import StoringProvider
+from streams.generation.provider import ProviderError
+from streams.generation.stability import StabilityProvider
+from tests.support.fake_stability import FakeStability, image_bytes
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+PROMPT = "a lighthouse at dawn, watercolour"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStability]:
+    with FakeStability() as server:
+        yield server
+
+
+def provider(fake: FakeStability) -> StabilityProvider:
+    return StabilityProvider(api_key=SecretStr("sk-stab-123"), base_url=fake.base_url,
+                             timeout_seconds=5)
+
+
+def op(model: str, **params: Any) -> OperationAdmitted:
+    return OperationAdmitted(
+        request_id="r1", client_id="acme", operation_id="op-1", requested_at=NOW,
+        operation_type="image_generation", provider="stability", model=model,
+        params={"prompt": PROMPT, **params},
+    )
+
+
+def run(fake: FakeStability, store: LocalArtifactStore, operation: OperationAdmitted,
+        attempts: int = 1) -> OperationCompleted:
+    gen = Generation({"stability": StoringProvider(provider(fake), store)},
+                     ProviderGuard(retry=RetryPolicy(attempts, 0, 0)), PollSchedule())
+    [done] = asyncio.run(gen.run(operation))
+    assert isinstance(done, OperationCompleted)
+    return done
+
+
+@pytest.mark.parametrize(("model", "endpoint", "credits"), [
+    ("stable-image-ultra", "ultra", "8"),
+    ("stable-image-core", "core", "3"),
+    ("sd3.5-large", "sd3", "6.5"),
+    ("sd3.5-large-turbo", "sd3", "4"),
+    ("sd3.5-medium", "sd3", "3.5"),
+])
+def test_each_model_costs_its_credits_per_image_and_its_png_is_stored(
+    fake: FakeStability, tmp_path: Path, model: str, endpoint: str, credits: str
+) -> None:
+    store = LocalArtifactStore(tmp_path)
+    done = run(fake, store, op(model, aspect_ratio="16:9", seed=7))
+    assert done.success, done.error_message
+    assert done.usage.image_count == 1
+    assert done.cost_usd == Decimal(credits) / 100
+    png = image_bytes(PROMPT)
+    [output] = done.outputs
+    assert (output.mime_type, output.size, output.sha256) == (
+        "image/png", len(png), hashlib.sha256(png).hexdigest())
+    assert asyncio.run(store.get(output.uri)) == png
+    [call] = fake.requests
+    assert call.path == f"/v2beta/stable-image/generate/{endpoint}"
+    assert call.headers["authorization"] == "Bearer sk-stab-123"
+    assert call.headers["accept"] == "image/*"
+    expected = {"prompt": PROMPT, "aspect_ratio": "16:9", "seed": "7"}
+    if endpoint == "sd3":
+        expected["model"] = model
+    assert {k: v for k, v in call.body.items() if k != "none"} == expected
+
+
+def test_a_filtered_image_is_a_failed_operation_that_costs_nothing(
+    fake: FakeStability, tmp_path: Path
+) -> None:
+    fake.filtered.add(PROMPT)
+    done = run(fake, LocalArtifactStore(tmp_path), op("stable-image-core"))
+    assert not done.success and done.cost_usd == 0 and done.outputs == []
+    assert done.metadata["finish_reason"] == "CONTENT_FILTERED"
+
+
+@pytest.mark.parametrize(("status", "retryable"), [
+    (400, False), (401, False), (403, False), (404, False),
+    (429, True), (500, True), (503, True),
+])
+def test_statuses_map_to_retryable_or_not(
+    fake: FakeStability, status: int, retryable: bool
+) -> None:
+    fake.fail_next("core", status)
+    with pytest.raises(ProviderError) as caught:
+        asyncio.run(provider(fake).generate_image(op("stable-image-core")))
+    assert (caught.value.status, caught.value.retryable) == (status, retryable)
+    assert "sk-stab-123" not in str(caught.value)
+
+
+def test_a_retryable_failure_is_retried_and_completes(
+    fake: FakeStability, tmp_path: Path
+) -> None:
+    fake.fail_next("ultra", 503)
+    done = run(fake, LocalArtifactStore(tmp_path), op("stable-image-ultra"), attempts=2)
+    assert done.success and [c.status for c in fake.requests] == [503, 200]
+
+
+def test_an_unknown_model_fails_without_a_call(fake: FakeStability, tmp_path: Path) -> None:
+    done = run(fake, LocalArtifactStore(tmp_path), op("sdxl-1.0"))
+    assert not done.success and done.metadata["status"] == 404 and fake.requests == []
+
+
+def test_a_timeout_is_retryable() -> None:
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        host, port = silent.getsockname()
+        slow = StabilityProvider(api_key=SecretStr("k"), base_url=f"http://{host}:{port}",
+                                 timeout_seconds=0.3)
+        with pytest.raises(ProviderError) as caught:
+            asyncio.run(slow.generate_image(op("stable-image-core")))
+    assert caught.value.retryable and caught.value.status is None
