@@ -11,7 +11,15 @@ whose ``[default] limit`` replaces it and whose ``[clients.<id>]`` and
     [models."gemini-2.5-flash-image"]
     limit = "500/60s"
 
-A model without an entry has no model limit. ``LimitsSource`` looks at the file's
+A model without an entry has no model limit. A model's entry may also list fallbacks, the
+models generation runs an operation on while this model's circuit breaker is open (the
+first whose breaker is closed; ``provider/model``, or a bare model of the same provider);
+such an entry needs no limit::
+
+    [models."gpt-image-1"]
+    limit = "100/60s"
+    fallbacks = ["openai/dall-e-3", "stability/stable-image-core"]
+ ``LimitsSource`` looks at the file's
 modification time at most every ``reload_seconds`` and re-reads it when it changed, so a
 change applies to decisions within that time, without a restart. A malformed file is
 refused with one sentence naming the entry: at start that is an error; on a reload the
@@ -39,12 +47,39 @@ class Limits:
     default: Limit
     clients: Mapping[str, Limit] = field(default_factory=dict)
     models: Mapping[str, Limit] = field(default_factory=dict)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def for_client(self, client_id: str) -> Limit:
         return self.clients.get(client_id, self.default)
 
     def for_model(self, model: str) -> Limit | None:
         return self.models.get(model)
+
+    def fallbacks_for(self, provider: str, model: str) -> tuple[tuple[str, str], ...]:
+        """The ``(provider, model)`` pairs to try, in order, while ``model`` is down."""
+        routes = []
+        for entry in self.fallbacks.get(model, ()):
+            other, _, name = entry.rpartition("/")
+            routes.append((other or provider, name))
+        return tuple(routes)
+
+
+MAX_FALLBACKS = 8
+
+
+def _fallbacks(section: object, entry: str, model: str, source: str) -> tuple[str, ...]:
+    value = section.get("fallbacks", []) if isinstance(section, dict) else []
+    if (not isinstance(value, list) or len(value) > MAX_FALLBACKS
+            or not all(isinstance(v, str) and v.strip("/") and v.count("/") <= 1
+                       and v.rpartition("/")[2] for v in value)):
+        raise LimitError(
+            f"Entry {entry}.fallbacks of {source} must be a list of at most {MAX_FALLBACKS} "
+            'models such as ["openai/dall-e-3", "gemini-2.5-flash-image"]; fix it.'
+        )
+    if any(v.rpartition("/")[2] == model and "/" not in v for v in value):
+        raise LimitError(f"Entry {entry}.fallbacks of {source} names the model itself; "
+                         "remove it.")
+    return tuple(value)
 
 
 def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
@@ -72,10 +107,15 @@ def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
         return parse_limit(section["limit"], f"{entry}.limit in {source}")
 
     base = limit_of(data["default"], "[default]") if "default" in data else default
+    models = table("models")
+    fallbacks = {name: _fallbacks(s, f'[models."{name}"]', name, source)
+                 for name, s in models.items()}
     return Limits(
         default=base,
         clients={name: limit_of(s, f"[clients.{name}]") for name, s in table("clients").items()},
-        models={name: limit_of(s, f'[models."{name}"]') for name, s in table("models").items()},
+        models={name: limit_of(s, f'[models."{name}"]') for name, s in models.items()
+                if not (isinstance(s, dict) and "limit" not in s and fallbacks[name])},
+        fallbacks={name: routes for name, routes in fallbacks.items() if routes},
     )
 
 

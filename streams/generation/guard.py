@@ -9,6 +9,10 @@ a rebalance) says nothing about the provider's health: it is not retried and pro
 and a half-open circuit's trial is released on the way, so every exit of a trial call
 settles it. The state lives in the worker; the transitions are returned so the caller can
 emit them as events. Clock, sleep and randomness are injected.
+
+While a model's circuit is open, ``fallbacks`` names the models an operation may run on
+instead (from the limits file, see ``streams/admission/limits.py``); ``service.Generation``
+picks the first whose circuit is closed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -35,6 +39,11 @@ from streams.generation.provider import ProviderError
 
 T = TypeVar("T")
 PROVIDER_UNAVAILABLE = "provider_unavailable"
+Fallbacks = Callable[[str, str], Sequence[tuple[str, str]]]
+
+
+def _no_fallbacks(provider: str, model: str) -> Sequence[tuple[str, str]]:
+    return ()
 
 
 class CircuitOpenError(ProviderError):
@@ -83,14 +92,21 @@ class ProviderGuard:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        fallbacks: Fallbacks = _no_fallbacks,
     ) -> None:
         self.breaker = breaker or BreakerPolicy()
         self.retry = retry or RetryPolicy()
         self.clock, self.sleep, self.rand = clock, sleep, rand
         self.states: dict[tuple[str, str], BreakerState] = {}
+        # (provider, model) -> the (provider, model) pairs to run on while it is open
+        self.fallbacks = fallbacks
 
     def state(self, provider: str, model: str) -> BreakerState:
         return self.states.get((provider, model), CLOSED)
+
+    def is_open(self, provider: str, model: str) -> bool:
+        """The circuit is open (calls fail fast), whether or not its cool-down has passed."""
+        return self.state(provider, model).status != "closed"
 
     def _set(self, out: Guarded[T], provider: str, model: str, new: BreakerState,
              reason: str) -> None:

@@ -13,11 +13,13 @@ before the completion records them.
 from __future__ import annotations
 
 from infra.settings import Settings
+from streams.admission.limits import LimitsSource
+from streams.admission.window import parse_limit
 from streams.artifacts.store import ArtifactStore, store_from_url
 from streams.generation.backoff import PollSchedule
 from streams.generation.breaker import BreakerPolicy
 from streams.generation.gemini import GeminiProvider
-from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.guard import Fallbacks, ProviderGuard, RetryPolicy
 from streams.generation.openai_provider import OpenAIProvider
 from streams.generation.outputs import StoringProvider
 from streams.generation.provider import AIProvider
@@ -87,8 +89,19 @@ def poll_schedule(settings: Settings) -> PollSchedule:
     )
 
 
+def fallbacks_from_settings(settings: Settings) -> Fallbacks:
+    """The fallbacks of the limits file (``AIPIPE_RATE_LIMITS_FILE``), re-read as it
+    changes; none without a file."""
+    if settings.rate_limits_file is None:
+        return lambda provider, model: ()
+    source = LimitsSource(parse_limit(settings.rate_limit, "AIPIPE_RATE_LIMIT"),
+                          settings.rate_limits_file, settings.rate_limits_reload_seconds)
+    return lambda provider, model: source.current().fallbacks_for(provider, model)
+
+
 def guard_from_settings(settings: Settings) -> ProviderGuard:
     return ProviderGuard(
+        fallbacks=fallbacks_from_settings(settings),
         breaker=BreakerPolicy(
             threshold=settings.breaker_failure_threshold,
             window=settings.breaker_window_seconds,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -26,7 +27,8 @@ from schemas.events import (
     new_event_id,
     utcnow,
 )
-from schemas.prices import price_table_at
+from schemas.prices import PriceTable, price_table_at
+from streams.admission.params import ParamLimits, params_problem
 from streams.artifacts.store import ArtifactStore
 from streams.generation.backoff import PollSchedule
 from streams.generation.complete import completed, failed
@@ -128,14 +130,65 @@ class Generation:
                 return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
             result = job
         else:
-            call = (provider.generate_image if operation.operation_type == "image_generation"
-                    else provider.generate_text)
-            result = await self._guarded(events, operation, lambda: call(operation))
+            operation, result = await self._routed(events, operation, prices)
         assert isinstance(result, ProviderResult)
         if self.artifacts is not None:
             result = await store_result(result, self.artifacts, operation.provider)
         duration_ms = round((time.perf_counter() - started) * 1000)
         return [*events, completed(operation, result, prices, duration_ms, self.clock())]
+
+    async def _routed(
+        self, events: list[Event], operation: OperationAdmitted, prices: PriceTable
+    ) -> tuple[OperationAdmitted, ProviderResult]:
+        """Run an image or text operation on its model, or, while that model's circuit is
+        open, on the first fallback whose circuit is closed (``guard.fallbacks``).
+
+        Returns the operation as it ran (provider and model of the fallback, so it is
+        priced at that model) and the result, whose metadata names the requested model
+        and why another one ran.
+        """
+        requested = f"{operation.provider}/{operation.model}"
+        ran, result = operation, await self._attempt(events, operation)
+        tried: list[str] = []
+        down = not result.success and self.guard.is_open(operation.provider, operation.model)
+        for provider, model in self.guard.fallbacks(operation.provider, operation.model):
+            if not down:
+                break
+            tried.append(f"{ran.provider}/{ran.model}: {result.error_message}")
+            target = operation.model_copy(update={"provider": provider, "model": model})
+            why_not = self._unfit(target, prices)
+            if why_not is not None:  # passed over: the next one is tried
+                ran, result = target, failed(PROVIDER_UNAVAILABLE, why_not)
+                continue
+            ran, result = target, await self._attempt(events, target)
+            down = not result.success and self.guard.is_open(provider, model)
+        if ran is operation:
+            return ran, result
+        fallback = {"requested": requested, "ran": f"{ran.provider}/{ran.model}",
+                    "reason": "circuit_open", "tried": tried}
+        log.info("fallback", requested=requested, ran=fallback["ran"], success=result.success)
+        return ran, replace(result, metadata={**result.metadata, "fallback": fallback})
+
+    async def _attempt(self, events: list[Event], operation: OperationAdmitted) -> ProviderResult:
+        provider = self.providers[operation.provider]
+        call = (provider.generate_image if operation.operation_type == "image_generation"
+                else provider.generate_text)
+        result = await self._guarded(events, operation, lambda: call(operation))
+        assert isinstance(result, ProviderResult)
+        return result
+
+    def _unfit(self, target: OperationAdmitted, prices: PriceTable) -> str | None:
+        """Why ``target`` (a fallback) cannot run now, or ``None``."""
+        name = f"{target.provider}/{target.model}"
+        if target.provider not in self.providers:
+            return f"fallback {name}: provider not offered here"
+        if target.model not in prices.prices:
+            return f"fallback {name}: no price in price table {prices.version}"
+        if self.guard.state(target.provider, target.model).status != "closed":
+            return f"fallback {name}: its circuit is not closed either"
+        problem = params_problem(target.provider, target.operation_type, target.params,
+                                 ParamLimits())
+        return None if problem is None else f"fallback {name}: {problem}"
 
     async def poll(self, video: VideoStarted, attempt: int) -> list[Event]:
         """Poll ``video`` once (attempt ``attempt``) and decide what follows; never raises.

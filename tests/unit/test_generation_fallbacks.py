@@ -1,0 +1,161 @@
+"""Fallbacks: while a model's circuit is open, operations run on the first fallback whose
+circuit is closed, priced at that model, and the completion says so.
+
+The real SDKs against the local fakes: OpenAI answers 503s, Stability answers images.
+"""
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from infra.settings import Settings
+from schemas.events import OperationAdmitted, OperationCompleted, ProviderCircuitOpened
+from streams.admission.limits import limits_from_toml
+from streams.admission.window import LimitError, parse_limit
+from streams.artifacts.store import LocalArtifactStore
+from streams.generation import Generation
+from streams.generation.backoff import PollSchedule
+from streams.generation.breaker import BreakerPolicy
+from streams.generation.guard import ProviderGuard, RetryPolicy
+from streams.generation.openai_provider import OpenAIProvider
+from streams.generation.registry import guard_from_settings
+from streams.generation.stability import StabilityProvider
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_stability import FakeStability
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+LIMITS = """
+[models."gpt-image-1"]
+fallbacks = ["stability/stable-image-ultra", "stability/stable-image-core"]
+[models."gpt-4.1-mini"]
+limit = "10/60s"
+fallbacks = ["gpt-5-mini"]
+"""
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeOpenAI, FakeStability]]:
+    with FakeOpenAI() as openai_fake, FakeStability() as stability_fake:
+        yield openai_fake, stability_fake
+
+
+def op(n: int, model: str = "gpt-image-1", kind: str = "image_generation",
+       **params: Any) -> OperationAdmitted:
+    return OperationAdmitted(
+        request_id=f"r{n}", client_id="acme", operation_id=f"op-{n}", requested_at=NOW,
+        operation_type=kind, provider="openai", model=model,  # type: ignore[arg-type]
+        params={"prompt": f"a lighthouse, take {n}", **params},
+    )
+
+
+def generation(fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path) -> Generation:
+    openai_fake, stability_fake = fakes
+    limits = limits_from_toml(LIMITS, parse_limit("60/60s", "x"), "limits.toml")
+    guard = ProviderGuard(
+        breaker=BreakerPolicy(threshold=2, window=60, cooldown=300),
+        retry=RetryPolicy(attempts=2, base=0, cap=0),
+        fallbacks=limits.fallbacks_for,
+    )
+    providers = {
+        "openai": OpenAIProvider(api_key=SecretStr("k"), base_url=openai_fake.base_url),
+        "stability": StabilityProvider(api_key=SecretStr("k"), base_url=stability_fake.base_url),
+    }
+    return Generation(providers, guard, PollSchedule(), artifacts=LocalArtifactStore(tmp_path))
+
+
+def test_with_the_model_down_operations_complete_on_the_fallback_and_say_so(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    openai_fake, stability_fake = fakes
+    openai_fake.take_down("images", 503)
+    stability_fake.take_down("ultra", 503)  # the first fallback is down too
+    gen = generation(fakes, tmp_path)
+
+    async def three() -> list[list[Any]]:
+        return [await gen.run(op(n)) for n in (1, 2, 3)]
+
+    runs = asyncio.run(three())
+    completions = [e for events in runs for e in events if isinstance(e, OperationCompleted)]
+    assert [(c.operation_id, c.success, c.provider, c.model) for c in completions] == [
+        (f"op-{n}", True, "stability", "stable-image-core") for n in (1, 2, 3)]
+    assert all(c.cost_usd == Decimal("0.03") and len(c.outputs) == 1 for c in completions)
+    first, later = completions[0].metadata["fallback"], completions[1].metadata["fallback"]
+    assert first["requested"] == "openai/gpt-image-1"
+    assert first["ran"] == "stability/stable-image-core" and first["reason"] == "circuit_open"
+    assert first["tried"] == [
+        "openai/gpt-image-1: openai images.generate: 503 fake_503",
+        "stability/stable-image-ultra: stability ultra: 503 service_unavailable"]
+    assert later["tried"] == [
+        "openai/gpt-image-1: provider_unavailable",
+        "stability/stable-image-ultra: fallback stability/stable-image-ultra: its circuit is "
+        "not closed either"]
+    opened = [(e.provider, e.model) for events in runs for e in events
+              if isinstance(e, ProviderCircuitOpened)]
+    assert opened == [("openai", "gpt-image-1"), ("stability", "stable-image-ultra")]
+    # the open circuits are not called again: two attempts each, in the first operation
+    assert len(openai_fake.calls("images")) == 2 and len(stability_fake.calls("ultra")) == 2
+    assert len(stability_fake.calls("core")) == 3
+
+
+def test_a_fallback_that_cannot_take_the_params_is_passed_over(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    openai_fake, stability_fake = fakes
+    openai_fake.take_down("images", 503)
+    [*_, done] = asyncio.run(generation(fakes, tmp_path).run(op(1, quality="high")))
+    assert isinstance(done, OperationCompleted) and not done.success
+    assert (done.provider, done.model, done.cost_usd) == ("stability", "stable-image-core", 0)
+    assert "params.quality' is not taken by stability" in (done.error_message or "")
+    assert stability_fake.requests == []
+
+
+def test_a_permanent_error_does_not_fall_back(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    openai_fake, stability_fake = fakes
+    openai_fake.fail_next("images", 400)
+    [done] = asyncio.run(generation(fakes, tmp_path).run(op(1)))
+    assert isinstance(done, OperationCompleted) and not done.success
+    assert (done.provider, done.model) == ("openai", "gpt-image-1")
+    assert "fallback" not in done.metadata and stability_fake.requests == []
+
+
+def test_a_bare_fallback_model_is_of_the_same_provider(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    openai_fake, _ = fakes
+    openai_fake.fail_next("chat", 503, 503)
+    [*_, done] = asyncio.run(generation(fakes, tmp_path).run(
+        op(1, "gpt-4.1-mini", "text_generation")))
+    assert isinstance(done, OperationCompleted) and done.success
+    assert (done.provider, done.model) == ("openai", "gpt-5-mini")
+    assert [c.body["model"] for c in openai_fake.calls("chat")] == [
+        "gpt-4.1-mini", "gpt-4.1-mini", "gpt-5-mini"]
+
+
+def test_the_limits_file_parses_fallbacks_and_refuses_bad_ones() -> None:
+    limits = limits_from_toml(LIMITS, parse_limit("60/60s", "x"), "f.toml")
+    assert set(limits.models) == {"gpt-4.1-mini"}  # a fallbacks-only entry has no limit
+    assert limits.fallbacks_for("openai", "gpt-image-1") == (
+        ("stability", "stable-image-ultra"), ("stability", "stable-image-core"))
+    assert limits.fallbacks_for("openai", "gpt-4.1-mini") == (("openai", "gpt-5-mini"),)
+    assert limits.fallbacks_for("openai", "dall-e-3") == ()
+    for bad in ('fallbacks = "dall-e-3"', "fallbacks = [1]", 'fallbacks = ["a/b/c"]',
+                'fallbacks = ["m"]'):
+        with pytest.raises(LimitError, match=r'Entry \[models\."m"\]\.fallbacks of f\.toml'):
+            limits_from_toml(f'[models."m"]\nlimit = "1/1s"\n{bad}', parse_limit("1/1s", "x"),
+                             "f.toml")
+
+
+def test_the_guard_from_settings_reads_fallbacks_from_the_limits_file(tmp_path: Path) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text(LIMITS)
+    guard = guard_from_settings(Settings(rate_limits_file=path))
+    assert guard.fallbacks("openai", "gpt-4.1-mini") == (("openai", "gpt-5-mini"),)
+    assert guard_from_settings(Settings()).fallbacks("openai", "gpt-4.1-mini") == ()
