@@ -2,14 +2,21 @@
 
 With the embedded ClickHouse (chDB) the process running the cost sink owns the database
 path and serves read queries to other processes on a loopback HTTP endpoint.
+
+The sinks, the rollup sealer and a probe of the read endpoint run as threads under one
+``infra.supervise.Supervisor``: when one dies the process stops and exits with code 70
+(``EXIT_THREAD_DIED``), after a ``worker_thread_died`` log line and a Sentry event.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any, Literal
 
 import structlog
@@ -17,8 +24,10 @@ import structlog
 from consumers.costs.budgets import BudgetProjector, BudgetStore
 from consumers.costs.sink import CostSink
 from consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from infra.logging import report_exception
 from infra.queryserver import Limits, QueryServer
 from infra.settings import Settings
+from infra.supervise import Supervisor, end_process
 from infra.topics import ensure_topics
 
 Role = Literal["all", "streams", "costs"]
@@ -44,6 +53,10 @@ def sink_options(settings: Settings, name: str) -> dict[str, Any]:
         "max_rows": settings.sink_batch_size,
         "max_seconds": settings.sink_batch_seconds,
         "session_timeout_ms": int(settings.worker_session_timeout_seconds * 1000),
+        "max_poll_interval_ms": int(settings.sink_max_poll_interval_seconds * 1000),
+        "retry_base_seconds": settings.sink_retry_base_seconds,
+        "retry_cap_seconds": settings.sink_retry_cap_seconds,
+        "report": partial(report_exception, stage=name),
     }
 
 
@@ -56,7 +69,9 @@ def budget_projector(settings: Settings, client: Any) -> BudgetProjector:
     )
 
 
-def archive_thread(settings: Settings, stop: threading.Event) -> threading.Thread:
+def archive_thread(
+    settings: Settings, stop: threading.Event, supervisor: Supervisor
+) -> threading.Thread:
     """Every message of every topic into ``events_archive`` (see consumers/archive)."""
     from consumers.archive import ArchiveSink, ArchiveStore
 
@@ -67,26 +82,39 @@ def archive_thread(settings: Settings, stop: threading.Event) -> threading.Threa
         keep_prompts=settings.archive_prompts,
         **sink_options(settings, "archive"),
     )
-    thread = threading.Thread(target=sink.run, args=(stop,), name="event-archive", daemon=True)
-    thread.start()
-    return thread
+    return supervisor.start("event-archive", sink.run, stop)
 
 
-def sealer_thread(settings: Settings, stop: threading.Event) -> threading.Thread:
+def sealer_thread(
+    settings: Settings, stop: threading.Event, supervisor: Supervisor
+) -> threading.Thread:
     """Seal the daily rollups of closed days (see consumers/rollups)."""
     from consumers.rollups import Sealer
 
     sealer = Sealer(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
-                    settings.clickhouse_database, settings.rollup_seal_seconds)
-    thread = threading.Thread(target=sealer.run, args=(stop,), name="rollup-sealer",
-                              daemon=True)
-    thread.start()
-    return thread
+                    settings.clickhouse_database, settings.rollup_seal_seconds,
+                    max_failures=settings.rollup_seal_max_failures)
+    return supervisor.start("rollup-sealer", sealer.run, stop)
+
+
+def answers_ping(url: str, timeout: float = 10.0) -> bool:
+    """Whether the read endpoint at ``url`` answers ClickHouse's ``/ping``."""
+    with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
+        return bool(response.status == 200)
+
+
+def process_supervisor(settings: Settings) -> Supervisor:
+    """A supervisor that stops this process the way ``aipipe run`` stops on SIGTERM."""
+    return Supervisor(request_stop=lambda: os.kill(os.getpid(), signal.SIGTERM),
+                      grace_seconds=settings.worker_exit_grace_seconds)
 
 
 @contextmanager
-def cost_sink_thread(settings: Settings) -> Iterator[CostSink]:
+def cost_sink_thread(
+    settings: Settings, supervisor: Supervisor | None = None
+) -> Iterator[CostSink]:
     """Run the cost sink (and, embedded, the read endpoint) in threads for the block."""
+    supervisor = supervisor or process_supervisor(settings)
     client = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
     sink = CostSink(
         topic=settings.topics.completed,
@@ -102,38 +130,58 @@ def cost_sink_thread(settings: Settings) -> Iterator[CostSink]:
         server.start()
         log.info("query_endpoint_started", url=server.url)
     stop = threading.Event()
-    thread = threading.Thread(target=sink.run, args=(stop,), name="cost-sink", daemon=True)
-    thread.start()
+    threads = [supervisor.start("cost-sink", sink.run, stop)]
     projector = budget_projector(
         settings, open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
     )
-    budgets = threading.Thread(target=projector.run, args=(stop,),
-                               name="budget-projector", daemon=True)
-    budgets.start()
-    archive = archive_thread(settings, stop) if settings.archive_events else None
-    sealer = sealer_thread(settings, stop)
+    threads.append(supervisor.start("budget-projector", projector.run, stop))
+    if settings.archive_events:
+        threads.append(archive_thread(settings, stop, supervisor))
+    threads.append(sealer_thread(settings, stop, supervisor))
+    if server is not None:  # its serving thread is the server's own: probe it from outside
+        threads.append(supervisor.watch("query-endpoint", partial(answers_ping, server.url),
+                                        stop))
     try:
         yield sink
     finally:
         stop.set()
-        thread.join(timeout=30)
-        budgets.join(timeout=30)
-        if archive is not None:
-            archive.join(timeout=30)
-        sealer.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         if server is not None:
             server.stop()
 
 
 def run(settings: Settings, role: Role = "all") -> None:
+    """Run ``role`` until SIGTERM/SIGINT; exit 70 when a supervised thread died.
+
+    A process that owns ClickHouse ends with ``end_process(0)`` once everything is
+    closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
+    """
     prepare_topics(settings)
-    if role == "costs":
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        with cost_sink_thread(settings):
-            done.wait()
+    if role == "streams":
+        _run_streams(settings, role)
         return
+    supervisor = process_supervisor(settings)
+    try:
+        if role == "costs":
+            done = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: done.set())
+            with cost_sink_thread(settings, supervisor):
+                done.wait()
+        else:
+            _run_streams(settings, role, supervisor)
+    finally:
+        supervisor.exit_if_failed()
+    log.info("worker_stopped", role=role)
+    end_process(0)
+
+
+def _stop_on_sigterm(*_: Any) -> None:
+    raise SystemExit(0)  # until faust installs its own handler: stop, then exit_if_failed
+
+
+def _run_streams(settings: Settings, role: Role, supervisor: Supervisor | None = None) -> None:
     from faust import Worker
 
     from streams.app import create_app
@@ -143,8 +191,9 @@ def run(settings: Settings, role: Role = "all") -> None:
     # faust's progress spinner sets the root logger to DEBUG so that it turns on every
     # record: every aiokafka send then builds a debug record (~8 % of a busy worker)
     worker.spinner = None
-    if role == "streams":
+    if supervisor is None:
         worker.execute_from_commandline()
         return
-    with cost_sink_thread(settings), suppress(SystemExit):
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with cost_sink_thread(settings, supervisor), suppress(SystemExit):
         worker.execute_from_commandline()

@@ -214,6 +214,22 @@ class Settings(BaseSettings):
     archive_prompts: bool = Field(
         False, description="Keep prompt text in events_archive (default: a hash and a length)."
     )
+    # -- sinks: retries and supervision --
+    sink_retry_base_seconds: float = Field(
+        0.5, gt=0, description="First wait before a ClickHouse write that failed transiently."
+    )
+    sink_retry_cap_seconds: float = Field(
+        30.0, gt=0, description="Longest wait between retries; a write is retried until it lands."
+    )
+    sink_max_poll_interval_seconds: float = Field(
+        300.0, ge=1, description="librdkafka max.poll.interval.ms of the sinks' consumers."
+    )
+    rollup_seal_max_failures: int = Field(
+        10, ge=1, description="Failed seal rounds in a row before the process exits (code 70)."
+    )
+    worker_exit_grace_seconds: float = Field(
+        20.0, gt=0, description="After a worker thread died: time for a clean stop before exit 70."
+    )
 
     @field_validator("rate_limit")
     @classmethod

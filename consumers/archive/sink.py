@@ -115,7 +115,11 @@ class ArchiveProjection:
 
 
 class ArchiveSink(BatchingSink[ArchiveRow]):
-    """Every message of ``topics`` into the archive; nothing is dead-lettered here."""
+    """Every message of ``topics`` into the archive, invalid events included (as such).
+
+    Only a message whose row ClickHouse refuses is dead-lettered (see ``BatchingSink``);
+    one from the dead-letter topic itself is logged and skipped, never sent back to it.
+    """
 
     def __init__(self, *, topics: Sequence[str], deadletter_topic: str, store: ArchiveStore,
                  keep_prompts: bool = False, **options: Any) -> None:

@@ -1,8 +1,8 @@
 """The cost sink: completed operations from Kafka, in batches, into ``ai_cost_tracking``.
 
-The loop, batching and commit order are ``consumers.sink.BatchingSink``'s; this module
-says how a message becomes a cost row. Exactness after redeliveries comes from the store:
-the batch's deduplication token and ``ReplacingMergeTree`` read with ``FINAL``.
+The loop, batching, commit order and error policy are ``consumers.sink.BatchingSink``'s;
+this module says how a message becomes a cost row. Exactness after redeliveries comes from
+the store: the batch's deduplication token and ``ReplacingMergeTree`` read with ``FINAL``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from confluent_kafka import Message
 
 from consumers.costs.rows import CostRow, row_from_completed
@@ -33,7 +34,13 @@ class CostProjection:
                 f"Field 'event_type' is {event.event_type!r} on {topic}, which carries "
                 "only operation.completed events; send it to its own topic."
             )
-        return [row_from_completed(event, topic, partition, offset)]
+        try:
+            return [row_from_completed(event, topic, partition, offset)]
+        except orjson.JSONEncodeError as exc:  # the only JSON the row makes is its metadata
+            raise EventDecodeError(
+                f"Field 'metadata' of this operation.completed event cannot be stored as "
+                f"JSON ({exc}); keep it under 255 levels of nesting, its integers within 64 bits."
+            ) from exc
 
     def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
         self.store.write(rows, dedup_token=dedup_token)

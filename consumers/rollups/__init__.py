@@ -6,12 +6,16 @@ bucket's ``rows``, computes the bucket from ``ai_cost_tracking FINAL``, reads ``
 again, and seals the buckets whose ``rows`` did not move in between, with that count. The
 view trusts a seal only while the count still matches, so a row that arrives at any
 moment sends its bucket back to the raw table until the next seal.
+
+A failed round is retried at the next one. A fatal engine error (see
+``consumers.sink.classify``), or ``max_failures`` failed rounds in a row, raise
+``RollupSealError`` out of ``run``: its supervisor then takes the process down.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,18 +24,44 @@ import structlog
 
 from consumers.costs.rows import to_millis
 from consumers.costs.store import database_name
+from consumers.sink import FailureKind, classify
+from schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.rollups")
 Key = tuple[str, date, str, str]
+# the sealed table is partitioned by month, and ClickHouse refuses an insert that spans
+# more than max_partitions_per_insert_block (100) of them: history can span more
+MONTHS_PER_INSERT = 50
+
+
+def by_months(rows: list[list[Any]], months: int) -> Iterator[list[list[Any]]]:
+    """``rows`` (whose first value is their day) in chunks of at most ``months`` months."""
+    chunk: list[list[Any]] = []
+    seen: set[tuple[int, int]] = set()
+    for row in sorted(rows, key=lambda r: r[0]):
+        month = (row[0].year, row[0].month)
+        if month not in seen and len(seen) == months:
+            yield chunk
+            chunk, seen = [], set()
+        seen.add(month)
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
+class RollupSealError(AipipeError):
+    """Sealing cannot go on: the engine is unusable, or every round has failed for a while."""
 
 
 class Sealer:
     def __init__(self, client: Any, database: str, interval: float = 60.0,
-                 today: Callable[[], date] = lambda: datetime.now(UTC).date()) -> None:
+                 today: Callable[[], date] = lambda: datetime.now(UTC).date(),
+                 max_failures: int = 10) -> None:
         self.client = client
         self.db = f"`{database_name(database)}`"
         self.interval = interval
         self.today = today
+        self.max_failures = max_failures
 
     def _rows(self, before: date) -> dict[Key, int]:
         sql = (
@@ -74,21 +104,37 @@ class Sealer:
             if key in first and again.get(key) == first[key]:
                 rows.append([d, c, t, m, int(ops), int(ok), Decimal(cost), int(duration),
                              first[key], now])
-        if rows:
+        for chunk in by_months(rows, MONTHS_PER_INSERT):
             self.client.insert(
-                "ai_cost_daily_sealed", rows,
+                "ai_cost_daily_sealed", chunk,
                 column_names=["day", "client_id", "operation_type", "model", "operations",
                               "successes", "cost_usd", "duration_ms", "rows_at_seal",
                               "sealed_at"],
                 database=self.db.strip("`"),
             )
+        if rows:
             log.info("rollups_sealed", buckets=len(rows), before=before.isoformat())
         return len(rows)
 
     def run(self, stop: threading.Event) -> None:
+        failures = 0
         while not stop.is_set():
             try:
                 self.seal()
+                failures = 0
             except Exception as exc:  # a failed round is retried at the next one
-                log.warning("rollup_seal_failed", error=str(exc))
+                failures += 1
+                failure = classify(exc)
+                log.warning("rollup_seal_failed", error=failure.reason, kind=failure.kind.value,
+                            failures=failures, max_failures=self.max_failures)
+                if failure.kind is FailureKind.FATAL:
+                    raise RollupSealError(
+                        f"Sealing the rollups met a fatal engine error "
+                        f"({failure.reason.rstrip('.')}); the process must restart."
+                    ) from exc
+                if failures >= self.max_failures:
+                    raise RollupSealError(
+                        f"Sealing the rollups failed {failures} rounds in a row, the last "
+                        f"with: {failure.reason.rstrip('.')}; the process must restart."
+                    ) from exc
             stop.wait(self.interval)
