@@ -179,6 +179,45 @@ def emit(
             click.echo(event.event_id)
 
 
+@cli.command()
+@click.argument("wanted", metavar="OPERATION_OR_REQUEST_ID")
+@click.option("--wait", is_flag=True, help="Wait for the outcome if it is not there yet.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the outputs' bytes into this directory.")
+@pass_ctx
+def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | None) -> None:
+    """Print the outcome (completion or rejection) of an operation as JSON."""
+    import asyncio
+
+    from producers.results import find_outcome
+    from schemas.events import OperationCompleted, encode
+    from streams.artifacts.store import EXTENSIONS, ArtifactError, store_from_url
+
+    s = ctx.settings
+    outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0)
+    if outcome is None:
+        hint = "" if wait else "; add --wait to wait for it"
+        raise click.ClickException(
+            f"No outcome for {wanted} yet{' within ' + format(timeout, 'g') + 's' if wait else ''}"
+            f"{hint}."
+        )
+    click.echo(encode(outcome).decode())
+    if out is None or not isinstance(outcome, OperationCompleted):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    store = store_from_url(s.artifact_url, s.home)
+    for number, output in enumerate(outcome.outputs):
+        name = f"{outcome.operation_id}-{number}{EXTENSIONS.get(output.mime_type, '.bin')}"
+        try:
+            data = asyncio.run(store.get(output.uri))
+        except ArtifactError as exc:
+            click.echo(f"not written: {exc}", err=True)
+            continue
+        (out / name).write_bytes(data)
+        click.echo(str(out / name), err=True)
+
+
 # -- queries ---------------------------------------------------------------------------
 
 
