@@ -12,7 +12,12 @@ committed offset yet, which is every partition when a pipeline starts:
 2. faust then commits the end of the first run of acknowledgements it has. With no
    committed offset it does not check where that run starts, so the first commit jumps
    over the dropped records, and the next owner of the partition starts there.
-3. A message taken from an agent's queue while the flow is stopped, or fetched under an
+3. Its check that the run starts where the partition's committed offset is lets a gap
+   of exactly one offset through (``min(acked) - committed > 1``), and is skipped when
+   the committed offset is unknown or 0. With acknowledgements out of order (many
+   operations in flight, or already-handled events acknowledged ahead of a batch), it
+   commits past a message still being handled.
+4. A message taken from an agent's queue while the flow is stopped, or fetched under an
    earlier generation of the group, is skipped and acknowledged all the same, so its
    offset counts as handled; acknowledgements that arrive after a revocation outlive
    it into the next generation.
@@ -22,7 +27,10 @@ offsets of some partitions (``tests/e2e/test_scaling.py``), with committed offse
 high watermark and no error. ``SafeSeekConsumer`` closes each path:
 
 * a seek back to committed offsets seeks a partition without one to its beginning (the
-  pipeline consumes with ``auto_offset_reset=earliest``), so dropped records come again;
+  pipeline consumes with ``auto_offset_reset=earliest``), so dropped records come again,
+  and remembers where each partition's fetch starts;
+* a commit covers only the unbroken run of acknowledgements that begins exactly at the
+  committed offset (or, before the first commit, where the fetch started);
 * a message that no stream took in (never tracked) or that was fetched under an earlier
   generation is never counted as acknowledged: it is fetched again after the seek, and
   every effect is idempotent by ``event_id``;
@@ -36,6 +44,7 @@ from typing import Any
 
 import structlog
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.utils.functional import consecutive_numbers
 
 log = structlog.get_logger("aipipe.streams.consumer")
 
@@ -44,6 +53,10 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer without the three ways to commit past unhandled events."""
 
     dropped_acks = 0  # for tests and metrics: acknowledgements that were not counted
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._starts: dict[Any, int] = {}  # where each partition's fetch (re)started
 
     def ack(self, message: Any) -> bool:
         acking = self.app.topics.acks_enabled_for(message.topic)
@@ -61,7 +74,48 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
                     if (offset is None or offset <= 0) and not self._is_changelog_tp(tp)]
         if unsought:
             await self._thread.seek_to_beginning(*unsought)
+        for tp, offset in committed.items():
+            if self._is_changelog_tp(tp):
+                continue
+            try:
+                start = offset if tp not in unsought else await self._thread.position(tp)
+            except Exception as exc:  # unknown start: no commit until the next seek
+                log.warning("fetch_start_unknown", partition=str(tp), error=str(exc))
+                continue
+            if start is not None:
+                self._starts[tp] = start
         return committed
+
+    def _new_offset(self, tp: Any) -> int | None:
+        """The end of the unbroken run of acknowledgements from where ``tp`` must resume."""
+        acked: list[int] = self._acked[tp]
+        if not acked:
+            return None
+        gaps = self._gap[tp]  # offsets the broker never returned (markers, compaction)
+        if gaps:
+            top = max(acked)
+            filled = sorted(gaps.overlap(0, top), key=lambda interval: interval.begin)
+            if filled:
+                extra = [n for interval in filled for n in range(interval.begin, interval.end)]
+                acked.extend(extra)
+                gaps.chop(0, max(extra[-1], top + 1))
+        acked.sort()
+        committed = self._committed_offset[tp]
+        expected = committed if committed is not None else self._starts.get(tp)
+        if expected is None:
+            return None  # where the run must start is not known yet: commit nothing
+        below = 0
+        while below < len(acked) and acked[below] < expected:
+            below += 1
+        if below:  # already committed (a redelivery's second acknowledgement)
+            self._acked_index[tp].difference_update(acked[:below])
+            del acked[:below]
+        if not acked or acked[0] != expected:
+            return None  # the message at ``expected`` is still being handled
+        run = next(consecutive_numbers(acked))
+        del acked[: len(run)]
+        self._acked_index[tp].difference_update(run)
+        return int(run[-1]) + 1
 
     async def on_partitions_assigned(self, assigned: Set[Any], generation_id: int = 0) -> None:
         stale = 0
@@ -71,6 +125,7 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
             self._gap.pop(tp, None)
             self._read_offset.pop(tp, None)
             self._committed_offset.pop(tp, None)
+            self._starts.pop(tp, None)
         if stale:
             log.info("stale_acks_cleared", offsets=stale, generation=generation_id)
         await super().on_partitions_assigned(assigned, generation_id)

@@ -74,6 +74,9 @@ def test_sigkill_and_restart_of_the_whole_pipeline_loses_nothing(settings: Setti
             print(f"cycle {cycle}: {len(produced)} done {time.monotonic() - started:.1f}s "
                   "after the restart")
         assert ledger.problems(produced) == []
+    except BaseException:
+        worker.kill()
+        raise
     finally:
         ledger.close()
     costs_settled(settings, worker, requests=len(produced))

@@ -257,6 +257,9 @@ def test_a_poison_corpus_among_valid_traffic_loses_and_stops_nothing(
         assert unanswered == []
         assert rejected_ids.isdisjoint(ledger.completion_ids)  # a rejection never runs
         assert "worker_part_failed" not in worker.log_path.read_text()
+    except BaseException:
+        worker.kill()
+        raise
     finally:
         ledger.close()
     costs_settled(settings, worker, requests=VALID, clients=CLIENTS)

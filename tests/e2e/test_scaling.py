@@ -23,6 +23,7 @@ import pytest
 from infra.processes import WorkerProcess, wait_for
 from infra.runner import prepare_topics
 from infra.settings import Settings
+from schemas.events import OperationRequested
 from tests.support.ledger import (
     IMAGE_COST,
     Ledger,
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.e2e
 REQUESTS = int(os.environ.get("AIPIPE_SCALE_REQUESTS", "12000"))
 ROUNDS = int(os.environ.get("AIPIPE_SCALE_ROUNDS", "1"))
 CLIENTS = 50
+STALL_SECONDS = 120  # no completion for this long: something was lost (or wedged)
 
 
 def scaled(settings: Settings) -> Settings:
@@ -59,29 +61,47 @@ def run_round(settings: Settings, workers: int, churn: bool) -> None:
                for k in range(workers)]
     ledger = Ledger(settings)
     try:
-        def progressed(at: int) -> bool:
-            ledger.poll()
-            for worker in [costs, *streams[1:]]:
-                assert worker.alive(), worker.log_tail()
-            return ledger.completed() >= at
-
-        if churn:  # a worker joins, then another dies without a word, both mid-run
-            wait_for(lambda: progressed(REQUESTS // 5), 300, "a fifth of the completions")
-            streams.append(WorkerProcess(
-                settings, "streams", log_path=home / "streams-added.log").start())
-            wait_for(lambda: progressed(REQUESTS // 2), 300, "half of the completions")
-            streams[0].kill()
-        wait_for(lambda: progressed(REQUESTS), 600,
-                 f"{REQUESTS} completions (have {ledger.completed()})")
-        deadline = time.monotonic() + 5  # duplicates that are still on their way
-        while time.monotonic() < deadline:
-            ledger.poll()
-        assert ledger.problems(r.event_id for r in requests) == []
-        assert sum(ledger.reasons.values()) == 0
+        settle(settings, ledger, costs, streams, requests, churn)
     finally:
         ledger.close()
-        for worker in streams:
-            worker.stop()
+        for worker in [*streams, costs]:
+            worker.stop()  # a no-op for those already stopped
+
+
+def settle(
+    settings: Settings, ledger: Ledger, costs: WorkerProcess, streams: list[WorkerProcess],
+    requests: list[OperationRequested], churn: bool,
+) -> None:
+    """Run the round to its end and check every outcome (the caller cleans up)."""
+    home = settings.home
+    moved = [time.monotonic(), -1]  # when the completions last moved, and their count
+    def progressed(at: int) -> bool:
+        ledger.poll()
+        for worker in [costs, *streams[1:]]:
+            assert worker.alive(), worker.log_tail()
+        if ledger.completed() != moved[1]:
+            moved[:] = [time.monotonic(), ledger.completed()]
+        stalled = time.monotonic() - moved[0]
+        assert stalled < STALL_SECONDS, (
+            f"no completion for {stalled:.0f} s at {ledger.completed()} of {len(requests)}: "
+            f"{ledger.problems(r.event_id for r in requests)[:5]}")
+        return ledger.completed() >= at
+
+    if churn:  # a worker joins, then another dies without a word, both mid-run
+        wait_for(lambda: progressed(REQUESTS // 5), 300, "a fifth of the completions")
+        streams.append(WorkerProcess(
+            settings, "streams", log_path=home / "streams-added.log").start())
+        wait_for(lambda: progressed(REQUESTS // 2), 300, "half of the completions")
+        streams[0].kill()
+    wait_for(lambda: progressed(REQUESTS), 600,
+             f"{REQUESTS} completions (have {ledger.completed()})")
+    deadline = time.monotonic() + 5  # duplicates that are still on their way
+    while time.monotonic() < deadline:
+        ledger.poll()
+    assert ledger.problems(r.event_id for r in requests) == []
+    assert sum(ledger.reasons.values()) == 0
+    for worker in streams:
+        worker.stop()
     costs_settled(settings, costs, requests=len(requests), clients=CLIENTS)
 
 
