@@ -6,9 +6,12 @@
 - video: ``video_seconds`` = ``params.duration_seconds`` (default 8), done on poll
   ``params.simulate.polls`` (default from settings)
 
-Outputs are deterministic too: an image is a small PNG whose colour follows from the
-operation id and the image's index, a text a short line naming the operation, so the
-artifact path runs in the demo and the tests, and a re-run yields the very same bytes.
+Outputs are deterministic too, functions of the request as a cache's would be: an image
+is a small PNG whose colour follows from the model, the prompt and the image's index, a
+text a short line with its token count. So the artifact path runs in the demo, the tests
+and the benchmarks, a re-run yields the very same bytes, and the same request yields the
+same object in the content-addressed store (a benchmark does not create a file per
+operation).
 
 Scripted per request in ``params.simulate`` (defaults from settings):
 ``{"latency_ms": 50, "polls": 5, "fail": false}``, bounded by ``max_latency_ms`` and
@@ -59,13 +62,17 @@ def simulated_usage(operation_type: str, params: dict[str, Any]) -> Usage:
 
 def simulated_outputs(operation: OperationAdmitted, usage: Usage) -> tuple[ProviderOutput, ...]:
     """The bytes a simulated image or text operation returns (the same on every run)."""
-    seed = operation.operation_id.encode()
     if operation.operation_type == "image_generation":
-        return tuple(ProviderOutput("image/png", data=solid_png(seed + b"/%d" % i))
+        return tuple(ProviderOutput("image/png", data=simulated_png(operation, i))
                      for i in range(usage.image_count or 0))
-    text = (f"Simulated answer for operation {operation.operation_id}: "
-            f"{usage.output_tokens or 0} tokens.\n")
+    text = f"Simulated answer: {usage.output_tokens or 0} tokens.\n"
     return (ProviderOutput("text/plain", data=text.encode()),)
+
+
+def simulated_png(operation: OperationAdmitted, index: int) -> bytes:
+    """Image ``index`` of a simulated image operation."""
+    prompt = str(operation.params.get("prompt", ""))
+    return solid_png(f"{operation.model}\n{prompt}\n{index}".encode())
 
 
 def _share(operation_id: str) -> float:

@@ -37,6 +37,11 @@ def requested(n: int, **params: Any) -> OperationRequested:
     )
 
 
+def expected_png(request: OperationRequested) -> bytes:
+    """What the simulated provider draws for the request (see ``simulated_png``)."""
+    return solid_png(f"{request.model}\n{request.params['prompt']}\n0".encode())
+
+
 def aipipe(
     settings: Settings, *args: str, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
@@ -73,7 +78,7 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
             assert isinstance(outcome, OperationCompleted) and outcome.success
             assert outcome.operation_id == request.event_id
             [output] = outcome.outputs
-            png = solid_png(request.event_id.encode() + b"/0")
+            png = expected_png(request)
             assert (output.sha256, output.size) == (hashlib.sha256(png).hexdigest(), len(png))
             assert asyncio.run(store.get(output.uri)) == png
 
@@ -84,7 +89,7 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
         assert decode(shown.stdout.encode()) == outcomes[0]
         [written] = (tmp_path / "out").iterdir()
         assert written.name == f"{first.event_id}-0.png"
-        assert written.read_bytes() == solid_png(first.event_id.encode() + b"/0")
+        assert written.read_bytes() == expected_png(first)
         by_request = aipipe(settings, "result", invalid.request_id)
         assert by_request.returncode == 0 and decode(by_request.stdout.encode()) == refused
 

@@ -83,7 +83,7 @@ def test_a_missing_object_is_an_artifact_error(make: Factory, tmp_path: Path) ->
 
 def test_the_local_store_leaves_no_temporary_files_and_no_second_copy(tmp_path: Path) -> None:
     store = LocalArtifactStore(tmp_path)
-    big = bytes(range(256)) * 2048  # over the inline-write size: written in a thread
+    big = bytes(range(256)) * 2048
     for _ in range(3):
         asyncio.run(store.put(big, "application/octet-stream"))
         asyncio.run(store.put(PNG, "image/png"))

@@ -112,7 +112,7 @@ def test_outputs_are_deterministic_pngs_and_text_stored_once_across_re_runs(
     [done] = asyncio.run(gen.run(text))
     assert isinstance(done, OperationCompleted)
     [output] = done.outputs
-    assert output.text == "Simulated answer for operation op-2: 256 tokens.\n"
+    assert output.text == "Simulated answer: 256 tokens.\n"
     assert asyncio.run(store.get(output.uri)) == output.text.encode()
 
 
