@@ -1,0 +1,129 @@
+"""Each provider end to end through the pipeline against its local fake: OpenAI (openai
+SDK), Stability (httpx) and Gemini (google-genai), and a fallback while a model is down.
+
+A real ``aipipe run streams`` worker on the local Kafka; requests go in as
+``operation.requested`` through ``ResultClient.submit``; the outputs' bytes at their URIs
+are what the fakes returned, and each cost is the price table's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from infra.processes import WorkerProcess
+from infra.runner import prepare_topics
+from infra.settings import Settings
+from producers.results import ResultClient
+from schemas.events import OperationCompleted, OperationRequested, Usage
+from schemas.prices import price_table_at
+from streams.artifacts.store import LocalArtifactStore
+from tests.support import fake_openai, fake_stability
+from tests.support.fake_gemini import PNG as GEMINI_PNG
+from tests.support.fake_gemini import FakeGemini
+from tests.support.fake_gemini import prompt_tokens as gemini_tokens
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_stability import FakeStability
+
+pytestmark = pytest.mark.e2e
+PROMPT = "a lighthouse at dawn, watercolour"
+LIMITS = '[models."dall-e-3"]\nfallbacks = ["stability/stable-image-core"]\n'
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeOpenAI, FakeStability, FakeGemini]]:
+    with FakeOpenAI() as openai, FakeStability() as stability, FakeGemini() as gemini:
+        yield openai, stability, gemini
+
+
+def request(provider: str, model: str, kind: str = "image_generation",
+            **params: Any) -> OperationRequested:
+    return OperationRequested(
+        request_id=f"req-{uuid.uuid4()}", client_id=f"client-{provider}", provider=provider,
+        operation_type=kind, model=model,  # type: ignore[arg-type]
+        params={"prompt": PROMPT, **params},
+    )
+
+
+def test_each_provider_end_to_end_and_a_fallback_while_a_model_is_down(
+    settings: Settings, fakes: tuple[FakeOpenAI, FakeStability, FakeGemini], tmp_path: Path
+) -> None:
+    openai, stability, gemini = fakes
+    limits = tmp_path / "limits.toml"
+    limits.write_text(LIMITS)
+    settings = settings.model_copy(update={
+        "providers": "gemini,openai,stability",
+        "openai_api_key": SecretStr("sk-openai-test"), "openai_base_url": openai.base_url,
+        "stability_api_key": SecretStr("sk-stability-test"),
+        "stability_base_url": stability.base_url,
+        "gemini_api_key": SecretStr("gemini-test"), "gemini_base_url": gemini.base_url,
+        "rate_limits_file": limits, "breaker_failure_threshold": 2,
+        "provider_retry_attempts": 2, "provider_retry_base_seconds": 0.02,
+        "provider_retry_cap_seconds": 0.05,
+    })
+    prepare_topics(settings)
+    worker = WorkerProcess(settings, "streams").start()
+    store = LocalArtifactStore(settings.home / "artifacts")
+    try:
+        with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
+            def submit(*requests: OperationRequested) -> list[OperationCompleted]:
+                async def all_of() -> list[Any]:
+                    return await asyncio.gather(*(results.submit(r, timeout=120)
+                                                  for r in requests))
+                outcomes = asyncio.run(all_of())
+                assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
+                return outcomes
+
+            gpt_image, dalle, text, sd35, flash = submit(
+                request("openai", "gpt-image-1", quality="low"),
+                request("openai", "dall-e-3", quality="hd", size="1024x1792"),
+                request("openai", "gpt-4.1-mini", "text_generation", max_output_tokens=64),
+                request("stability", "sd3.5-large", aspect_ratio="3:2"),
+                request("gemini", "gemini-2.5-flash-image"),
+            )
+            openai.take_down("images", 503)
+            fallen = submit(*(request("openai", "dall-e-3") for _ in range(3)))
+    finally:
+        worker.stop()
+
+    table = price_table_at(gpt_image.requested_at)
+
+    def check(done: OperationCompleted, usage: Usage, cost: Decimal, *data: bytes) -> None:
+        assert done.success, done.error_message
+        assert done.usage == usage
+        assert done.cost_usd == cost == table.cost(done.model, usage)
+        assert [o.sha256 for o in done.outputs] == [hashlib.sha256(d).hexdigest() for d in data]
+        assert [asyncio.run(store.get(o.uri)) for o in done.outputs] == list(data)
+
+    tokens = fake_openai.prompt_tokens(PROMPT)
+    check(gpt_image, Usage(input_tokens=tokens, output_tokens=fake_openai.IMAGE_TOKENS,
+                           image_count=1),
+          (tokens * Decimal(5) + fake_openai.IMAGE_TOKENS * Decimal(40)) / 1_000_000,
+          fake_openai.image_bytes(PROMPT, 0))
+    check(dalle, Usage(image_count=1, image_variant="hd 1024x1792"), Decimal("0.12"),
+          fake_openai.image_bytes(PROMPT, 0))
+    check(text, Usage(input_tokens=tokens, output_tokens=openai.text_tokens),
+          (tokens * Decimal("0.40") + openai.text_tokens * Decimal("1.60")) / 1_000_000,
+          fake_openai.ANSWER.encode())
+    assert text.outputs[0].text == fake_openai.ANSWER
+    check(sd35, Usage(image_count=1), Decimal("0.065"), fake_stability.image_bytes(PROMPT))
+    check(flash, Usage(input_tokens=gemini_tokens(PROMPT), output_tokens=1290, image_count=1),
+          (gemini_tokens(PROMPT) * Decimal("0.30") + 1290 * Decimal(30)) / 1_000_000,
+          base64.b64decode(GEMINI_PNG))
+
+    for done in fallen:
+        check(done, Usage(image_count=1), Decimal("0.03"), fake_stability.image_bytes(PROMPT))
+        assert (done.provider, done.model) == ("stability", "stable-image-core")
+        assert done.metadata["fallback"]["requested"] == "openai/dall-e-3"
+        assert done.metadata["fallback"]["reason"] == "circuit_open"
+    log = worker.log_path.read_text()
+    assert "sk-openai-test" not in log and "sk-stability-test" not in log
