@@ -12,6 +12,7 @@ wraps every provider it builds, so the agents need no store of their own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import TypeVar
 
@@ -30,8 +31,13 @@ from streams.generation.provider import (
 log = structlog.get_logger("aipipe.generation.outputs")
 R = TypeVar("R", ProviderResult, VideoStatus)
 
+_MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
+
+
 def _mime(value: str) -> str:
-    return value.split(";")[0].strip().lower() or "application/octet-stream"
+    """``value`` without parameters, or ``application/octet-stream`` if it is not a type."""
+    mime = value.split(";")[0].strip().lower()
+    return mime if _MIME.fullmatch(mime) and len(mime) <= 100 else "application/octet-stream"
 
 
 async def store_output(output: ProviderOutput, store: ArtifactStore) -> ProviderOutput:

@@ -5,6 +5,7 @@ import hashlib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,26 @@ def test_the_url_setting_picks_the_adapter(tmp_path: Path) -> None:
     assert isinstance(store_from_url("memory://bucket/prefix", tmp_path), FsspecArtifactStore)
     with pytest.raises(ArtifactError, match="AIPIPE_ARTIFACT_URL nosuch://b"):
         store_from_url("nosuch://b/p", tmp_path)
+
+
+def test_text_travels_inline_up_to_4_kib_and_odd_mime_types_are_octet_streams(
+    tmp_path: Path,
+) -> None:
+    from schemas.events import INLINE_TEXT_BYTES
+    from streams.generation.outputs import record, store_output
+    from streams.generation.provider import ProviderOutput
+
+    store = LocalArtifactStore(tmp_path)
+    at_limit = "é" * (INLINE_TEXT_BYTES // 2)  # 4096 bytes in UTF-8
+    over = at_limit + "!"
+
+    def recorded(data: bytes, mime: str) -> Any:
+        return record(asyncio.run(store_output(ProviderOutput(mime, data=data), store)))
+
+    assert recorded(at_limit.encode(), "text/plain; charset=utf-8").text == at_limit
+    long = recorded(over.encode(), "text/plain")
+    assert long.text is None and long.size == INLINE_TEXT_BYTES + 1
+    assert asyncio.run(store.get(long.uri)) == over.encode()
+    odd = recorded(b"\x00\x01", "Not A Type")
+    assert odd.mime_type == "application/octet-stream" and odd.uri.endswith(".bin")
+    assert record(ProviderOutput("image/png", data=b"unstored")) is None
