@@ -48,6 +48,14 @@ Row = TypeVar("Row")
 T = TypeVar("T")
 
 
+#: consumer errors that no retry fixes: the process goes down and says why
+_CONSUMER_FATAL = frozenset({
+    KafkaError.INVALID_SESSION_TIMEOUT, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError._AUTHENTICATION,
+})
+
+
 class SinkFatalError(AipipeError):
     """The store cannot be used any more (the engine aborted, the client is closed, the
     table or the credentials are gone): the process must go down and be restarted."""
@@ -471,6 +479,9 @@ class BatchingSink(Generic[Row]):
     def add(self, message: Message) -> None:
         error = message.error()
         if error is not None:
+            if error.fatal() or error.code() in _CONSUMER_FATAL:
+                raise SinkFatalError(f"Kafka refuses this consumer: {error.str()}; fix the "
+                                     "setting or the ACL it names and restart.")
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("kafka_consume_error", error=error.str())
             return

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         8124, ge=0, le=65535, description="Loopback port of the embedded read endpoint."
     )
     worker_session_timeout_seconds: float = Field(
-        10.0, ge=3, description="How soon a dead worker's partitions move to another."
+        10.0, ge=6, le=1800,  # Kafka's group.min/max.session.timeout.ms defaults
+        description="How soon a dead worker's partitions move to another.",
     )
     sink_batch_size: int = Field(1000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)

@@ -225,6 +225,8 @@ def rules_from_settings(settings: Settings) -> Rules:
             video_max_seconds=settings.video_max_seconds,
             simulated_max_latency_ms=settings.simulated_max_latency_ms,
             simulated_max_polls=settings.simulated_max_polls,
+            video_output_buckets=tuple(
+                b.strip() for b in settings.video_output_buckets.split(",") if b.strip()),
         ),
         max_ahead=timedelta(seconds=settings.clock_skew_seconds),
     )

@@ -32,7 +32,7 @@ def test_sigkill_and_restart_of_the_whole_pipeline_loses_nothing(settings: Setti
     settings = settings.model_copy(update={
         "partitions": 4,
         "rate_limit": "1000000/1s",
-        "worker_session_timeout_seconds": 3.0,
+        "worker_session_timeout_seconds": 6.0,  # the broker's minimum
         "admission_batch_size": 50,
         "sink_batch_seconds": 0.3,
     })

@@ -224,6 +224,7 @@ def test_the_breaker_opens_fails_fast_and_closes_when_the_provider_recovers(
     settings = gemini_settings(
         settings, fake, breaker_failure_threshold=3, breaker_window_seconds=60,
         breaker_cooldown_seconds=cooldown, provider_retry_attempts=2,
+        generation_max_in_flight=1,  # one call at a time, so the count of calls is exact
     )
     prepare_topics(settings)
     reader = TopicReader(settings, settings.topics.providers, settings.topics.completed)
