@@ -97,6 +97,32 @@ def sealer_thread(
     return supervisor.start("rollup-sealer", sealer.run, stop)
 
 
+def webhook_thread(
+    settings: Settings, stop: threading.Event, supervisor: Supervisor
+) -> threading.Thread:
+    """POST completions and rejections to their callback URLs (see consumers/webhooks)."""
+    from consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
+    from infra.settings import reveal
+
+    assert settings.webhook_secret is not None  # the settings refuse webhooks without one
+    policy = RetryPolicy(
+        max_attempts=settings.webhook_max_attempts,
+        base_seconds=settings.webhook_retry_base_seconds,
+        cap_seconds=settings.webhook_retry_cap_seconds,
+        timeout_seconds=settings.webhook_timeout_seconds,
+    )
+    projection = WebhookProjection(secret=reveal(settings.webhook_secret),
+                                   allowed=settings.webhook_prefixes, policy=policy)
+    options = sink_options(settings, "webhooks")
+    # a batch is one round of deliveries, and the group keeps the consumer while it lasts
+    options["max_rows"] = settings.webhook_concurrency
+    options["max_poll_interval_ms"] = max(options["max_poll_interval_ms"],
+                                          int(2000 * policy.worst_seconds()))
+    sink = WebhookSink(topics=[settings.topics.completed, settings.topics.rejected],
+                       projection=projection, **options)
+    return supervisor.start("webhooks", sink.run, stop)
+
+
 def answers_ping(url: str, timeout: float = 10.0) -> bool:
     """Whether the read endpoint at ``url`` answers ClickHouse's ``/ping``."""
     with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
@@ -138,6 +164,8 @@ def cost_sink_thread(
     if settings.archive_events:
         threads.append(archive_thread(settings, stop, supervisor))
     threads.append(sealer_thread(settings, stop, supervisor))
+    if settings.webhook_prefixes:
+        threads.append(webhook_thread(settings, stop, supervisor))
     if server is not None:  # its serving thread is the server's own: probe it from outside
         threads.append(supervisor.watch("query-endpoint", partial(answers_ping, server.url),
                                         stop))

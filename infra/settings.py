@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -231,6 +232,51 @@ class Settings(BaseSettings):
     worker_exit_grace_seconds: float = Field(
         20.0, gt=0, description="After a worker thread died: time for a clean stop before exit 70."
     )
+    # -- webhooks (consumers/webhooks) --
+    webhook_allowed_urls: str = Field(
+        default="", description="URL prefixes a request's callback_url may start with, "
+        "comma-separated; https only (http on 127.0.0.1/localhost); empty: no webhooks."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, validate_default=True,
+        description="Signs every delivery (HMAC-SHA256); needed when webhooks are on.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="One delivery attempt."
+    )
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, le=20, description="Tries per delivery before it is dead-lettered."
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=1.0, gt=0, description="First wait between attempts; doubles each time."
+    )
+    webhook_retry_cap_seconds: float = Field(default=30.0, gt=0, description="Longest wait.")
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000, description="Deliveries at once.")
+
+    @field_validator("webhook_allowed_urls")
+    @classmethod
+    def _webhook_urls(cls, value: str) -> str:
+        for prefix in filter(None, (p.strip() for p in value.split(","))):
+            url = urlparse(prefix)
+            local = url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost")
+            if not url.hostname or not (url.scheme == "https" or local):
+                raise ValueError(f"{prefix!r} is not an https:// URL prefix (http:// only for "
+                                 "127.0.0.1 or localhost)")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if str(info.data.get("webhook_allowed_urls", "")).strip(", ") and not (
+            value and reveal(value)
+        ):
+            raise ValueError("required when AIPIPE_WEBHOOK_ALLOWED_URLS is set: the secret "
+                             "receivers verify signatures with")
+        return value
+
+    @property
+    def webhook_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.webhook_allowed_urls.split(",") if p.strip())
 
     @field_validator("rate_limit")
     @classmethod

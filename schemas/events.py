@@ -139,6 +139,11 @@ DEPTH_MARKER = "x-aipipe-max-depth"
 JsonObject = Annotated[
     dict[str, Any], WithJsonSchema({"type": "object", DEPTH_MARKER: MAX_DEPTH - 1})
 ]
+# where the requester wants its decision or completion POSTed (consumers/webhooks); which
+# URLs are allowed is admission's question (AIPIPE_WEBHOOK_ALLOWED_URLS)
+CallbackUrl = Annotated[
+    str, Field(min_length=8, max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$")
+]
 
 
 def new_event_id() -> str:
@@ -195,6 +200,7 @@ class OperationSpec(BaseModel):
 
 class OperationRequested(Event, OperationSpec):
     event_type: Literal["operation.requested"] = "operation.requested"
+    callback_url: CallbackUrl | None = None
 
 
 class AdmissionFacts(BaseModel):
@@ -225,6 +231,7 @@ class OperationAdmitted(Event, OperationSpec, AdmissionFacts):
     operation_id: _ID
     requested_at: Time
     client_occurred_at: Time | None = None
+    callback_url: CallbackUrl | None = None
 
 
 class OperationRejected(Event, OperationSpec, AdmissionFacts):
@@ -232,6 +239,7 @@ class OperationRejected(Event, OperationSpec, AdmissionFacts):
     operation_id: _ID
     requested_at: Time
     client_occurred_at: Time | None = None
+    callback_url: CallbackUrl | None = None
     reason: RejectReason
     detail: str = ""
     retry_after_ms: Count | None = None
@@ -297,6 +305,7 @@ class OperationCompleted(Event):
     operation_id: _ID
     requested_at: Time  # the pipeline's clock at admission
     client_occurred_at: Time | None = None  # the request's own occurred_at
+    callback_url: CallbackUrl | None = None  # the request's, where admission allowed it
     operation_type: OperationType
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]
@@ -340,6 +349,7 @@ class VideoStarted(Event):
     operation_id: _ID
     requested_at: Time
     client_occurred_at: Time | None = None
+    callback_url: CallbackUrl | None = None
     operation_type: OperationType = "video_generation"
     provider: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)]

@@ -2,13 +2,14 @@
 was found.
 
 In order: a request that cannot run is ``invalid`` (a provider this deployment does not
-offer, params its provider does not take, an ``occurred_at`` outside the accepted skew, a
-model without a price); a client whose spend has reached its budget is ``over_budget``;
-then the rate limiter's outcome decides (``rate_limited`` with ``retry_after_ms``, or
-admitted). Every decision event carries a deterministic ``event_id``, the facts that
-decided it (backend, limit, window), ``requested_at`` from the pipeline's clock (it picks
-the price table and the month) and the client's own ``occurred_at`` as
-``client_occurred_at``.
+offer, a ``callback_url`` not under an allowed webhook URL, params its provider does not
+take, an ``occurred_at`` outside the accepted skew, a model without a price); a client
+whose spend has reached its budget is ``over_budget``; then the rate limiter's outcome
+decides (``rate_limited`` with ``retry_after_ms``, or admitted). Every decision event
+carries a deterministic ``event_id``, the facts that decided it (backend, limit, window),
+``requested_at`` from the pipeline's clock (it picks the price table and the month), the
+client's own ``occurred_at`` as ``client_occurred_at``, and its ``callback_url`` (except
+the rejection of that very URL).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from schemas.events import (
 )
 from schemas.prices import PriceTable, price_table_at
 from streams.admission.limiter import Backend
-from streams.admission.params import KNOWN_PROVIDERS, ParamLimits, params_problem
+from streams.admission.params import (
+    KNOWN_PROVIDERS,
+    ParamLimits,
+    callback_problem,
+    params_problem,
+)
 from streams.admission.window import CLIENT, MODEL, Check, Limit, Outcome
 
 Decision = OperationAdmitted | OperationRejected
@@ -44,6 +50,7 @@ class Rules:
     providers: Collection[str] = KNOWN_PROVIDERS  # the offered ones
     params: ParamLimits = field(default_factory=ParamLimits)
     max_ahead: timedelta = timedelta(minutes=5)  # AIPIPE_CLOCK_SKEW_SECONDS
+    callback_prefixes: tuple[str, ...] = ()  # AIPIPE_WEBHOOK_ALLOWED_URLS
 
 
 def _spec(request: OperationRequested, keep_params: bool = True) -> dict[str, Any]:
@@ -59,21 +66,24 @@ def admitted(request: OperationRequested, now: datetime, **facts: Any) -> Operat
         operation_id=request.event_id,
         requested_at=now,
         client_occurred_at=request.occurred_at,
+        callback_url=request.callback_url,
         **facts,
     )
 
 
 def rejected(
     request: OperationRequested, now: datetime, reason: str, detail: str,
-    keep_params: bool = True, **facts: Any,
+    keep_params: bool = True, keep_callback: bool = True, **facts: Any,
 ) -> OperationRejected:
-    """The rejection; without ``keep_params`` it carries no params (they were the problem)."""
+    """The rejection; without ``keep_params`` it carries no params (they were the problem),
+    without ``keep_callback`` no ``callback_url`` (it was the problem: nothing calls it)."""
     return OperationRejected(
         **request.envelope(derived_event_id(request.event_id, "rejected")),
         **_spec(request, keep_params),
         operation_id=request.event_id,
         requested_at=now,
         client_occurred_at=request.occurred_at,
+        callback_url=request.callback_url if keep_callback else None,
         reason=reason,  # type: ignore[arg-type]
         detail=detail,
         **facts,
@@ -107,6 +117,9 @@ def invalid(
         return rejected(request, now, "invalid",
                         f"Provider {shown(request.provider, 40)} is not offered here; use one "
                         f"of: {offered}.")
+    problem = callback_problem(request.callback_url, rules.callback_prefixes)
+    if problem is not None:
+        return rejected(request, now, "invalid", problem, keep_callback=False)
     problem = params_problem(request.provider, request.operation_type, request.params,
                              rules.params)
     if problem is not None:

@@ -229,4 +229,5 @@ def rules_from_settings(settings: Settings) -> Rules:
                 b.strip() for b in settings.video_output_buckets.split(",") if b.strip()),
         ),
         max_ahead=timedelta(seconds=settings.clock_skew_seconds),
+        callback_prefixes=settings.webhook_prefixes,
     )

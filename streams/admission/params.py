@@ -11,9 +11,10 @@ get. ``params_problem`` returns one sentence naming the field and the fix, or ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -181,6 +182,38 @@ def params_problem(
     if "prompt" not in params:
         return "Field 'params.prompt' is missing; add the prompt as a non-empty string."
     return _keys("params", params, rules, limits, f"{provider} {operation_type}")
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def callback_allowed(url: str, prefix: str) -> bool:
+    """Whether ``url`` is under ``prefix``: the same scheme, host and port, and a path that
+    starts with the prefix's (so ``https://a.example`` never allows ``https://a.example.evil``).
+    Plain http only on loopback (tests, local receivers); no user or password in the URL,
+    no ``.`` or ``..`` segment (they would climb out of the prefix's path)."""
+    try:
+        got, want = urlsplit(url), urlsplit(prefix)
+        ports = got.port, want.port
+    except ValueError:
+        return False
+    secure = got.scheme == "https" or (got.scheme == "http" and got.hostname in LOOPBACK_HOSTS)
+    return (secure and got.scheme == want.scheme and got.hostname == want.hostname
+            and ports[0] == ports[1] and got.username is None and got.password is None
+            and got.path.startswith(want.path)
+            and not {".", ".."} & set(got.path.lower().replace("%2e", ".").split("/")))
+
+
+def callback_problem(url: str | None, allowed: Sequence[str]) -> str | None:
+    """Why the request's ``callback_url`` may not be called, or ``None``."""
+    if url is None or any(callback_allowed(url, prefix) for prefix in allowed):
+        return None
+    if not allowed:
+        return ("Field 'callback_url' is set but this pipeline sends no webhooks "
+                "(AIPIPE_WEBHOOK_ALLOWED_URLS is empty); leave it out and read the result "
+                "from the completed topic.")
+    return (f"Field 'callback_url' {shown(url, 80)} is not under an allowed webhook URL "
+            "(AIPIPE_WEBHOOK_ALLOWED_URLS); use an https URL the operator allowed.")
 
 
 def _keys(

@@ -36,6 +36,7 @@ def completed(
         operation_id=operation.operation_id,
         requested_at=operation.requested_at,
         client_occurred_at=operation.client_occurred_at,
+        callback_url=operation.callback_url,
         operation_type=operation.operation_type,
         provider=operation.provider,
         model=operation.model,

@@ -124,7 +124,8 @@ class Generation:
                     **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
                     occurred_at=self.clock(), operation_id=operation.operation_id,
                     requested_at=operation.requested_at,
-                    client_occurred_at=operation.client_occurred_at, provider=operation.provider,
+                    client_occurred_at=operation.client_occurred_at,
+                    callback_url=operation.callback_url, provider=operation.provider,
                     model=operation.model, provider_operation=job.name, job=job.metadata,
                 )
                 return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]

@@ -1,0 +1,231 @@
+"""Webhooks without a network: signatures, the retry schedule, one delivery against an
+in-process HTTP transport, and admission's allowlist of callback URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+from datetime import UTC, datetime
+
+import httpx2 as httpx
+import pytest
+
+from consumers.webhooks import Outcome, RetryPolicy, deliver
+from infra.settings import ConfigError, load_settings
+from producers.webhooks import (
+    WebhookVerificationError,
+    signature,
+    signed_headers,
+    verify_signature,
+)
+from schemas.events import OperationAdmitted, OperationRejected, OperationRequested
+from streams.admission.decide import Rules, decide
+from streams.admission.params import callback_allowed
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+BODY = b'{"event_id":"e-1","event_type":"operation.completed"}'
+T = 1_790_000_000
+
+
+# -- signatures ------------------------------------------------------------------------------
+
+
+def test_the_signature_is_hmac_sha256_of_id_timestamp_and_body_in_base64() -> None:
+    key = b"0123456789abcdef0123456789abcdef"  # what the whsec_ secret encodes
+    mac = hmac.new(key, b"e-1.%d." % T + BODY, hashlib.sha256).digest()
+    assert signature(SECRET, "e-1", T, BODY) == "v1," + base64.b64encode(mac).decode()
+    plain = hmac.new(b"plain secret", b"e-1.%d." % T + BODY, hashlib.sha256).digest()
+    assert signature("plain secret", "e-1", T, BODY) == "v1," + base64.b64encode(plain).decode()
+
+
+def test_a_signed_delivery_verifies_whatever_the_header_case() -> None:
+    headers = signed_headers(SECRET, "e-1", BODY, T)
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    verify_signature(SECRET, headers, BODY, 300, now=T + 299)
+    verify_signature(SECRET, {k.title(): v for k, v in headers.items()}, BODY, 300, now=T)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"body": BODY + b" "}, "No v1 signature"),
+    ({"secret": "whsec_" + base64.b64encode(b"another key").decode()}, "No v1 signature"),
+    ({"webhook-id": "e-2"}, "No v1 signature"),
+    ({"webhook-timestamp": str(T + 1)}, "No v1 signature"),
+    ({"now": T + 301}, "past the 300 s tolerance"),
+    ({"now": T - 301}, "past the 300 s tolerance"),
+    ({"webhook-signature": ""}, "'webhook-signature' is missing"),
+    ({"webhook-timestamp": "soon"}, "not unix seconds"),
+])
+def test_a_changed_or_stale_delivery_is_refused(change: dict[str, object], match: str) -> None:
+    headers = signed_headers(SECRET, "e-1", BODY, T)
+    headers.update({k: str(v) for k, v in change.items() if k.startswith("webhook-")})
+    with pytest.raises(WebhookVerificationError, match=match):
+        verify_signature(str(change.get("secret", SECRET)), headers,
+                         bytes(change.get("body", BODY)),  # type: ignore[call-overload]
+                         300, now=float(change.get("now", T)))  # type: ignore[arg-type]
+
+
+def test_any_of_several_signatures_may_match_while_a_secret_rotates() -> None:
+    headers = signed_headers(SECRET, "e-1", BODY, T)
+    old = signature("the old secret", "e-1", T, BODY)
+    headers["webhook-signature"] = f"{old} {headers['webhook-signature']}"
+    verify_signature(SECRET, headers, BODY, 300, now=T)
+    verify_signature("the old secret", headers, BODY, 300, now=T)
+
+
+# -- the retry schedule ----------------------------------------------------------------------
+
+
+def test_the_backoff_doubles_from_the_base_up_to_the_cap() -> None:
+    policy = RetryPolicy(max_attempts=6, base_seconds=1.0, cap_seconds=5.0, timeout_seconds=2.0)
+    assert [policy.delay(a) for a in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert policy.worst_seconds() == 6 * 2.0 + (1 + 2 + 4 + 5 + 5)
+    assert RetryPolicy(max_attempts=1, timeout_seconds=3.0).worst_seconds() == 3.0
+
+
+# -- one delivery, against an in-process transport ---------------------------------------------
+
+
+def run_delivery(answers: list[int | Exception], policy: RetryPolicy,
+                 retry_after: str = "") -> tuple[Outcome, list[httpx.Request], list[float]]:
+    seen: list[httpx.Request] = []
+    waits: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        got = answers[min(len(seen), len(answers)) - 1]
+        if isinstance(got, Exception):
+            raise got
+        return httpx.Response(got, headers={"retry-after": retry_after} if retry_after else {})
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async def go() -> Outcome:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await deliver(client, "https://hooks.example/aipipe?token=t", "e-1", BODY,
+                                 SECRET, policy, clock=lambda: T, sleep=sleep)
+
+    return asyncio.run(go()), seen, waits
+
+
+POLICY = RetryPolicy(max_attempts=4, base_seconds=0.5, cap_seconds=1.5, timeout_seconds=1.0)
+
+
+def test_a_delivery_is_retried_after_5xx_and_429_with_the_same_id() -> None:
+    outcome, seen, waits = run_delivery([500, 429, 204], POLICY)
+    assert outcome == Outcome(True, 3, 204, "")
+    assert waits == [0.5, 1.0]
+    assert {r.headers["webhook-id"] for r in seen} == {"e-1"}
+    assert all(r.content == BODY and r.method == "POST" for r in seen)
+    assert seen[0].headers["content-type"] == "application/json"
+    for request in seen:
+        verify_signature(SECRET, dict(request.headers), request.content, 300, now=T)
+
+
+def test_connection_errors_are_retried_and_the_last_try_gives_the_reason() -> None:
+    refused = httpx.ConnectError("Connection refused")
+    outcome, seen, waits = run_delivery([refused, 503, refused], POLICY)
+    assert (outcome.delivered, outcome.attempts, outcome.status) == (False, 4, None)
+    assert waits == [0.5, 1.0, 1.5]
+    assert outcome.reason == (
+        "The webhook to https://hooks.example/aipipe failed 4 times (last: ConnectError: "
+        "Connection refused); once the receiver answers 2xx, re-send this event from the "
+        "dead-letter topic.")
+    assert len(seen) == 4
+
+
+def test_a_4xx_answer_is_final_at_once() -> None:
+    outcome, seen, waits = run_delivery([404], POLICY)
+    assert (outcome.delivered, outcome.attempts, outcome.status, waits) == (False, 1, 404, [])
+    assert "answered HTTP 404, which a retry cannot change" in outcome.reason
+    assert len(seen) == 1
+
+
+def test_retry_after_is_honoured_up_to_the_cap() -> None:
+    _, _, waits = run_delivery([503, 503, 200], POLICY, retry_after="1")
+    assert waits == [1.0, 1.0]
+    _, _, waits = run_delivery([503, 200], POLICY, retry_after="3600")
+    assert waits == [1.5]
+
+
+# -- admission: which callback URLs may be called ----------------------------------------------
+
+ALLOWED = ("https://hooks.example/aipipe/", "http://127.0.0.1:8080/")
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://hooks.example/aipipe/done", True),
+    ("https://hooks.example/aipipe/done?sig=1", True),
+    ("https://HOOKS.example/aipipe/x", True),
+    ("http://127.0.0.1:8080/anything", True),
+    ("https://hooks.example/other", False),
+    ("https://hooks.example.evil.net/aipipe/x", False),
+    ("https://hooks.example:8443/aipipe/x", False),
+    ("http://hooks.example/aipipe/x", False),
+    ("https://user:pw@hooks.example/aipipe/x", False),
+    ("https://hooks.example/aipipe/../admin", False),
+    ("https://hooks.example/aipipe/%2e%2e/admin", False),
+    ("http://127.0.0.1:9090/", False),
+    ("https://[::1/", False),
+])
+def test_a_callback_url_must_be_under_an_allowed_prefix(url: str, allowed: bool) -> None:
+    assert any(callback_allowed(url, prefix) for prefix in ALLOWED) is allowed
+
+
+def requested(callback_url: str | None) -> OperationRequested:
+    return OperationRequested(
+        request_id="r", client_id="acme", operation_type="image_generation",
+        model="gemini-2.5-flash-image", params={"prompt": "a chair"}, callback_url=callback_url,
+    )
+
+
+def test_admission_carries_an_allowed_callback_url() -> None:
+    decision = decide(requested("https://hooks.example/aipipe/1"), rules=Rules(
+        callback_prefixes=ALLOWED))
+    assert isinstance(decision, OperationAdmitted)
+    assert decision.callback_url == "https://hooks.example/aipipe/1"
+
+
+def test_admission_rejects_a_callback_url_off_the_allowlist_without_carrying_it() -> None:
+    decision = decide(requested("https://evil.example/x"), rules=Rules(callback_prefixes=ALLOWED))
+    assert isinstance(decision, OperationRejected) and decision.reason == "invalid"
+    assert decision.callback_url is None
+    assert decision.detail == (
+        "Field 'callback_url' 'https://evil.example/x' is not under an allowed webhook URL "
+        "(AIPIPE_WEBHOOK_ALLOWED_URLS); use an https URL the operator allowed.")
+    off = decide(requested("https://hooks.example/aipipe/1"), datetime.now(UTC))
+    assert isinstance(off, OperationRejected)
+    assert "AIPIPE_WEBHOOK_ALLOWED_URLS is empty" in off.detail
+
+
+def test_settings_allow_https_prefixes_and_plain_http_on_loopback_only() -> None:
+    on = load_settings(webhook_allowed_urls="https://a.example/h/, http://localhost:9/",
+                       webhook_secret="s")
+    assert on.webhook_prefixes == ("https://a.example/h/", "http://localhost:9/")
+    with pytest.raises(ConfigError, match="AIPIPE_WEBHOOK_ALLOWED_URLS is invalid"):
+        load_settings(webhook_allowed_urls="http://a.example/", webhook_secret="s")
+    with pytest.raises(ConfigError, match="AIPIPE_WEBHOOK_SECRET is invalid"):
+        load_settings(webhook_allowed_urls="https://a.example/")
+    assert load_settings().webhook_prefixes == ()
+
+
+# -- the wire contract of callback_url: the JSON Schema and the decoder agree ------------------
+
+
+@pytest.mark.parametrize(("url", "valid"), [
+    ("https://hooks.example/aipipe/1", True),
+    ("http://127.0.0.1:8080/x", True),
+    (None, True),
+    ("ftp://hooks.example/x", False),
+    ("https://hooks.example/a b", False),
+    ("https://", False),
+    ("https://h.example/" + "x" * 2031, False),
+    (42, False),
+])
+def test_the_schema_and_the_decoder_agree_on_callback_url(url: object, valid: bool) -> None:
+    from tests.unit.test_json_schemas import COMPLETED, REQUESTED, verdicts
+
+    assert verdicts("operation.requested", {**REQUESTED, "callback_url": url}) == (valid, valid)
+    assert verdicts("operation.completed", {**COMPLETED, "callback_url": url}) == (valid, valid)
