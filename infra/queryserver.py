@@ -391,6 +391,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "aipipe-queryserver"
     timeout = 60  # an idle keep-alive connection ends after this
+    # TCP_NODELAY: a reply's headers and first block are separate writes, and Nagle would
+    # hold the second until the client's delayed ACK (40 ms a query)
+    disable_nagle_algorithm = True
     engine: ReadEngine
     password: str
 
