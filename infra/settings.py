@@ -272,6 +272,13 @@ class Settings(BaseSettings):
         ):
             raise ValueError("required when AIPIPE_WEBHOOK_ALLOWED_URLS is set: the secret "
                              "receivers verify signatures with")
+        if value is not None:
+            from producers.webhooks import WebhookVerificationError, secret_key
+
+            try:
+                secret_key(reveal(value))
+            except WebhookVerificationError:
+                raise ValueError("a whsec_ secret must be whsec_ and base64") from None
         return value
 
     @property

@@ -25,7 +25,7 @@ import httpx2 as httpx
 import structlog
 from confluent_kafka import Message
 
-from consumers.sink import BatchingSink, coordinates
+from consumers.sink import BatchingSink, Entry, coordinates
 from consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
 from schemas.errors import EventDecodeError
 from schemas.events import OperationCompleted, OperationRejected, decode
@@ -129,6 +129,13 @@ class WebhookSink(BatchingSink[Delivery]):
         super().__init__(topics=topics, projection=projection, **options)
         projection.dead_letter = self.dead_letter
         self.webhooks = projection
+
+    def _write_isolating(self, entries: Sequence[Entry[Delivery]], token: str,
+                         can_poll: bool) -> None:
+        """Deliver the batch. ``write`` settles every delivery itself (delivered or
+        dead-lettered), so nothing here is a store's failure to classify, retry or split:
+        whatever it raises is a bug, and ends the thread (its supervisor, the process)."""
+        self.webhooks.write([row for entry in entries for row in entry.rows], token)
 
     def run(self, stop: Any) -> None:
         try:

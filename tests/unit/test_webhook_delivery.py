@@ -7,7 +7,9 @@ import asyncio
 import base64
 import hashlib
 import hmac
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -209,6 +211,8 @@ def test_settings_allow_https_prefixes_and_plain_http_on_loopback_only() -> None
     with pytest.raises(ConfigError, match="AIPIPE_WEBHOOK_SECRET is invalid"):
         load_settings(webhook_allowed_urls="https://a.example/")
     assert load_settings().webhook_prefixes == ()
+    with pytest.raises(ConfigError, match=r"AIPIPE_WEBHOOK_SECRET is invalid .*base64"):
+        load_settings(webhook_allowed_urls="https://a.example/", webhook_secret="whsec_not b64!")
 
 
 # -- the wire contract of callback_url: the JSON Schema and the decoder agree ------------------
@@ -229,3 +233,73 @@ def test_the_schema_and_the_decoder_agree_on_callback_url(url: object, valid: bo
 
     assert verdicts("operation.requested", {**REQUESTED, "callback_url": url}) == (valid, valid)
     assert verdicts("operation.completed", {**COMPLETED, "callback_url": url}) == (valid, valid)
+
+
+# -- the webhook sink's flush, with the in-memory Kafka stand-ins of test_sink_policy ----------
+
+
+def completion(n: int, callback_url: str | None) -> bytes:
+    from decimal import Decimal
+
+    from schemas.events import OperationCompleted, encode
+
+    return encode(OperationCompleted(
+        request_id=f"r{n}", client_id="acme", operation_id=f"op-{n}",
+        requested_at=datetime.now(UTC),
+        operation_type="image_generation", provider="simulated", model="gemini-2.5-flash-image",
+        success=True, cost_usd=Decimal("0.01"), price_version="v", duration_ms=1,
+        callback_url=callback_url))
+
+
+def webhook_sink(answer: Callable[[httpx.Request], httpx.Response]) -> tuple[Any, Any, Any]:
+    from consumers.webhooks import WebhookProjection, WebhookSink
+    from tests.unit.test_sink_policy import FakeConsumer, FakeProducer
+
+    clock = [0.0]
+    consumer, producer = FakeConsumer(clock), FakeProducer()
+    projection = WebhookProjection(
+        secret=SECRET, allowed=("https://hooks.example/",), transport=httpx.MockTransport(answer),
+        policy=RetryPolicy(max_attempts=2, base_seconds=0.001, cap_seconds=0.001))
+    sink = WebhookSink(topics=["done"], projection=projection, bootstrap="unused:9092",
+                       deadletter_topic="dlq", group_id="g", clock=lambda: clock[0],
+                       consumer=consumer, deadletters=producer)
+    return sink, consumer, producer
+
+
+def test_a_batch_is_delivered_or_dead_lettered_before_its_offsets_are_committed() -> None:
+    from tests.unit.test_sink_policy import Msg
+
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(500 if request.url.path == "/down" else 200)
+
+    sink, consumer, producer = webhook_sink(answer)
+    values = [completion(0, "https://hooks.example/ok"), completion(1, None),
+              completion(2, "https://hooks.example/down")]
+    for offset, value in enumerate(values):
+        sink.add(Msg(0, offset, value, topic="done"))
+    sink.flush()
+    sink.webhooks.close()
+
+    assert sorted(seen) == ["/down", "/down", "/ok"]
+    [(topic, value, headers)] = producer.sent
+    assert (topic, value, headers["aipipe.dlq.stage"]) == ("dlq", values[2], "webhooks")
+    assert headers["aipipe.dlq.reason"].startswith(
+        "The webhook to https://hooks.example/down failed 2 times (last: HTTP 500)")
+    assert producer.flushed == 1 and consumer.commits == [[("done", 0, 3)]]
+
+
+def test_a_bug_while_delivering_ends_the_sink_instead_of_dead_lettering() -> None:
+    from tests.unit.test_sink_policy import Msg
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise ZeroDivisionError("a bug")
+
+    sink, consumer, producer = webhook_sink(answer)
+    sink.add(Msg(0, 0, completion(0, "https://hooks.example/ok"), topic="done"))
+    with pytest.raises(ZeroDivisionError):
+        sink.flush()
+    sink.webhooks.close()
+    assert producer.sent == [] and consumer.commits == []
