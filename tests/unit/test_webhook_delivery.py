@@ -190,6 +190,19 @@ def test_admission_carries_an_allowed_callback_url() -> None:
     assert decision.callback_url == "https://hooks.example/aipipe/1"
 
 
+def test_the_completion_carries_the_callback_url_of_its_admission() -> None:
+    from schemas.prices import price_table_at
+    from streams.generation import SimulatedProvider, completed
+
+    admitted = decide(requested("https://hooks.example/aipipe/1"), rules=Rules(
+        callback_prefixes=ALLOWED))
+    assert isinstance(admitted, OperationAdmitted)
+    result = asyncio.run(SimulatedProvider().generate(admitted))
+    done = completed(admitted, result, price_table_at(admitted.requested_at), 1,
+                     datetime.now(UTC))
+    assert done.callback_url == "https://hooks.example/aipipe/1"
+
+
 def test_admission_rejects_a_callback_url_off_the_allowlist_without_carrying_it() -> None:
     decision = decide(requested("https://evil.example/x"), rules=Rules(callback_prefixes=ALLOWED))
     assert isinstance(decision, OperationRejected) and decision.reason == "invalid"
