@@ -10,6 +10,9 @@ so it transfers across machines where absolute rates do not:
 3. (informational) the full cost sink path, Kafka -> ``CostSink`` -> ClickHouse, against
    the raw insert rate of 2.
 
+``--only`` also picks ``admission``, ``latency``, ``analytics`` and ``endpoint`` (the read
+endpoint against chDB in-process: ``tests/bench/endpoint.py``).
+
 Each side runs best of ``--rounds`` (default 5) in rotating order after a warm-up. The
 CPU ratio column compares items per process-CPU-second, which moves less than wall time
 when other processes share the cores. Needs the local Kafka (``aipipe up``); ClickHouse
@@ -45,6 +48,8 @@ from infra.topics import ensure_topics
 from tests.bench.admission import admission_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
+from tests.bench.endpoint import DEFAULT_ROWS as ENDPOINT_ROWS
+from tests.bench.endpoint import bench_endpoint
 from tests.bench.latency import bench_latency
 from tests.bench.producer import bench_producer, profile_ours
 from tests.bench.report import Figure, Steps, render, write_json
@@ -63,9 +68,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per side (best one counts)")
     parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
     parser.add_argument(
-        "--only", nargs="+", default=["pipeline", "admission", "latency", "analytics"],
-        choices=["pipeline", "admission", "latency", "analytics"], help="which parts to run",
+        "--only", nargs="+",
+        default=["pipeline", "admission", "latency", "analytics", "endpoint"],
+        choices=["pipeline", "admission", "latency", "analytics", "endpoint"],
+        help="which parts to run",
     )
+    parser.add_argument("--endpoint-rows", type=int, default=ENDPOINT_ROWS,
+                        help="cost rows behind the read endpoint's summary queries")
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--latency-rate", type=float, default=50.0)
     parser.add_argument(
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"), bootstrap, say,
                 rows=args.analytics_rows, rounds=7,
             )
+        if "endpoint" in args.only:
+            figures += bench_endpoint(open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"),
+                                      say, rows=args.endpoint_rows, rounds=args.rounds)
     finally:
         shutil.rmtree(chdb_dir, ignore_errors=True)
         _delete_topics(bootstrap, list(topics.values()))
