@@ -318,6 +318,8 @@ class OperationCompleted(Event):
     poll_count: Count = 0
     metadata: JsonObject = Field(default_factory=dict)
     outputs: Annotated[list[Output], Field(max_length=64)] = Field(default_factory=list)
+    # which run of the generation step this is: 2 and more follow interrupted attempts
+    attempt: Positive = 1
 
 
 class VideoPollScheduled(Event):
@@ -381,6 +383,23 @@ class ProviderCircuitClosed(Event):
     open_seconds: Seconds
 
 
+class OperationInterrupted(Event):
+    """An attempt at an operation started and never finished: its worker stopped mid-call.
+
+    The provider may have done (and billed) that attempt; aipipe records only the attempt
+    that completes. Emitted when the operation is taken up again, before attempt
+    ``attempt + 1`` starts.
+    """
+
+    event_type: Literal["operation.interrupted"] = "operation.interrupted"
+    operation_id: _ID
+    operation_type: OperationType
+    provider: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)]
+    attempt: Positive  # the attempt that was interrupted
+    reason: str
+
+
 AnyEvent = Annotated[
     OperationRequested
     | OperationAdmitted
@@ -391,6 +410,7 @@ AnyEvent = Annotated[
     | VideoStarted
     | ProviderCircuitOpened
     | ProviderCircuitClosed
+    | OperationInterrupted
     | BudgetSet
     | BudgetThresholdCrossed,
     Field(discriminator="event_type"),
@@ -405,6 +425,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     "video.started": VideoStarted,
     "provider.circuit_opened": ProviderCircuitOpened,
     "provider.circuit_closed": ProviderCircuitClosed,
+    "operation.interrupted": OperationInterrupted,
     "budget.set": BudgetSet,
     "budget.threshold_crossed": BudgetThresholdCrossed,
 }

@@ -20,6 +20,7 @@ repeats the unfinished work.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,12 +38,14 @@ from schemas.events import (
     Event,
     OperationAdmitted,
     OperationCompleted,
+    OperationInterrupted,
     OperationRejected,
     OperationRequested,
     VideoPolled,
     VideoPollScheduled,
     VideoStarted,
     decode,
+    derived_event_id,
     encode,
     utcnow,
 )
@@ -97,6 +100,9 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     deadletter = raw_topic(topics.deadletter)
     seen_requests = app.Table("seen-requests", default=bool, partitions=settings.partitions)
     done_operations = app.Table("done-operations", default=bool, partitions=settings.partitions)
+    # the last attempt of the generation step started per operation (see begin_attempt)
+    started_operations = app.Table("started-operations", default=None,
+                                   partitions=settings.partitions)
 
     async def emit(topic: Any, event: Event) -> Awaitable[Any]:
         """Send ``event``; the returned future resolves when the broker has it."""
@@ -193,14 +199,45 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     async def generation(stream: Any) -> None:
         await generation_intake.feed(stream)
 
+    async def begin_attempt(event: Any, operation: OperationAdmitted) -> int:
+        """Record that an attempt starts, durably, before the provider is called.
+
+        An attempt recorded and never finished was interrupted (the worker stopped during
+        the call, which the provider may have billed): it is announced with
+        ``operation.interrupted`` before the next attempt starts.
+        """
+        before = int(started_operations.get(operation.operation_id) or 0)
+        if before:
+            log.warning("operation_interrupted", attempt=before, provider=operation.provider,
+                        model=operation.model)
+            await emit(providers_topic, OperationInterrupted(
+                **operation.envelope(
+                    derived_event_id(operation.operation_id, f"interrupted-{before}")),
+                occurred_at=deps.clock(), operation_id=operation.operation_id,
+                operation_type=operation.operation_type, provider=operation.provider,
+                model=operation.model, attempt=before,
+                reason="The worker stopped during this attempt; the provider may have done "
+                       "and billed it, and only the attempt that completes is costed.",
+            ))
+        attempt = before + 1
+        started_operations.data[operation.operation_id] = attempt
+        # on the broker before the call: a crash during the call must find this record
+        await started_operations.send_changelog(
+            event.message.partition, operation.operation_id, attempt)
+        return attempt
+
     async def generate(event: Any) -> None:
         """Run one admitted operation: exactly one completion (or its video's first poll)."""
         operation = await decoded(event.message, "generation", OperationAdmitted)
         if operation is not None and not done_operations[operation.operation_id]:
             with bound_event(request_id=operation.request_id, client_id=operation.client_id,
                              event_id=operation.event_id):
+                attempt = await begin_attempt(event, operation)
                 # never raises for the operation: a failure is a failed completion
-                sent = await emit_generated(await generator.run(operation))
+                events = [e.model_copy(update={"attempt": attempt})
+                          if isinstance(e, OperationCompleted) else e
+                          for e in await generator.run(operation)]
+                sent = await emit_generated(events)
                 # done only once the broker has its events (see admit)
                 await asyncio.gather(*sent)
             # the generation step is done (for a video: started, never started again)
@@ -230,6 +267,26 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
 
     app.task(supervised("admission", admission_loop))
     app.task(supervised("generation", generation_loop))
+
+    def dump_state() -> None:
+        consumer: Any = app.consumer
+        recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
+        log.warning(
+            "worker_state", rebalancing=app.rebalancing, in_recovery=app.in_recovery,
+            flow_active=app.flow_control.is_active(), consumer_flow=consumer.flow_active,
+            generation=app.consumer_generation_id,
+            assignment=sorted(str(tp) for tp in consumer.assignment()),
+            paused=sorted(str(tp) for tp in consumer._paused_partitions),
+            recovery_remaining={str(k): v for k, v in recovery.active_remaining().items()},
+            recovery_completed=recovery.completed.is_set(),
+        )
+        dump_tasks()
+
+    async def tasks_on_sigusr1() -> None:
+        """``kill -USR1 <pid>`` logs what every asyncio task of the worker is waiting on."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_state)
+
+    app.task(tasks_on_sigusr1)
 
     # -- video polling: pending videos in a changelog-backed table, due polls on a timer --
     polls, providers_topic = raw_topic(topics.video_polls), raw_topic(topics.providers)
@@ -303,6 +360,19 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
         supervised("video-poll-timer", run_due_polls))
 
     return app
+
+
+def dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        frames: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(frames) < 30:  # follow the chain of awaits
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:"
+                              f"{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        log.warning("task_stack", task=task.get_name(), frames=frames)
 
 
 def supervised(part: str, run: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

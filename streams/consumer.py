@@ -72,17 +72,16 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
         committed: Mapping[Any, int] = await super().seek_to_committed()
         unsought = [tp for tp, offset in committed.items()
                     if (offset is None or offset <= 0) and not self._is_changelog_tp(tp)]
+        beginnings: Mapping[Any, int] = {}
         if unsought:
             await self._thread.seek_to_beginning(*unsought)
-        for tp, offset in committed.items():
-            if self._is_changelog_tp(tp):
-                continue
-            try:
-                start = offset if tp not in unsought else await self._thread.position(tp)
+            try:  # a metadata request: it does not wait on the fetcher's positions
+                beginnings = await self._thread.earliest_offsets(*unsought)
             except Exception as exc:  # unknown start: no commit until the next seek
-                log.warning("fetch_start_unknown", partition=str(tp), error=str(exc))
-                continue
-            if start is not None:
+                log.warning("fetch_start_unknown", partitions=len(unsought), error=str(exc))
+        for tp, offset in committed.items():
+            start = beginnings.get(tp) if tp in unsought else offset
+            if start is not None and not self._is_changelog_tp(tp):
                 self._starts[tp] = start
         return committed
 

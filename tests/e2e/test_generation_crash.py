@@ -1,0 +1,107 @@
+"""A generation worker SIGKILLed with many provider calls in flight.
+
+60 operations of 3 s each run at once on one ``aipipe run`` process, which is killed
+while they are inside the (simulated) provider, then started again. Every operation
+must end with exactly one completion and one cost row; every attempt that the kill
+interrupted is recorded as ``operation.interrupted`` (the provider may have billed it),
+and the completion of such an operation says it was attempt 2; no output is stored
+twice (the artifact store is content-addressed).
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+
+from infra.processes import WorkerProcess, wait_for
+from infra.runner import prepare_topics
+from infra.settings import Settings
+from schemas.events import OperationRequested
+from tests.e2e.test_scaling import costs_settled
+from tests.support.ledger import Ledger, produce_backlog
+
+pytestmark = pytest.mark.e2e
+
+N, CLIENTS = 60, 6
+
+
+def read_all(settings: Settings, topic: str) -> list[dict[str, object]]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-read-{time.monotonic_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[dict[str, object]] = []
+    quiet = time.monotonic() + 4
+    try:
+        while time.monotonic() < quiet:
+            for message in consumer.consume(num_messages=1000, timeout=0.5):
+                if message.error() is None:
+                    out.append(orjson.loads(message.value() or b"{}"))
+                    quiet = time.monotonic() + 2
+    finally:
+        consumer.close()
+    return out
+
+
+def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_lost_attempts(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={
+        "rate_limit": "1000000/1s", "generation_max_in_flight": 64,
+        "simulated_max_latency_ms": 3000, "sink_batch_seconds": 0.3,
+    })
+    prepare_topics(settings)
+    requests = [
+        OperationRequested(
+            request_id=f"r{i}", client_id=f"client-{i % CLIENTS}",
+            operation_type="image_generation", provider="simulated",
+            model="gemini-2.5-flash-image",
+            params={"prompt": "p", "simulate": {"latency_ms": 3000}},
+        )
+        for i in range(N)
+    ]
+    ledger = Ledger(settings)
+    worker = WorkerProcess(settings, "all", log_path=settings.home / "first.log").start()
+    try:
+        produce_backlog(settings, requests)
+
+        def all_admitted() -> bool:
+            ledger.poll()
+            assert worker.alive(), worker.log_tail()
+            return ledger.decided() == N
+
+        wait_for(all_admitted, 120, "every request admitted")
+        assert ledger.completed() < N  # the calls are still running
+        worker.kill()
+        in_flight = N - ledger.completed()
+        worker = WorkerProcess(settings, "all", log_path=settings.home / "second.log").start()
+
+        def all_completed() -> bool:
+            ledger.poll()
+            assert worker.alive(), worker.log_tail()
+            return ledger.completed() == N
+
+        wait_for(all_completed, 180, "every operation completed after the restart")
+        assert ledger.problems(r.event_id for r in requests) == []
+        completions = read_all(settings, settings.topics.completed)
+        interrupted = [e for e in read_all(settings, settings.topics.providers)
+                       if e.get("event_type") == "operation.interrupted"]
+        again = {e["operation_id"] for e in completions if e["attempt"] == 2}
+        assert again, "the kill interrupted no call"
+        assert {e["operation_id"] for e in interrupted} == again
+        assert all(e["attempt"] == 1 for e in interrupted)
+        assert len(again) <= in_flight
+        assert all(e["attempt"] in (1, 2) for e in completions)
+        digests = {o["sha256"] for e in completions for o in e["outputs"]}  # type: ignore[attr-defined]
+        stored = [p.stem for p in (settings.home / "artifacts").rglob("*")
+                  if p.is_file() and len(p.stem) == 64]  # not a temp file a kill left
+        assert sorted(stored) == sorted(digests)  # one file per content, none twice
+    except BaseException:
+        worker.kill()
+        raise
+    finally:
+        ledger.close()
+    costs_settled(settings, worker, requests=N, clients=CLIENTS)
