@@ -28,8 +28,9 @@ ROWS = [cost_row(f"op-{i}", f"{i}.25", client_id=f"client-{i % 2}", event_id=f"e
 @pytest.fixture(scope="module")
 def classpath() -> str:
     missing = jdbc.missing_tools()
-    if missing:
-        pytest.skip(f"the JDBC client test needs Java and Maven ({missing})")
+    assert not missing, (
+        f"the JDBC client test needs Java and Maven ({missing}): install them "
+        "(apt-get install -y openjdk-17-jdk-headless maven); a skip would prove nothing")
     return jdbc.build_probe(Settings().cache_dir)
 
 

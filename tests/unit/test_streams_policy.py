@@ -34,12 +34,9 @@ def test_a_batch_is_what_arrives_within_the_wait_up_to_its_size() -> None:
         first = await intake.batch(5, within=0.01)
         second = await intake.batch(5, within=0.01)
 
-        async def late() -> None:
-            await asyncio.sleep(0.01)
-            intake.queue.put_nowait(99)
-
         waiting = asyncio.ensure_future(intake.batch(5, within=0.2))
-        await late()
+        # an event that arrives while the batch is waiting for its first one
+        asyncio.get_running_loop().call_later(0.01, intake.queue.put_nowait, 99)
         third = await waiting
         return first, second, third
 
