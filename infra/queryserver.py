@@ -26,9 +26,11 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
   ``-Query-Id``, ``-Timezone``, ``-Summary``, ``-Server-Display-Name``, and errors are
   ``Code: N. DB::Exception: ...`` with ``X-ClickHouse-Exception-Code``. Sessions
   (``session_id``) and ``client_protocol_version`` are accepted and ignored: every
-  request is stateless, and Native output is chDB's own. ``compress=1`` (ClickHouse's
-  native LZ4 blocks with CityHash128 checksums, the JDBC driver's default) is refused
-  with code 48 and a sentence: such clients set ``compress=false``.
+  request is stateless, and Native output is chDB's own. ``compress=1`` sends the reply
+  as ClickHouse's native LZ4 blocks with CityHash128 checksums (the JDBC driver's
+  default; ``infra.chcompress``), a streamed reply one block per engine block, inside any
+  HTTP compression; ``decompress=1`` reads the request body as such blocks (after its
+  ``Content-Encoding``), and a block whose checksum does not match is code 40.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import chdb
 import cramjam
 import structlog
 
+from infra.chcompress import TooLarge, compress_blocks, decompress_blocks
 from infra.readonly import (
     ABORTED,
     ACCESS_DENIED,
@@ -407,7 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle(get=False)
 
-    def _body(self) -> bytes:
+    def _body(self, native: bool = False) -> bytes:
         limit = self.engine.limits.max_body_bytes
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks, total = [], 0
@@ -446,6 +449,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif encoding not in ("", "identity"):
             raise QueryError(NOT_IMPLEMENTED, f"Content-Encoding {encoding} is not supported; "
                              "send gzip, deflate or lz4.")
+        if native:  # decompress=1: ClickHouse's own blocks, inside any Content-Encoding
+            try:
+                body = decompress_blocks(body, limit)
+            except TooLarge as exc:
+                raise self._too_big(exc.size) from None
         return body
 
     def _too_big(self, size: int) -> QueryError:
@@ -481,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if url.path not in ("", "/"):
                 raise QueryError(NOT_IMPLEMENTED, f"No handler for {url.path}.")
-            body = b"" if get else self._body()
+            body = b"" if get else self._body(_flag(params, "decompress"))
             user, key = self._user(params)
             if user != USER or not hmac.compare_digest(key.encode(), self.password.encode()):
                 raise QueryError(_AUTH, f"{user or 'default'}: Authentication failed: password "
@@ -493,11 +501,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _query(self, params: dict[str, str], body: bytes, query_id: str) -> None:
-        if params.get("compress") == "1":
-            raise QueryError(NOT_IMPLEMENTED, "compress=1 (ClickHouse's native LZ4 block "
-                             "compression) is not supported by the aipipe read endpoint; set "
-                             "compress=false (JDBC: ?compress=false) or use HTTP compression "
-                             "(enable_http_compression=1 with Accept-Encoding: gzip).")
         if params.get("query") and body:  # INSERT ... FORMAT X in the URL, data in the body
             try:
                 self.engine.classify(params["query"])
@@ -528,20 +531,21 @@ class _Handler(BaseHTTPRequestHandler):
             "X-ClickHouse-Server-Display-Name": "aipipe",
         }
         gzip = self._compression(params)
+        native = _flag(params, "compress")
         with self.engine.slot(admission), self.engine.connection(settings, database) as (conn, tag):
             streamed = fmt.lower() in _STREAMED and params.get("wait_end_of_query") != "1"
             if not streamed:
                 data, summary, elapsed = self.engine.whole(conn, verdict, fmt, binds)
                 headers["X-ClickHouse-Summary"] = _summary(summary, elapsed)
-                self._reply(200, data, headers, gzip)
+                self._reply(200, compress_blocks(data) if native else data, headers, gzip)
                 return
             running = self.engine.start(conn, tag, verdict, fmt, binds,
                                         int(float(settings["max_result_bytes"])))
             with _watch(self.connection, lambda: self.engine.kill(tag)) as gone:
-                self._stream(running, headers, gzip, gone)
+                self._stream(running, headers, gzip, gone, native)
 
     def _stream(self, running: _Running, headers: dict[str, str], encoding: str | None,
-                gone: threading.Event) -> None:
+                gone: threading.Event, native: bool = False) -> None:
         """Send the first blocks with the headers (whole if that is all), then the rest."""
         blocks = self.engine.chunks(running)
         first: list[bytes] = []
@@ -554,7 +558,8 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             else:
                 headers["X-ClickHouse-Summary"] = _summary(running.summary, running.elapsed)
-                self._reply(200, b"".join(first), headers, encoding)
+                whole = b"".join(first)
+                self._reply(200, compress_blocks(whole) if native else whole, headers, encoding)
                 return
         except QueryError:
             if gone.is_set():
@@ -570,7 +575,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", encoding)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        packer = _packer(encoding)
+        http = _packer(encoding)
+
+        def packer(data: bytes | None) -> bytes:  # each engine block one native block
+            return http(compress_blocks(data) if native and data else data)
+
         try:
             self._write_chunk(packer(b"".join(first)))
             for data in blocks:
@@ -580,8 +589,9 @@ class _Handler(BaseHTTPRequestHandler):
         except QueryError as exc:  # headers are gone: the error ends the body, unterminated
             self.close_connection = True
             if not gone.is_set():
-                with contextlib.suppress(OSError):
-                    self._write_chunk(b"\n" + exc.body(self.engine.version))
+                error = b"\n" + exc.body(self.engine.version)
+                with contextlib.suppress(OSError):  # in the stream's blocks, as ClickHouse does
+                    self._write_chunk(compress_blocks(error) if native else error)
             with contextlib.suppress(Exception):
                 running.stream.cancel()
         except OSError:
@@ -634,6 +644,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one structlog line per refusal is enough; no access log
+
+
+def _flag(params: Mapping[str, str], name: str) -> bool:
+    """A boolean URL parameter as ClickHouse reads one (``1`` or ``true``)."""
+    return params.get(name, "").strip().lower() in ("1", "true")
 
 
 def _summary(summary: Mapping[str, int], elapsed: float) -> str:

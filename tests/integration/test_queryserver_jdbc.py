@@ -14,6 +14,7 @@ from clickhouse_connect.driver.client import Client
 
 from consumers.costs.migrations import migrate
 from consumers.costs.store import ClickHouseCostStore
+from infra import chcompress, queryserver
 from infra.queryserver import QueryServer
 from infra.settings import Settings
 from tests.support import jdbc
@@ -53,11 +54,32 @@ def probe(classpath: str, server: QueryServer, database: str, options: str) -> l
     return [line.split("\t") for line in done.stdout.splitlines()]
 
 
+@pytest.mark.parametrize("options", ["", "?compress=false", "?decompress=true"],
+                         ids=["default-native-compression", "uncompressed", "both-ways"])
 def test_the_jdbc_driver_queries_and_discovers_tables_and_columns(
-    classpath: str, served: tuple[QueryServer, str]
+    classpath: str, served: tuple[QueryServer, str], options: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With the driver's defaults it asks for ``compress=1`` (LZ4 blocks with CityHash128
+    checksums, checked by the driver) and gets them; ``compress=false`` still works; with
+    ``decompress=true`` the driver also sends its queries as blocks of its own making."""
     server, database = served
-    facts = probe(classpath, server, database, "?compress=false")
+    sent: list[int] = []
+    read: list[int] = []
+
+    def counted(data: bytes, block_size: int = chcompress.BLOCK_SIZE) -> bytes:
+        sent.append(len(data))
+        return chcompress.compress_blocks(data, block_size)
+
+    def reading(data: bytes, limit: int = 0) -> bytes:
+        read.append(len(data))
+        return chcompress.decompress_blocks(data, limit)
+
+    monkeypatch.setattr(queryserver, "compress_blocks", counted)
+    monkeypatch.setattr(queryserver, "decompress_blocks", reading)
+    facts = probe(classpath, server, database, options)
+    assert bool(sent) == (options != "?compress=false")  # the default is compress=1
+    assert bool(read) == (options == "?decompress=true")
 
     assert ["select1", "1"] in facts
     sums = [(f[1], Decimal(f[2])) for f in facts if f[0] == "sum"]
@@ -70,18 +92,3 @@ def test_the_jdbc_driver_queries_and_discovers_tables_and_columns(
     assert columns["created_at"] == "DateTime64(3, 'UTC')"
     assert database in [f[1] for f in facts if f[0] == "schema"]
     assert ["product", "ClickHouse", server.engine.version] in facts
-
-
-def test_the_jdbc_driver_with_its_default_native_compression_gets_a_clear_error(
-    classpath: str, served: tuple[QueryServer, str]
-) -> None:
-    """``compress=1`` (ClickHouse's LZ4 blocks with CityHash checksums) is not spoken: the
-    driver must be told ``compress=false``; the README says so."""
-    server, database = served
-    port = server.url.rsplit(":", 1)[1]
-    done = subprocess.run(["java", "-cp", classpath, "Probe",
-                           f"jdbc:clickhouse://127.0.0.1:{port}/{database}", server.user,
-                           server.password, database], capture_output=True, text=True,
-                          timeout=180)
-    assert done.returncode != 0
-    assert "compress=false" in done.stderr
