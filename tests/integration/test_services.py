@@ -226,6 +226,8 @@ def test_aipipe_up_protects_redis_and_no_worker_logs_its_password(
 
         worker_settings = settings.model_copy(update={
             "home": home, "redis_url": SecretStr(bare_url), "log_level": "debug",
+            # a refused password fails at once; only a slow machine would time out
+            "rate_limit_redis_timeout_ms": 5000,
         })
         prepare_topics(worker_settings)
         worker = WorkerProcess(worker_settings, "streams").start()
@@ -236,7 +238,7 @@ def test_aipipe_up_protects_redis_and_no_worker_logs_its_password(
                 params={"prompt": "a chair"}) for i in range(20)]
             produce(worker_settings, worker_settings.topics.requested, requests)
             decided = [decode(m.value()) for m in consume(
-                worker_settings, worker_settings.topics.admitted, len(requests), timeout=120)]
+                worker_settings, worker_settings.topics.admitted, len(requests), timeout=180)]
             assert worker.alive(), worker.log_tail()
         finally:
             worker.stop()
