@@ -211,7 +211,7 @@ def test_every_hostile_query_is_refused_by_aipipe_sql(
 
 @pytest.mark.parametrize("params", [
     {"readonly": "0"},
-    {"allow_ddl": "1"},
+    {"allow_ddl": "0"},
     {"user_files_path": "/"},
     {"max_execution_time": "0", "query": "SELECT getSetting('max_execution_time')"},
     {"max_execution_time": "100000", "query": "SELECT getSetting('max_execution_time')"},
@@ -223,13 +223,22 @@ def test_settings_in_the_url_never_raise_a_limit_or_leave_read_only(
 ) -> None:
     query = params.get("query")
     status, headers, body = post(server, b"" if query else b"SELECT 1", params)
-    if query is None:
+    if query is None:  # READONLY, or UNKNOWN_SETTING for a name chDB does not have
         assert_clickhouse_error(status, headers, body)
-        assert headers["X-ClickHouse-Exception-Code"] == "164"
+        assert headers["X-ClickHouse-Exception-Code"] in ("164", "115")
         return
     name = query.split("'")[1]
     server_value = LIMITS.engine_settings()[name]
     assert (status, float(body)) == (200, server_value)
+
+
+def test_asking_for_a_setting_already_in_force_changes_nothing(server: QueryServer) -> None:
+    """Drivers send defaults such as ``allow_ddl=1``: accepted, and DDL is still refused."""
+    status, _, body = post(server, b"SELECT 1", {"allow_ddl": "1"})
+    assert (status, body) == (200, b"1\n")
+    status, headers, body = post(server, b"CREATE TABLE t (a Int8) ENGINE = Memory",
+                                 {"allow_ddl": "1"})
+    assert_clickhouse_error(status, headers, body)
 
 
 def test_a_client_may_lower_a_limit(server: QueryServer) -> None:
