@@ -10,18 +10,15 @@ twice (the artifact store is content-addressed).
 
 from __future__ import annotations
 
-import time
-
 import orjson
 import pytest
-from confluent_kafka import Consumer
 
 from infra.processes import WorkerProcess, wait_for
 from infra.runner import prepare_topics
 from infra.settings import Settings
 from schemas.events import OperationRequested
 from tests.e2e.test_scaling import costs_settled
-from tests.support.ledger import Ledger, produce_backlog
+from tests.support.ledger import Ledger, produce_backlog, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -29,21 +26,7 @@ N, CLIENTS = 60, 6
 
 
 def read_all(settings: Settings, topic: str) -> list[dict[str, object]]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{settings.topic_prefix}-read-{time.monotonic_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    out: list[dict[str, object]] = []
-    quiet = time.monotonic() + 4
-    try:
-        while time.monotonic() < quiet:
-            for message in consumer.consume(num_messages=1000, timeout=0.5):
-                if message.error() is None:
-                    out.append(orjson.loads(message.value() or b"{}"))
-                    quiet = time.monotonic() + 2
-    finally:
-        consumer.close()
-    return out
+    return [orjson.loads(m.value() or b"{}") for m in read_topic(settings, topic)]
 
 
 def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_lost_attempts(

@@ -19,14 +19,13 @@ worker never exits.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from infra.processes import WorkerProcess, wait_for
 from infra.runner import prepare_topics
@@ -34,7 +33,7 @@ from infra.settings import Settings
 from schemas.deadletter import OFFSET, PARTITION, REASON, STAGE, TOPIC, read_headers
 from schemas.events import encode, new_event_id
 from tests.e2e.test_scaling import costs_settled
-from tests.support.ledger import Ledger, image_requests
+from tests.support.ledger import Ledger, image_requests, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -182,22 +181,11 @@ class Coordinates:
 
 
 def dead_letters(settings: Settings) -> dict[tuple[str, int, int], dict[str, str]]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": f"{settings.topic_prefix}-dlq-{time.monotonic_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([settings.topics.deadletter])
+    """Dead letters by the coordinates of the message each stands for."""
     out: dict[tuple[str, int, int], dict[str, str]] = {}
-    idle = time.monotonic() + 5
-    try:
-        while time.monotonic() < idle:
-            for message in consumer.consume(num_messages=1000, timeout=0.5):
-                if message.error() is None:
-                    h = read_headers(message.headers())
-                    key = (h[TOPIC], int(h[PARTITION]), int(h[OFFSET]))
-                    out.setdefault(key, h)
-                    idle = time.monotonic() + 3
-    finally:
-        consumer.close()
+    for message in read_topic(settings, settings.topics.deadletter):
+        h = read_headers(message.headers())
+        out.setdefault((h[TOPIC], int(h[PARTITION]), int(h[OFFSET])), h)
     return out
 
 

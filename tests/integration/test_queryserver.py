@@ -353,5 +353,5 @@ def test_a_reader_reads_the_path_its_url_names(
                          clickhouse_database=database)
         assert serving_endpoint(same) is not None
         assert serving_endpoint(other) is None  # open_reader opens /other itself
-        with pytest.raises(StoreError, match="serves .* not .*other"):
+        with pytest.raises(StoreError, match=r"serves .* not .*other"):
             pipeline_store(other, lambda: True, timeout=5)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 
 import orjson
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Message
 
 from infra.settings import Settings
 from producers import EventProducer
@@ -133,3 +133,22 @@ def physical_cost_rows(settings: Settings) -> dict[str, object]:
         capture_output=True, text=True, timeout=180, check=True,
     )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def read_topic(settings: Settings, topic: str, quiet_seconds: float = 3.0) -> list[Message]:
+    """Every message of ``topic`` from the start, until none came for ``quiet_seconds``."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-read-{time.monotonic_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[Message] = []
+    quiet = time.monotonic() + quiet_seconds + 2  # the first fetch takes a moment
+    try:
+        while time.monotonic() < quiet:
+            for message in consumer.consume(num_messages=1000, timeout=0.5):
+                if message.error() is None:
+                    out.append(message)
+                    quiet = time.monotonic() + quiet_seconds
+    finally:
+        consumer.close()
+    return out
