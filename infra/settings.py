@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(1000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     simulated_latency_ms: int = Field(0, ge=0)
+    stall_refetch_seconds: float = Field(
+        15.0, ge=2, description="Quiet time before a worker re-fetches partitions left behind."
+    )
     generation_max_in_flight: int = Field(
         256, ge=1, le=100_000, description="Operations a streams worker runs at once."
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -358,6 +359,39 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
 
     app.timer(interval=settings.video_poll_tick_seconds, name="video-poll-timer")(
         supervised("video-poll-timer", run_due_polls))
+
+    async def refetch_if_stalled() -> None:
+        """Seek back to the committed offsets when a partition has stopped moving.
+
+        A safety net under ``streams.consumer``: if nothing is in flight, nothing came in
+        for ``AIPIPE_STALL_REFETCH_SECONDS``, and a requests or admitted partition this
+        worker holds is committed below its high watermark, the messages between were
+        fetched and lost on the way to the agent (the stall seen after crash restarts).
+        Fetching them again is safe: every effect is idempotent by ``event_id``.
+        """
+        consumer: Any = app.consumer
+        quiet = time.monotonic() - max(admission_intake.fed_at, generation_intake.fed_at)
+        if (quiet < settings.stall_refetch_seconds or app.rebalancing or app.in_recovery
+                or consumer._unacked_messages or not admission_intake.queue.empty()
+                or not generation_intake.queue.empty()):
+            return
+        watched = [tp for tp in consumer.assignment()
+                   if tp.topic in (topics.requested, topics.admitted)]
+        if not watched:
+            return
+        highs = await consumer.highwaters(*watched)
+        behind = {str(tp): (consumer._committed_offset.get(tp), highs.get(tp))
+                  for tp in watched
+                  if highs.get(tp) is not None
+                  and (consumer._committed_offset.get(tp) or 0) < highs[tp]}
+        if behind:
+            log.warning("partitions_stalled_refetching", partitions=behind,
+                        quiet_seconds=round(quiet, 1))
+            await consumer.perform_seek()
+            admission_intake.fed_at = generation_intake.fed_at = time.monotonic()
+
+    app.timer(interval=max(1.0, settings.stall_refetch_seconds / 4), name="stall-refetch")(
+        supervised("stall-refetch", refetch_if_stalled))
 
     return app
 

@@ -21,6 +21,11 @@ committed offset yet, which is every partition when a pipeline starts:
    earlier generation of the group, is skipped and acknowledged all the same, so its
    offset counts as handled; acknowledgements that arrive after a revocation outlive
    it into the next generation.
+5. Its fetch loop drops every message below the last offset it handed on (its "read
+   offset"). A delivery that waited out a rebalance sets that offset after the seek
+   back, from a record of the old position, so the records fetched again from the
+   committed offset are dropped below it: a restarted worker then sat idle with its
+   committed offset behind the high watermark.
 
 With two workers started on a backlog this lost the first hundreds to thousands of
 offsets of some partitions (``tests/e2e/test_scaling.py``), with committed offsets at the
@@ -34,7 +39,14 @@ high watermark and no error. ``SafeSeekConsumer`` closes each path:
 * a message that no stream took in (never tracked) or that was fetched under an earlier
   generation is never counted as acknowledged: it is fetched again after the seek, and
   every effect is idempotent by ``event_id``;
-* the acknowledgement state of the partitions of a new assignment starts empty.
+* the acknowledgement state of the partitions of a new assignment starts empty;
+* there is no read-offset filter: a record delivered twice is handled twice, which every
+  effect tolerates (idempotent by ``event_id``), and nothing fetched again is dropped.
+  (faust uses the read offset otherwise only to fill gaps of transactional or compacted
+  topics; the topics whose offsets this worker commits are neither.)
+
+``streams.app`` keeps a safety net over all of this: a partition committed below its
+high watermark while nothing is in flight and nothing arrives is fetched again.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._starts: dict[Any, int] = {}  # where each partition's fetch (re)started
+        self._read_offset = _NoReadOffsets()
 
     def ack(self, message: Any) -> bool:
         acking = self.app.topics.acks_enabled_for(message.topic)
@@ -128,6 +141,13 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
         if stale:
             log.info("stale_acks_cleared", offsets=stale, generation=generation_id)
         await super().on_partitions_assigned(assigned, generation_id)
+
+
+class _NoReadOffsets(dict[Any, "int | None"]):
+    """faust's read offsets, kept but never read back: no fetched record is dropped."""
+
+    def __getitem__(self, key: Any) -> int | None:
+        return None
 
 
 def use_safe_seek_consumer(app: Any) -> None:

@@ -30,11 +30,13 @@ class Intake:
     def __init__(self, maxsize: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.clock = clock
+        self.fed_at = clock()  # when the agent last handed over an event
 
     async def feed(self, stream: Any) -> None:
         """The agent's body: every event into the queue, none acknowledged here."""
         async for event in stream.noack().events():
             await self.queue.put(event)
+            self.fed_at = self.clock()
 
     async def batch(self, size: int, within: float) -> list[Any]:
         """Wait for one event, then take up to ``size`` arriving within ``within`` seconds."""

@@ -79,4 +79,4 @@ def test_sigkill_and_restart_of_the_whole_pipeline_loses_nothing(settings: Setti
         raise
     finally:
         ledger.close()
-    costs_settled(settings, worker, requests=len(produced))
+    costs_settled(settings, worker, requests=len(produced), clients=CLIENTS)
