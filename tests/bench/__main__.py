@@ -10,8 +10,10 @@ so it transfers across machines where absolute rates do not:
 3. (informational) the full cost sink path, Kafka -> ``CostSink`` -> ClickHouse, against
    the raw insert rate of 2.
 
-``--only`` also picks ``admission``, ``latency``, ``analytics`` and ``endpoint`` (the read
-endpoint against chDB in-process: ``tests/bench/endpoint.py``).
+``--only`` also picks ``admission``, ``latency``, ``analytics``, ``endpoint`` (the read
+endpoint against chDB in-process: ``tests/bench/endpoint.py``) and ``generation``
+(completions/s and in-flight calls at 2 s provider latency, and the per-operation
+overhead: ``tests/bench/generation.py``).
 
 Each side runs best of ``--rounds`` (default 5) in rotating order after a warm-up. The
 CPU ratio column compares items per process-CPU-second, which moves less than wall time
@@ -50,6 +52,7 @@ from tests.bench.analytics import bench_analytics
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
 from tests.bench.endpoint import DEFAULT_ROWS as ENDPOINT_ROWS
 from tests.bench.endpoint import bench_endpoint
+from tests.bench.generation import bench_generation
 from tests.bench.latency import bench_latency
 from tests.bench.producer import bench_producer, profile_ours
 from tests.bench.report import Figure, Steps, render, write_json
@@ -69,8 +72,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
     parser.add_argument(
         "--only", nargs="+",
-        default=["pipeline", "admission", "latency", "analytics", "endpoint"],
-        choices=["pipeline", "admission", "latency", "analytics", "endpoint"],
+        default=["pipeline", "admission", "latency", "analytics", "endpoint", "generation"],
+        choices=["pipeline", "admission", "latency", "analytics", "endpoint", "generation"],
         help="which parts to run",
     )
     parser.add_argument("--endpoint-rows", type=int, default=ENDPOINT_ROWS,
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"), bootstrap, say,
                 rows=args.analytics_rows, rounds=7,
             )
+        if "generation" in args.only:
+            figures += bench_generation(settings, say)
         if "endpoint" in args.only:
             figures += bench_endpoint(open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"),
                                       say, rows=args.endpoint_rows, rounds=args.rounds)
