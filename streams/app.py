@@ -227,24 +227,43 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
             event.message.partition, operation.operation_id, attempt)
         return attempt
 
+    running_operations: dict[str, asyncio.Future[None]] = {}
+
     async def generate(event: Any) -> None:
-        """Run one admitted operation: exactly one completion (or its video's first poll)."""
+        """Run one admitted operation: exactly one completion (or its video's first poll).
+
+        A second delivery of an operation this worker is running (a seek back after a
+        rebalance fetches it again) waits for the run in progress instead of starting
+        another attempt.
+        """
         operation = await decoded(event.message, "generation", OperationAdmitted)
-        if operation is not None and not done_operations[operation.operation_id]:
-            with bound_event(request_id=operation.request_id, client_id=operation.client_id,
-                             event_id=operation.event_id):
-                attempt = await begin_attempt(event, operation)
-                # never raises for the operation: a failure is a failed completion
-                events = [e.model_copy(update={"attempt": attempt})
-                          if isinstance(e, OperationCompleted) else e
-                          for e in await generator.run(operation)]
-                sent = await emit_generated(events)
-                # done only once the broker has its events (see admit)
-                await asyncio.gather(*sent)
-            # the generation step is done (for a video: started, never started again)
-            as_current(event)
-            done_operations[operation.operation_id] = True
+        if operation is not None and operation.operation_id in running_operations:
+            await asyncio.shield(running_operations[operation.operation_id])
+        elif operation is not None and not done_operations[operation.operation_id]:
+            running = running_operations[operation.operation_id] = \
+                asyncio.get_running_loop().create_future()
+            try:
+                await run_operation(event, operation)
+            finally:
+                del running_operations[operation.operation_id]
+                running.set_result(None)
         acknowledge(event)
+
+    async def run_operation(event: Any, operation: OperationAdmitted) -> None:
+        """One attempt at ``operation``: its events on the broker, then its done mark."""
+        with bound_event(request_id=operation.request_id, client_id=operation.client_id,
+                         event_id=operation.event_id):
+            attempt = await begin_attempt(event, operation)
+            # never raises for the operation: a failure is a failed completion
+            events = [e.model_copy(update={"attempt": attempt})
+                      if isinstance(e, OperationCompleted) else e
+                      for e in await generator.run(operation)]
+            sent = await emit_generated(events)
+            # done only once the broker has its events (see admit)
+            await asyncio.gather(*sent)
+        # the generation step is done (for a video: started, never started again)
+        as_current(event)
+        done_operations[operation.operation_id] = True
 
     async def generation_loop() -> None:
         # up to ``in_flight`` operations at once, from every partition this worker holds:

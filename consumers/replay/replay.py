@@ -29,7 +29,7 @@ from consumers.costs.rows import CostRow, row_from_completed, to_millis
 from consumers.costs.store import ClickHouseCostStore, StoreError
 from consumers.replay.pricefile import price_table_json
 from consumers.replay.reprice import RepriceReport, reprice
-from consumers.sink import Batch, coordinates
+from consumers.sink import Batch, Entry, coordinates
 from schemas.errors import AipipeError, EventDecodeError
 from schemas.events import OperationCompleted, decode
 from schemas.prices import PriceTable
@@ -201,7 +201,7 @@ class Replayer:
                             repriced = reprice(row, self.prices)
                             report.add(row, repriced)
                             row = repriced
-                        batch.rows.append(row)
+                        batch.entries.append(Entry(t, p, offset, message, [row]))
                     if offset + 1 >= ends[p]:
                         del ends[p]
                         self.consumer.incremental_unassign([TopicPartition(t, p)])
