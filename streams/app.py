@@ -382,20 +382,24 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     async def refetch_if_stalled() -> None:
         """Seek back to the committed offsets when a partition has stopped moving.
 
-        A safety net under ``streams.consumer``: if nothing is in flight, nothing came in
-        for ``AIPIPE_STALL_REFETCH_SECONDS``, and a requests or admitted partition this
-        worker holds is committed below its high watermark, the messages between were
-        fetched and lost on the way to the agent (the stall seen after crash restarts).
+        A safety net under ``streams.consumer``: when a stage (admission or generation)
+        has taken nothing in for ``AIPIPE_STALL_REFETCH_SECONDS`` and holds nothing, yet a
+        partition of its topic that this worker holds is committed below its high
+        watermark, the messages between were fetched and lost on the way to the agent
+        (stalls seen after crash restarts).
         Fetching them again is safe: every effect is idempotent by ``event_id``.
         """
         consumer: Any = app.consumer
-        quiet = time.monotonic() - max(admission_intake.fed_at, generation_intake.fed_at)
-        if (quiet < settings.stall_refetch_seconds or app.rebalancing or app.in_recovery
-                or consumer._unacked_messages or not admission_intake.queue.empty()
-                or not generation_intake.queue.empty()):
+        if app.rebalancing or app.in_recovery:
             return
-        watched = [tp for tp in consumer.assignment()
-                   if tp.topic in (topics.requested, topics.admitted)]
+        now, wait = time.monotonic(), settings.stall_refetch_seconds
+        quiet_topics = []  # a stage that took nothing in for a while and holds nothing
+        if now - admission_intake.fed_at >= wait and admission_intake.queue.empty():
+            quiet_topics.append(topics.requested)
+        if (now - generation_intake.fed_at >= wait and generation_intake.queue.empty()
+                and not running_operations):
+            quiet_topics.append(topics.admitted)
+        watched = [tp for tp in consumer.assignment() if tp.topic in quiet_topics]
         if not watched:
             return
         highs = await consumer.highwaters(*watched)
@@ -404,8 +408,7 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
                   if highs.get(tp) is not None
                   and (consumer._committed_offset.get(tp) or 0) < highs[tp]}
         if behind:
-            log.warning("partitions_stalled_refetching", partitions=behind,
-                        quiet_seconds=round(quiet, 1))
+            log.warning("partitions_stalled_refetching", partitions=behind)
             await consumer.perform_seek()
             admission_intake.fed_at = generation_intake.fed_at = time.monotonic()
 
