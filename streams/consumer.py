@@ -87,11 +87,17 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
                     if (offset is None or offset <= 0) and not self._is_changelog_tp(tp)]
         beginnings: Mapping[Any, int] = {}
         if unsought:
-            await self._thread.seek_to_beginning(*unsought)
             try:  # a metadata request: it does not wait on the fetcher's positions
                 beginnings = await self._thread.earliest_offsets(*unsought)
             except Exception as exc:  # unknown start: no commit until the next seek
                 log.warning("fetch_start_unknown", partitions=len(unsought), error=str(exc))
+            for tp in unsought:
+                if tp in beginnings:
+                    # a position at once: a lazy reset leaves it unset for a while, and
+                    # faust's livelock check asserts on an unset position
+                    self._thread.seek(tp, beginnings[tp])
+                else:
+                    await self._thread.seek_to_beginning(tp)
         for tp, offset in committed.items():
             start = beginnings.get(tp) if tp in unsought else offset
             if start is not None and not self._is_changelog_tp(tp):
