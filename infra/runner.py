@@ -34,6 +34,10 @@ Role = Literal["all", "streams", "costs"]
 log = structlog.get_logger("aipipe.runner")
 
 
+#: the streams' changelog-backed tables (streams/app.py)
+TABLES = ("seen-requests", "done-operations", "pending-videos", "started-operations")
+
+
 def prepare_topics(settings: Settings) -> None:
     ensure_topics(
         settings.kafka_bootstrap,
@@ -41,6 +45,15 @@ def prepare_topics(settings: Settings) -> None:
         partitions=settings.partitions,
         retention_ms=settings.topic_retention_ms,
         replication_factor=settings.replication_factor,
+    )
+    # created here too, not only by faust at start: a table written before the broker's
+    # metadata knows its changelog raises PartitionsMismatch, and the worker goes down
+    ensure_topics(
+        settings.kafka_bootstrap,
+        [f"{settings.topic_prefix}-streams-{table}-changelog" for table in TABLES],
+        partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+        config={"cleanup.policy": "compact"},
     )
 
 

@@ -22,6 +22,7 @@ def ensure_topics(
     retention_ms: int = -1,
     replication_factor: int = 1,
     timeout: float = 30.0,
+    config: dict[str, str] | None = None,
 ) -> None:
     """Create each missing topic; topics that exist already are left as they are."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -31,7 +32,7 @@ def ensure_topics(
             name,
             num_partitions=partitions,
             replication_factor=replication_factor,
-            config={"retention.ms": str(retention_ms)},
+            config=config or {"retention.ms": str(retention_ms)},
         )
         for name in topics
         if name not in existing
