@@ -41,9 +41,15 @@ test-unit: install
 bench: up
 	$(BIN)/python -m tests.bench
 
+# mypy does not follow the editable install's import hook, so it checks the `aipipe`
+# namespace through a tree of links that lays the folders out as installed.
+TYPECHECK := .aipipe/typecheck
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/aipipe
+	ln -s $(CURDIR)/infra/app/*.py $(TYPECHECK)/aipipe/
+	for d in schemas producers streams consumers infra; do ln -s $(CURDIR)/$$d $(TYPECHECK)/aipipe/$$d; done
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy
 
 clean: down
 	rm -rf .aipipe

@@ -13,7 +13,7 @@ Order per batch (at-least-once, made exact by idempotent writes):
          token made of its own offsets, until the messages ClickHouse refuses stand alone;
          they go to the dead-letter topic with ClickHouse's sentence, the rest is written;
        - fatal (the engine or the client is unusable): ``SinkFatalError`` ends the thread,
-         and its supervisor (``infra.supervise``) the process;
+         and its supervisor (``aipipe.infra.supervise``) the process;
   3. wait until the dead-letter topic has acknowledged every dead letter;
   4. commit the offsets, only now.
 A crash anywhere repeats at most the batch. A projection says how a message becomes rows
@@ -39,9 +39,9 @@ from clickhouse_connect.driver.exceptions import Error as ClickHouseDriverError
 from clickhouse_connect.driver.exceptions import OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from producers.producer import EventProducer
-from schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
-from schemas.errors import AipipeError, EventDecodeError
+from aipipe.producers.producer import EventProducer
+from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
+from aipipe.schemas.errors import AipipeError, EventDecodeError
 
 log = structlog.get_logger("aipipe.sink")
 Row = TypeVar("Row")

@@ -22,7 +22,7 @@ import struct
 import cramjam
 from clickhouse_cityhash.cityhash import CityHash128  # type: ignore[import-untyped]
 
-from infra.readonly import QueryError
+from aipipe.infra.readonly import QueryError
 
 __all__ = ["LZ4", "NONE", "TooLarge", "checksum", "compress_block", "compress_blocks",
            "decompress_blocks"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from infra.settings import Settings
+from aipipe.infra.settings import Settings
 
 _SECRET_KEYS = frozenset({"api_key", "authorization", "password", "prompt", "token", "key"})
 

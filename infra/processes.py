@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.settings import Settings
+from aipipe.infra.settings import Settings
 
 
 class WorkerProcess:
@@ -30,7 +30,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "run", self.role],
+                [sys.executable, "-m", "aipipe", "run", self.role],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
   ``user``/``password`` parameters; anything else gets ClickHouse's code 516. A request
   whose ``Host`` (or ``Origin``) is not a loopback name is refused (code 195), so a web
   page cannot reach the endpoint through DNS rebinding.
-- **What**: ``infra.readonly`` decides with the engine's own parser; what runs is the
+- **What**: ``aipipe.infra.readonly`` decides with the engine's own parser; what runs is the
   engine's rendering of the checked tree, on a chDB connection whose limits are set
   before ``readonly = 1`` (which then forbids every write and settings change).
 - **How much**: execution time, memory, rows read, result rows and bytes, threads,
@@ -28,7 +28,7 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
   (``session_id``) and ``client_protocol_version`` are accepted and ignored: every
   request is stateless, and Native output is chDB's own. ``compress=1`` sends the reply
   as ClickHouse's native LZ4 blocks with CityHash128 checksums (the JDBC driver's
-  default; ``infra.chcompress``), a streamed reply one block per engine block, inside any
+  default; ``aipipe.infra.chcompress``), a streamed reply one block per engine block, inside any
   HTTP compression; ``decompress=1`` reads the request body as such blocks (after its
   ``Content-Encoding``), and a block whose checksum does not match is code 40.
 """
@@ -59,8 +59,8 @@ import chdb
 import cramjam
 import structlog
 
-from infra.chcompress import TooLarge, compress_blocks, decompress_blocks
-from infra.readonly import (
+from aipipe.infra.chcompress import TooLarge, compress_blocks, decompress_blocks
+from aipipe.infra.readonly import (
     ABORTED,
     ACCESS_DENIED,
     NOT_IMPLEMENTED,
@@ -72,7 +72,7 @@ from infra.readonly import (
     QueryError,
     Verdict,
 )
-from schemas.errors import AipipeError
+from aipipe.schemas.errors import AipipeError
 
 __all__ = ["ENDPOINT_FILE", "READ_STATEMENTS", "Endpoint", "Limits", "QueryError",
            "QueryServer", "QueryServerError", "ReadEngine", "find_endpoint", "read_endpoint"]

@@ -15,10 +15,10 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 
-from consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
-from infra.processes import wait_for
-from infra.queryserver import Endpoint, read_endpoint, refuse_other_path
-from infra.settings import Settings
+from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
+from aipipe.infra.processes import wait_for
+from aipipe.infra.queryserver import Endpoint, read_endpoint, refuse_other_path
+from aipipe.infra.settings import Settings
 
 
 def endpoint_client(endpoint: Endpoint, database: str, **options: Any) -> Any:

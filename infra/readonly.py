@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.errors import AipipeError
+from aipipe.schemas.errors import AipipeError
 
 SYNTAX_ERROR, UNKNOWN_FORMAT, READONLY, ABORTED, NOT_IMPLEMENTED = 62, 73, 164, 236, 48
 ACCESS_DENIED, UNKNOWN_FUNCTION, UNKNOWN_TABLE, BAD_ARGUMENTS = 497, 46, 60, 36

@@ -23,8 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.errors import AipipeError
-from schemas.topics import Topics
+from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.topics import Topics
 
 
 class ConfigError(AipipeError):
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _providers(cls, value: str) -> str:
-        from streams.admission.params import REAL_PROVIDERS, SIMULATED
+        from aipipe.streams.admission.params import REAL_PROVIDERS, SIMULATED
 
         for name in filter(None, (n.strip() for n in value.split(","))):
             if name == SIMULATED:
@@ -276,7 +276,7 @@ class Settings(BaseSettings):
             raise ValueError("required when AIPIPE_WEBHOOK_ALLOWED_URLS is set: the secret "
                              "receivers verify signatures with")
         if value is not None:
-            from producers.webhooks import WebhookVerificationError, secret_key
+            from aipipe.producers.webhooks import WebhookVerificationError, secret_key
 
             try:
                 secret_key(reveal(value))
@@ -291,7 +291,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
-        from streams.admission.window import LimitError, parse_limit
+        from aipipe.streams.admission.window import LimitError, parse_limit
 
         try:
             parse_limit(value, "AIPIPE_RATE_LIMIT")

@@ -23,8 +23,8 @@ from typing import NoReturn
 
 import structlog
 
-from infra.logging import report_exception
-from schemas.errors import AipipeError
+from aipipe.infra.logging import report_exception
+from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.supervise")
 

@@ -8,7 +8,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from schemas.errors import AipipeError
+from aipipe.schemas.errors import AipipeError
 
 
 class TopicError(AipipeError):

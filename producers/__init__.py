@@ -1,5 +1,5 @@
 """The library upstream services use to emit aipipe events to Kafka."""
 
-from producers.producer import DeliveryError, EventProducer, headers_for
+from aipipe.producers.producer import DeliveryError, EventProducer, headers_for
 
 __all__ = ["DeliveryError", "EventProducer", "headers_for"]

@@ -12,9 +12,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas.deadletter import Headers
-from schemas.errors import AipipeError
-from schemas.events import Event, encode
+from aipipe.schemas.deadletter import Headers
+from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.events import Event, encode
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,

@@ -31,10 +31,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from producers.producer import EventProducer
-from schemas.errors import AipipeError, EventDecodeError
-from schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
-from schemas.topics import Topics
+from aipipe.producers.producer import EventProducer
+from aipipe.schemas.errors import AipipeError, EventDecodeError
+from aipipe.schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
+from aipipe.schemas.topics import Topics
 
 Outcome = OperationCompleted | OperationRejected
 _ELECTING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,

@@ -19,7 +19,7 @@ import hmac
 import time
 from collections.abc import Mapping
 
-from schemas.errors import AipipeError
+from aipipe.schemas.errors import AipipeError
 
 ID, TIMESTAMP, SIGNATURE = "webhook-id", "webhook-timestamp", "webhook-signature"
 DEFAULT_TOLERANCE_SECONDS = 300.0

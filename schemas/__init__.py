@@ -1,7 +1,7 @@
 """Event models, topic names, JSON Schema export and the price table. No I/O."""
 
-from schemas.errors import AipipeError, EventDecodeError, PricingError
-from schemas.events import (
+from aipipe.schemas.errors import AipipeError, EventDecodeError, PricingError
+from aipipe.schemas.events import (
     EVENT_TYPES,
     AnyEvent,
     Event,
@@ -17,8 +17,8 @@ from schemas.events import (
     derived_event_id,
     encode,
 )
-from schemas.prices import PriceTable, compute_cost, price_table_at
-from schemas.topics import Topics
+from aipipe.schemas.prices import PriceTable, compute_cost, price_table_at
+from aipipe.schemas.topics import Topics
 
 __all__ = [
     "EVENT_TYPES",

@@ -38,7 +38,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from schemas.errors import EventDecodeError
+from aipipe.schemas.errors import EventDecodeError
 
 SCHEMA_VERSION = 1
 OperationType = Literal["image_generation", "video_generation", "text_generation"]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from schemas.events import DEPTH_MARKER, EVENT_TYPES, WIRE_REQUIRED
+from aipipe.schemas.events import DEPTH_MARKER, EVENT_TYPES, WIRE_REQUIRED
 
 _SCALARS = ["string", "number", "boolean", "null"]
 

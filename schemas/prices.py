@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from types import MappingProxyType
 
-from schemas.errors import PricingError
-from schemas.events import Usage
+from aipipe.schemas.errors import PricingError
+from aipipe.schemas.events import Usage
 
 COST_QUANTUM = Decimal("0.000000001")
 _MILLION = Decimal(1_000_000)

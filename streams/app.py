@@ -7,9 +7,9 @@ deterministic ``event_id`` and duplicate inputs are skipped through changelog-ba
 tables, so a re-run after a crash repeats nothing downstream.
 
 Admission and generation run in the pipeline's own tasks fed by their agents
-(``streams.intake``): an event is acknowledged only after the events it caused are sent,
+(``aipipe.streams.intake``): an event is acknowledged only after the events it caused are sent,
 and faust's consumer never counts a message no agent handled
-(``streams.consumer``), so neither an error nor a rebalance commits past an event that
+(``aipipe.streams.consumer``), so neither an error nor a rebalance commits past an event that
 was not handled. Every error policy is explicit: what cannot be decoded is dead-lettered,
 what cannot be decided is rejected as ``invalid``, what fails in generation is a failed
 completion, and a failure to send (or a bug outside those) takes the process down
@@ -30,12 +30,12 @@ from typing import Any
 import faust
 import structlog
 
-from infra.logging import bound_event, exit_process, report_exception
-from infra.settings import Settings
-from producers.producer import headers_for
-from schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
-from schemas.errors import EventDecodeError
-from schemas.events import (
+from aipipe.infra.logging import bound_event, exit_process, report_exception
+from aipipe.infra.settings import Settings
+from aipipe.producers.producer import headers_for
+from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import (
     Event,
     OperationAdmitted,
     OperationCompleted,
@@ -50,14 +50,18 @@ from schemas.events import (
     encode,
     utcnow,
 )
-from streams.admission.decide import undecidable
-from streams.admission.gate import AdmissionGate, Decided, build_gate
-from streams.consumer import use_safe_seek_consumer
-from streams.generation import AIProvider, Generation
-from streams.generation.guard import ProviderGuard
-from streams.generation.polling import DueVideos, pending_after
-from streams.generation.registry import guard_from_settings, poll_schedule, providers_from_settings
-from streams.intake import Intake, acknowledge, as_current
+from aipipe.streams.admission.decide import undecidable
+from aipipe.streams.admission.gate import AdmissionGate, Decided, build_gate
+from aipipe.streams.consumer import use_safe_seek_consumer
+from aipipe.streams.generation import AIProvider, Generation
+from aipipe.streams.generation.guard import ProviderGuard
+from aipipe.streams.generation.polling import DueVideos, pending_after
+from aipipe.streams.generation.registry import (
+    guard_from_settings,
+    poll_schedule,
+    providers_from_settings,
+)
+from aipipe.streams.intake import Intake, acknowledge, as_current
 
 log = structlog.get_logger("aipipe.streams")
 
@@ -382,7 +386,7 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
     async def refetch_if_stalled() -> None:
         """Seek back to the committed offsets when a partition has stopped moving.
 
-        A safety net under ``streams.consumer``: when a stage (admission or generation)
+        A safety net under ``aipipe.streams.consumer``: when a stage (admission or generation)
         has taken nothing in for ``AIPIPE_STALL_REFETCH_SECONDS`` and holds nothing, yet a
         partition of its topic that this worker holds is committed below its high
         watermark, the messages between were fetched and lost on the way to the agent

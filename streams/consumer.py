@@ -45,7 +45,7 @@ high watermark and no error. ``SafeSeekConsumer`` closes each path:
   (faust uses the read offset otherwise only to fill gaps of transactional or compacted
   topics; the topics whose offsets this worker commits are neither.)
 
-``streams.app`` keeps a safety net over all of this: a partition committed below its
+``aipipe.streams.app`` keeps a safety net over all of this: a partition committed below its
 high watermark while nothing is in flight and nothing arrives is fetched again.
 """
 

@@ -6,7 +6,7 @@ the middle of a batch moves the committed offset past requests that never got a
 decision. Here the agent only moves events into a bounded queue (its ``feed``), with
 acknowledgements off; the pipeline's task takes them in batches and acknowledges each
 event itself once the events it caused are sent (faust flushes the producer before it
-commits). A task that fails takes the process down (``streams.fatal``) with nothing
+commits). A task that fails takes the process down (``aipipe.streams.fatal``) with nothing
 acknowledged, so after the restart the same events are decided again, idempotently.
 
 Before a table write, the task points faust's task-local current event at the event

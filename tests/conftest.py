@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Services:
 
 
 def _local_services() -> Services:
-    from infra import services
+    from aipipe import services
 
     base = load_settings()
     services.start_kafka(*base.kafka_host_port, home=base.home, cache_dir=base.cache_dir)

@@ -6,6 +6,6 @@ the offsets) and the same fault points; only the mapping differs: any message be
 row (``archive_row``), and nothing is dead-lettered (the stages that own each topic do that).
 """
 
-from consumers.archive.sink import ArchiveRow, ArchiveSink, ArchiveStore, archive_row
+from aipipe.consumers.archive.sink import ArchiveRow, ArchiveSink, ArchiveStore, archive_row
 
 __all__ = ["ArchiveRow", "ArchiveSink", "ArchiveStore", "archive_row"]

@@ -12,13 +12,13 @@ import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Message
 
-from consumers.archive.redact import archive_payload
-from consumers.costs.rows import to_millis
-from consumers.costs.store import StoreError, database_name
-from consumers.sink import BatchingSink, coordinates
-from schemas.deadletter import REASON, read_headers
-from schemas.errors import EventDecodeError
-from schemas.events import decode
+from aipipe.consumers.archive.redact import archive_payload
+from aipipe.consumers.costs.rows import to_millis
+from aipipe.consumers.costs.store import StoreError, database_name
+from aipipe.consumers.sink import BatchingSink, coordinates
+from aipipe.schemas.deadletter import REASON, read_headers
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import decode
 
 log = structlog.get_logger("aipipe.archive")
 TABLE = "events_archive"

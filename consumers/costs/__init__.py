@@ -1,8 +1,8 @@
 """The cost sink's ClickHouse side: rows, migrations, and the cost store (port + adapters)."""
 
-from consumers.costs.migrations import MigrationError, migrate
-from consumers.costs.rows import COLUMNS, CostRow, row_from_completed
-from consumers.costs.store import (
+from aipipe.consumers.costs.migrations import MigrationError, migrate
+from aipipe.consumers.costs.rows import COLUMNS, CostRow, row_from_completed
+from aipipe.consumers.costs.store import (
     Bucket,
     ClickHouseCostStore,
     CostStore,

@@ -19,12 +19,12 @@ import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Message
 
-from consumers.costs.rows import to_millis
-from consumers.costs.store import StoreError, database_name
-from consumers.sink import BatchingSink
-from schemas.errors import EventDecodeError
-from schemas.events import BudgetPeriod, BudgetSet, BudgetThresholdCrossed, decode
-from schemas.prices import COST_QUANTUM
+from aipipe.consumers.costs.rows import to_millis
+from aipipe.consumers.costs.store import StoreError, database_name
+from aipipe.consumers.sink import BatchingSink
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import BudgetPeriod, BudgetSet, BudgetThresholdCrossed, decode
+from aipipe.schemas.prices import COST_QUANTUM
 
 TABLE = "client_budgets"
 log = structlog.get_logger("aipipe.budgets")

@@ -12,7 +12,7 @@ from importlib.resources import files
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from consumers.costs.store import StoreError, database_name
+from aipipe.consumers.costs.store import StoreError, database_name
 
 
 class MigrationError(StoreError):

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import orjson
 
-from schemas.events import OperationCompleted
+from aipipe.schemas.events import OperationCompleted
 
 
 @dataclass(frozen=True, slots=True)

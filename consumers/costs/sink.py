@@ -1,6 +1,6 @@
 """The cost sink: completed operations from Kafka, in batches, into ``ai_cost_tracking``.
 
-The loop, batching, commit order and error policy are ``consumers.sink.BatchingSink``'s;
+The loop, batching, commit order and error policy are ``aipipe.consumers.sink.BatchingSink``'s;
 this module says how a message becomes a cost row. Exactness after redeliveries comes from
 the store: the batch's deduplication token and ``ReplacingMergeTree`` read with ``FINAL``.
 """
@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
-from consumers.costs.rows import CostRow, row_from_completed
-from consumers.costs.store import CostStore
-from consumers.sink import BatchingSink, coordinates
-from schemas.errors import EventDecodeError
-from schemas.events import OperationCompleted, decode
+from aipipe.consumers.costs.rows import CostRow, row_from_completed
+from aipipe.consumers.costs.store import CostStore
+from aipipe.consumers.sink import BatchingSink, coordinates
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import OperationCompleted, decode
 
 
 class CostProjection:

@@ -26,9 +26,9 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from consumers.costs.rows import COLUMNS, CostRow, to_millis
-from schemas.errors import AipipeError
-from schemas.prices import COST_QUANTUM
+from aipipe.consumers.costs.rows import COLUMNS, CostRow, to_millis
+from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.prices import COST_QUANTUM
 
 TABLE = "ai_cost_tracking"
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -263,7 +263,7 @@ def open_clickhouse(dsn: str, database: str) -> Client:
     Table names are qualified with ``database`` everywhere, so the client has no default
     database (it may not exist before the migration creates it).
     """
-    from consumers.costs.migrations import migrate  # migrations raise this module's errors
+    from aipipe.consumers.costs.migrations import migrate  # migrations raise this module's errors
 
     url = urlparse(dsn)
     with _wrapped(f"connect to {url.scheme}://{url.hostname or ''}{url.path}"):

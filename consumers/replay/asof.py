@@ -16,12 +16,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from consumers.costs.budgets import Budget, budget_verdict, period_bounds, resolve_budget
-from consumers.costs.rows import to_millis
-from consumers.costs.store import database_name
-from consumers.replay.replay import Range
-from schemas.events import BudgetPeriod
-from schemas.prices import COST_QUANTUM
+from aipipe.consumers.costs.budgets import Budget, budget_verdict, period_bounds, resolve_budget
+from aipipe.consumers.costs.rows import to_millis
+from aipipe.consumers.costs.store import database_name
+from aipipe.consumers.replay.replay import Range
+from aipipe.schemas.events import BudgetPeriod
+from aipipe.schemas.prices import COST_QUANTUM
 
 
 def _time(moment: datetime) -> str:

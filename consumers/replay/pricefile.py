@@ -1,6 +1,6 @@
 """Price tables from a file, for re-pricing history (``aipipe replay --price-table FILE``).
 
-A TOML (``.toml``) or JSON (``.json``) file with the fields of ``schemas.prices.PriceTable``;
+A TOML (``.toml``) or JSON (``.json``) file with the fields of ``aipipe.schemas.prices.PriceTable``;
 amounts are strings or numbers in USD, read as exact decimals::
 
     version = "what-if-2026-12"        # recorded as price_version on every re-priced row
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from schemas.errors import PricingError
-from schemas.prices import PRICE_TABLES, ModelPrice, PriceTable
+from aipipe.schemas.errors import PricingError
+from aipipe.schemas.prices import PRICE_TABLES, ModelPrice, PriceTable
 
 _UNITS = ("input_per_million_tokens", "output_per_million_tokens", "per_image",
           "per_video_second")

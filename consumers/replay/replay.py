@@ -25,14 +25,14 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumers.costs.rows import CostRow, row_from_completed, to_millis
-from consumers.costs.store import ClickHouseCostStore, StoreError
-from consumers.replay.pricefile import price_table_json
-from consumers.replay.reprice import RepriceReport, reprice
-from consumers.sink import Batch, Entry, coordinates
-from schemas.errors import AipipeError, EventDecodeError
-from schemas.events import OperationCompleted, decode
-from schemas.prices import PriceTable
+from aipipe.consumers.costs.rows import CostRow, row_from_completed, to_millis
+from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
+from aipipe.consumers.replay.pricefile import price_table_json
+from aipipe.consumers.replay.reprice import RepriceReport, reprice
+from aipipe.consumers.sink import Batch, Entry, coordinates
+from aipipe.schemas.errors import AipipeError, EventDecodeError
+from aipipe.schemas.events import OperationCompleted, decode
+from aipipe.schemas.prices import PriceTable
 
 log = structlog.get_logger("aipipe.replay")
 MANIFEST_TABLE = "replay_manifest"

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
-from consumers.costs.rows import CostRow
-from schemas.events import Usage
-from schemas.prices import PriceTable
+from aipipe.consumers.costs.rows import CostRow
+from aipipe.schemas.events import Usage
+from aipipe.schemas.prices import PriceTable
 
 
 def usage_of(row: CostRow) -> Usage:

@@ -14,9 +14,9 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from consumers.costs.rows import COLUMNS
-from consumers.costs.store import TABLE, database_name
-from consumers.replay.replay import Manifest
+from aipipe.consumers.costs.rows import COLUMNS
+from aipipe.consumers.costs.store import TABLE, database_name
+from aipipe.consumers.replay.replay import Manifest
 
 _HASHED = ", ".join(COLUMNS)
 

@@ -8,7 +8,7 @@ view trusts a seal only while the count still matches, so a row that arrives at 
 moment sends its bucket back to the raw table until the next seal.
 
 A failed round is retried at the next one. A fatal engine error (see
-``consumers.sink.classify``), or ``max_failures`` failed rounds in a row, raise
+``aipipe.consumers.sink.classify``), or ``max_failures`` failed rounds in a row, raise
 ``RollupSealError`` out of ``run``: its supervisor then takes the process down.
 """
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import structlog
 
-from consumers.costs.rows import to_millis
-from consumers.costs.store import database_name
-from consumers.sink import FailureKind, classify
-from schemas.errors import AipipeError
+from aipipe.consumers.costs.rows import to_millis
+from aipipe.consumers.costs.store import database_name
+from aipipe.consumers.sink import FailureKind, classify
+from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.rollups")
 Key = tuple[str, date, str, str]

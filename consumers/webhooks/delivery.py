@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import httpx2 as httpx
 
-from consumers.sink import backoff_delay
-from producers.webhooks import signed_headers
+from aipipe.consumers.sink import backoff_delay
+from aipipe.producers.webhooks import signed_headers
 
 USER_AGENT = "aipipe-webhooks/1"
 

@@ -1,7 +1,7 @@
 """The webhook consumer: completions and rejections with a ``callback_url``, POSTed to it.
 
 Reads ``operations.completed`` and ``operations.rejected`` through the batching sink
-(``consumers.sink.BatchingSink``), whose "write" here is: deliver every webhook of the
+(``aipipe.consumers.sink.BatchingSink``), whose "write" here is: deliver every webhook of the
 batch at once (asyncio, one ``httpx2`` client and its connection pool), each retried as
 ``delivery.deliver`` says, and dead-letter (stage ``webhooks``, with the reason) every one
 that was not delivered after its last try. Only then does the sink commit the batch's
@@ -25,11 +25,11 @@ import httpx2 as httpx
 import structlog
 from confluent_kafka import Message
 
-from consumers.sink import BatchingSink, Entry, coordinates
-from consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
-from schemas.errors import EventDecodeError
-from schemas.events import OperationCompleted, OperationRejected, decode
-from streams.admission.params import callback_allowed
+from aipipe.consumers.sink import BatchingSink, Entry, coordinates
+from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import OperationCompleted, OperationRejected, decode
+from aipipe.streams.admission.params import callback_allowed
 
 log = structlog.get_logger("aipipe.webhooks")
 STAGE = "webhooks"

@@ -1,5 +1,5 @@
 """Admission: decide for every requested operation whether it runs."""
 
-from streams.admission.decide import Decision, decide
+from aipipe.streams.admission.decide import Decision, decide
 
 __all__ = ["Decision", "decide"]

@@ -1,6 +1,6 @@
 """Budgets at admission: each client's spend in the period against its budget.
 
-Spend and budgets come from ClickHouse (``consumers.costs.budgets.BudgetStore``: the cost
+Spend and budgets come from ClickHouse (``aipipe.consumers.costs.budgets.BudgetStore``: the cost
 table and ``client_budgets``, read with ``FINAL``), asked for every client of a batch whose
 cached answer is older than ``cache_seconds`` in one query each, in a worker thread so
 the event loop never waits on ClickHouse. With embedded chDB the worker reads through the
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import structlog
 from redis.exceptions import RedisError
 
-from consumers.costs.budgets import (
+from aipipe.consumers.costs.budgets import (
     Budget,
     BudgetStore,
     budget_verdict,
@@ -39,7 +39,7 @@ from consumers.costs.budgets import (
     resolve_budget,
     thresholds_reached,
 )
-from schemas.events import (
+from aipipe.schemas.events import (
     BudgetPeriod,
     BudgetThresholdCrossed,
     OperationRequested,

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.errors import PricingError
-from schemas.events import (
+from aipipe.schemas.errors import PricingError
+from aipipe.schemas.events import (
     OperationAdmitted,
     OperationRejected,
     OperationRequested,
@@ -28,15 +28,15 @@ from schemas.events import (
     shown,
     utcnow,
 )
-from schemas.prices import PriceTable, price_table_at
-from streams.admission.limiter import Backend
-from streams.admission.params import (
+from aipipe.schemas.prices import PriceTable, price_table_at
+from aipipe.streams.admission.limiter import Backend
+from aipipe.streams.admission.params import (
     KNOWN_PROVIDERS,
     ParamLimits,
     callback_problem,
     params_problem,
 )
-from streams.admission.window import CLIENT, MODEL, Check, Limit, Outcome
+from aipipe.streams.admission.window import CLIENT, MODEL, Check, Limit, Outcome
 
 Decision = OperationAdmitted | OperationRejected
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

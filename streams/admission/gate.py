@@ -17,12 +17,12 @@ from decimal import Decimal
 
 import structlog
 
-from consumers.costs.budgets import BudgetStore
-from infra.settings import Settings
-from schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
-from schemas.prices import PriceTable, price_table_at
-from streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
-from streams.admission.decide import (
+from aipipe.consumers.costs.budgets import BudgetStore
+from aipipe.infra.settings import Settings
+from aipipe.schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
+from aipipe.schemas.prices import PriceTable, price_table_at
+from aipipe.streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
+from aipipe.streams.admission.decide import (
     Decision,
     Rules,
     invalid,
@@ -30,15 +30,15 @@ from streams.admission.decide import (
     rejected,
     undecidable,
 )
-from streams.admission.limiter import (
+from aipipe.streams.admission.limiter import (
     FailoverLimiter,
     MemoryRateLimitStore,
     RedisRateLimitStore,
     redis_client,
 )
-from streams.admission.limits import LimitsSource
-from streams.admission.params import ParamLimits
-from streams.admission.window import Check, parse_limit
+from aipipe.streams.admission.limits import LimitsSource
+from aipipe.streams.admission.params import ParamLimits
+from aipipe.streams.admission.window import Check, parse_limit
 
 log = structlog.get_logger("aipipe.admission")
 
@@ -171,7 +171,7 @@ def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
 
     def open_store() -> BudgetStore | None:
         if settings.embedded:
-            from infra.reader import endpoint_client, serving_endpoint
+            from aipipe.infra.reader import endpoint_client, serving_endpoint
 
             endpoint = serving_endpoint(settings)
             if endpoint is None:
@@ -180,7 +180,7 @@ def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
                 endpoint, settings.clickhouse_database, send_receive_timeout=5,
                 settings={"quota_key": "aipipe-admission"})
         else:
-            from infra.reader import open_reader
+            from aipipe.infra.reader import open_reader
 
             client = open_reader(settings)
         return BudgetStore(client, settings.clickhouse_database)

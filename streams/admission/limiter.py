@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from streams.admission.window import Check, Outcome, SlidingLog, decide_one
+from aipipe.streams.admission.window import Check, Outcome, SlidingLog, decide_one
 
 Backend = Literal["redis", "memory", "none"]
 log = structlog.get_logger("aipipe.admission.limiter")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from schemas.events import json_depth, shown
+from aipipe.schemas.events import json_depth, shown
 
 SIMULATED = "simulated"
 # the real providers this code can call (see streams/generation/registry.py)

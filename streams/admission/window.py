@@ -9,7 +9,7 @@ enough of the oldest admissions have left to free one slot:
 
 A decision checks two logs (the client's and the provider model's) and admits only if
 both allow; only then is it recorded in both. The Redis Lua script
-(``streams.admission.limiter``) implements exactly these rules; the contract tests hold
+(``aipipe.streams.admission.limiter``) implements exactly these rules; the contract tests hold
 both to them. Times are integer microseconds.
 """
 
@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from schemas.errors import AipipeError
+from aipipe.schemas.errors import AipipeError
 
 US_PER_MS = 1000
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}

@@ -5,7 +5,7 @@ default, ``AIPIPE_HOME/artifacts``) and any fsspec filesystem by URL (``s3://``,
 ``gs://``, ``memory://`` in tests) for servers. See ``store.py``.
 """
 
-from streams.artifacts.store import (
+from aipipe.streams.artifacts.store import (
     Artifact,
     ArtifactError,
     ArtifactStore,

@@ -5,16 +5,16 @@ and its adapters (``provider``, ``simulated``, ``gemini``), guarded calls (``gua
 and ``service.Generation``, which the agents call.
 """
 
-from streams.generation.complete import completed
-from streams.generation.provider import (
+from aipipe.streams.generation.complete import completed
+from aipipe.streams.generation.provider import (
     AIProvider,
     ProviderError,
     ProviderResult,
     VideoJob,
     VideoStatus,
 )
-from streams.generation.service import Generation
-from streams.generation.simulated import SimulatedProvider, simulated_usage
+from aipipe.streams.generation.service import Generation
+from aipipe.streams.generation.simulated import SimulatedProvider, simulated_usage
 
 __all__ = [
     "AIProvider",

@@ -6,10 +6,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.events import OperationAdmitted, OperationCompleted, VideoStarted, derived_event_id
-from schemas.prices import PriceTable
-from streams.generation.outputs import record
-from streams.generation.provider import ProviderResult
+from aipipe.schemas.events import (
+    OperationAdmitted,
+    OperationCompleted,
+    VideoStarted,
+    derived_event_id,
+)
+from aipipe.schemas.prices import PriceTable
+from aipipe.streams.generation.outputs import record
+from aipipe.streams.generation.provider import ProviderResult
 
 
 def completed(
@@ -54,7 +59,7 @@ def completed(
 
 def failed(reason: str, message: str, **metadata: Any) -> ProviderResult:
     """A failed result: ``reason`` is a stable word for queries, ``message`` says what happened."""
-    from schemas.events import Usage
+    from aipipe.schemas.events import Usage
 
     return ProviderResult(
         success=False, usage=Usage(), error_message=message,

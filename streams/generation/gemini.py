@@ -28,8 +28,8 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import SecretStr
 
-from schemas.events import OperationAdmitted, Usage
-from streams.generation.provider import (
+from aipipe.schemas.events import OperationAdmitted, Usage
+from aipipe.streams.generation.provider import (
     ProviderError,
     ProviderOutput,
     ProviderResult,

@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from streams.generation.backoff import retry_delay
-from streams.generation.breaker import (
+from aipipe.streams.generation.backoff import retry_delay
+from aipipe.streams.generation.breaker import (
     CLOSED,
     BreakerPolicy,
     BreakerState,
@@ -35,7 +35,7 @@ from streams.generation.breaker import (
     on_neutral,
     on_success,
 )
-from streams.generation.provider import ProviderError
+from aipipe.streams.generation.provider import ProviderError
 
 T = TypeVar("T")
 PROVIDER_UNAVAILABLE = "provider_unavailable"

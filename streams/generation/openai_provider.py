@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import openai
 from pydantic import SecretStr
 
-from schemas.events import OperationAdmitted, Usage
-from streams.generation.provider import (
+from aipipe.schemas.events import OperationAdmitted, Usage
+from aipipe.streams.generation.provider import (
     ProviderError,
     ProviderOutput,
     ProviderResult,

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 import structlog
 
-from schemas.events import INLINE_TEXT_BYTES, OperationAdmitted, Output
-from streams.artifacts.store import ArtifactError, ArtifactStore
-from streams.generation.provider import (
+from aipipe.schemas.events import INLINE_TEXT_BYTES, OperationAdmitted, Output
+from aipipe.streams.artifacts.store import ArtifactError, ArtifactStore
+from aipipe.streams.generation.provider import (
     AIProvider,
     ProviderOutput,
     ProviderResult,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from schemas.events import (
+from aipipe.schemas.events import (
     AnyEvent,
     Event,
     VideoPolled,
@@ -27,10 +27,10 @@ from schemas.events import (
     VideoStarted,
     derived_event_id,
 )
-from schemas.prices import PriceTable
-from streams.generation.backoff import PollSchedule
-from streams.generation.complete import completed, failed
-from streams.generation.provider import ProviderError, ProviderResult, VideoStatus
+from aipipe.schemas.prices import PriceTable
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.complete import completed, failed
+from aipipe.streams.generation.provider import ProviderError, ProviderResult, VideoStatus
 
 VIDEO_TIMEOUT = "video_timeout"
 

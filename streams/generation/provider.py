@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schemas.errors import AipipeError
-from schemas.events import OperationAdmitted, Usage
+from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.events import OperationAdmitted, Usage
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 

@@ -12,19 +12,19 @@ before the completion records them.
 
 from __future__ import annotations
 
-from infra.settings import Settings
-from streams.admission.limits import LimitsSource
-from streams.admission.window import parse_limit
-from streams.artifacts.store import ArtifactStore, store_from_url
-from streams.generation.backoff import PollSchedule
-from streams.generation.breaker import BreakerPolicy
-from streams.generation.gemini import GeminiProvider
-from streams.generation.guard import Fallbacks, ProviderGuard, RetryPolicy
-from streams.generation.openai_provider import OpenAIProvider
-from streams.generation.outputs import StoringProvider
-from streams.generation.provider import AIProvider
-from streams.generation.simulated import SimulatedProvider
-from streams.generation.stability import StabilityProvider
+from aipipe.infra.settings import Settings
+from aipipe.streams.admission.limits import LimitsSource
+from aipipe.streams.admission.window import parse_limit
+from aipipe.streams.artifacts.store import ArtifactStore, store_from_url
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.breaker import BreakerPolicy
+from aipipe.streams.generation.gemini import GeminiProvider
+from aipipe.streams.generation.guard import Fallbacks, ProviderGuard, RetryPolicy
+from aipipe.streams.generation.openai_provider import OpenAIProvider
+from aipipe.streams.generation.outputs import StoringProvider
+from aipipe.streams.generation.provider import AIProvider
+from aipipe.streams.generation.simulated import SimulatedProvider
+from aipipe.streams.generation.stability import StabilityProvider
 
 
 def artifacts_from_settings(settings: Settings) -> ArtifactStore:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from schemas.events import (
+from aipipe.schemas.events import (
     Event,
     OperationAdmitted,
     ProviderCircuitClosed,
@@ -27,21 +27,21 @@ from schemas.events import (
     new_event_id,
     utcnow,
 )
-from schemas.prices import PriceTable, price_table_at
-from streams.admission.params import ParamLimits, params_problem
-from streams.artifacts.store import ArtifactStore
-from streams.generation.backoff import PollSchedule
-from streams.generation.complete import completed, failed
-from streams.generation.guard import (
+from aipipe.schemas.prices import PriceTable, price_table_at
+from aipipe.streams.admission.params import ParamLimits, params_problem
+from aipipe.streams.artifacts.store import ArtifactStore
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.complete import completed, failed
+from aipipe.streams.generation.guard import (
     PROVIDER_UNAVAILABLE,
     CircuitOpenError,
     Guarded,
     ProviderGuard,
     Transition,
 )
-from streams.generation.outputs import store_result
-from streams.generation.polling import after_poll, schedule_poll
-from streams.generation.provider import (
+from aipipe.streams.generation.outputs import store_result
+from aipipe.streams.generation.polling import after_poll, schedule_poll
+from aipipe.streams.generation.provider import (
     AIProvider,
     ProviderError,
     ProviderResult,

@@ -28,10 +28,10 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from schemas.events import OperationAdmitted, Usage
-from schemas.prices import IMAGE_TOKENS_PER_IMAGE
-from streams.generation.png import solid_png
-from streams.generation.provider import (
+from aipipe.schemas.events import OperationAdmitted, Usage
+from aipipe.schemas.prices import IMAGE_TOKENS_PER_IMAGE
+from aipipe.streams.generation.png import solid_png
+from aipipe.streams.generation.provider import (
     ProviderError,
     ProviderOutput,
     ProviderResult,

@@ -23,8 +23,8 @@ from typing import Any
 import httpx2 as httpx
 from pydantic import SecretStr
 
-from schemas.events import OperationAdmitted, Usage
-from streams.generation.provider import (
+from aipipe.schemas.events import OperationAdmitted, Usage
+from aipipe.streams.generation.provider import (
     ProviderError,
     ProviderOutput,
     ProviderResult,

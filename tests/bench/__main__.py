@@ -44,9 +44,9 @@ import structlog
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from consumers.costs.store import open_clickhouse
-from infra.settings import Settings, load_settings
-from infra.topics import ensure_topics
+from aipipe.consumers.costs.store import open_clickhouse
+from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.topics import ensure_topics
 from tests.bench.admission import admission_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
@@ -101,7 +101,7 @@ def _quiet_logs() -> None:
 
 
 def _kafka_up(settings: Settings) -> bool:
-    from infra.services import kafka_status
+    from aipipe.services import kafka_status
 
     return kafka_status(*settings.kafka_host_port, home=settings.home).running
 

@@ -32,15 +32,15 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from infra.processes import WorkerProcess
-from infra.settings import Settings, load_settings
-from infra.topics import ensure_topics
-from producers import EventProducer
-from producers.producer import PRODUCER_DEFAULTS, headers_for
-from schemas.events import OperationAdmitted, OperationRequested, decode, encode
-from streams.admission.gate import build_gate
-from streams.admission.limiter import RedisRateLimitStore, redis_client
-from streams.admission.window import Check, Limit
+from aipipe.infra.processes import WorkerProcess
+from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.topics import ensure_topics
+from aipipe.producers import EventProducer
+from aipipe.producers.producer import PRODUCER_DEFAULTS, headers_for
+from aipipe.schemas.events import OperationAdmitted, OperationRequested, decode, encode
+from aipipe.streams.admission.gate import build_gate
+from aipipe.streams.admission.limiter import RedisRateLimitStore, redis_client
+from aipipe.streams.admission.window import Check, Limit
 from tests.bench.report import Figure, Sample, Steps, best_of, compare, render
 from tests.bench.workloads import CLIENTS, requested_events
 

@@ -6,7 +6,7 @@
    operation types and models, 90 days, 2 % failures, and a tenth of one day's operations
    (2026-10-15, about 0.1 % of all) inserted twice, as a crash re-delivers a recent stretch
    of the log; both tables are then merged (OPTIMIZE … FINAL), as background merges would,
-   closed days are sealed (``consumers.rollups.Sealer``, as the pipeline does every minute),
+   closed days are sealed (``aipipe.consumers.rollups.Sealer``, as the pipeline does every minute),
    and five operations of a sealed day of client-7 are re-delivered after the seal.
 2. Median query time (``--rounds``, default 7) of the same question asked two ways, with
    equal answers checked: the per-client monthly summary and a budget check over a month
@@ -36,9 +36,9 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from consumers.costs.migrations import migrate
-from consumers.costs.store import ClickHouseCostStore
-from consumers.replay.replay import Replayer, plan, replay_consumer
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from aipipe.consumers.replay.replay import Replayer, plan, replay_consumer
 from tests.bench.report import Figure
 
 DEFAULT_ROWS = 10_000_000
@@ -80,7 +80,7 @@ WHERE {{where:String}} = ''
 
 def seal(client: Client, database: str) -> tuple[float, int]:
     """What the pipeline's sealer does every minute: closed days sealed from FINAL."""
-    from consumers.rollups import Sealer
+    from aipipe.consumers.rollups import Sealer
 
     began = time.perf_counter()
     buckets = Sealer(client, database).seal()
@@ -158,7 +158,7 @@ def bench_replay(client: Client, bootstrap: str, events: int, batch: int,
                  say: Callable[[str], None]) -> Figure:
     from confluent_kafka.admin import AdminClient
 
-    from infra.topics import ensure_topics
+    from aipipe.infra.topics import ensure_topics
     from tests.bench.clickhouse import bench_sink, produce_completed
     from tests.bench.workloads import completed_events
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     import clickhouse_connect
     from rich.console import Console
 
-    from infra.settings import load_settings
+    from aipipe.infra.settings import load_settings
     from tests.bench.__main__ import _kafka_up, _quiet_logs
     from tests.bench.report import render
 

@@ -23,13 +23,13 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
 
-from consumers.costs.migrations import migrate
-from consumers.costs.rows import COLUMNS, CostRow
-from consumers.costs.sink import CostSink
-from consumers.costs.store import TABLE, ClickHouseCostStore
-from infra.processes import wait_for
-from producers.producer import PRODUCER_DEFAULTS
-from schemas.events import OperationCompleted, encode
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.rows import COLUMNS, CostRow
+from aipipe.consumers.costs.sink import CostSink
+from aipipe.consumers.costs.store import TABLE, ClickHouseCostStore
+from aipipe.infra.processes import wait_for
+from aipipe.producers.producer import PRODUCER_DEFAULTS
+from aipipe.schemas.events import OperationCompleted, encode
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare, rate
 
 

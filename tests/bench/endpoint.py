@@ -11,7 +11,7 @@
    of TabSeparated (``numbers()`` and their text, about 200 MB) over raw HTTP with basic
    auth; the time to the first body byte, and to the last, best of three.
 
-The endpoint (``infra.queryserver.QueryServer``) runs in this process on loopback, over the
+The endpoint (``aipipe.infra.queryserver.QueryServer``) runs in this process on loopback, over the
 bench's chDB client (chDB opens one path per process), with the default limits; its HTTP
 threads share this process's GIL with the client, as they share the owner's with the sink.
 
@@ -35,9 +35,9 @@ from urllib.parse import urlparse
 
 from clickhouse_connect.driver.client import Client
 
-from consumers.costs.store import ClickHouseCostStore
-from infra.queryserver import Endpoint, Limits, QueryServer
-from infra.reader import endpoint_client
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from aipipe.infra.queryserver import Endpoint, Limits, QueryServer
+from aipipe.infra.reader import endpoint_client
 from tests.bench.analytics import generate
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare
 

@@ -27,12 +27,12 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from producers import EventProducer
-from schemas.events import OperationRequested
-from streams.admission.decide import admitted
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.producers import EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
+from aipipe.streams.admission.decide import admitted
 from tests.bench.report import Figure
 
 Say = Callable[[str], None]

@@ -33,12 +33,12 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings, load_settings
-from infra.topics import ensure_topics
-from producers import EventProducer
-from schemas.events import OperationRequested
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.topics import ensure_topics
+from aipipe.producers import EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
 from tests.bench.report import Figure
 from tests.support.pipeline import store_of
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from producers.producer import PRODUCER_DEFAULTS, EventProducer, headers_for
-from schemas.events import OperationRequested, encode
+from aipipe.producers.producer import PRODUCER_DEFAULTS, EventProducer, headers_for
+from aipipe.schemas.events import OperationRequested, encode
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare
 
 

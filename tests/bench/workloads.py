@@ -11,9 +11,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from consumers.costs.rows import CostRow, row_from_completed
-from schemas.events import OperationCompleted, OperationRequested, Usage
-from schemas.prices import price_table_at
+from aipipe.consumers.costs.rows import CostRow, row_from_completed
+from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage
+from aipipe.schemas.prices import price_table_at
 
 CLIENTS = tuple(f"client-{n:03d}" for n in range(50))
 _START = datetime(2026, 11, 1, tzinfo=UTC)

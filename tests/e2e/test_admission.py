@@ -32,12 +32,12 @@ import redis
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from infra import services
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings, home_redis_password
-from producers import EventProducer
-from schemas.events import (
+from aipipe import services
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings, home_redis_password
+from aipipe.producers import EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import (
     BudgetThresholdCrossed,
     OperationAdmitted,
     OperationRejected,
@@ -295,7 +295,7 @@ def test_budgets_reject_over_budget_and_thresholds_fire_once(settings: Settings)
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env,
+        return subprocess.run([sys.executable, "-m", "aipipe", *args], env=env,
                               capture_output=True, text=True, timeout=120)
 
     try:

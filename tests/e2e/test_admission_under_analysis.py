@@ -31,12 +31,12 @@ import clickhouse_connect
 import pytest
 from confluent_kafka import Consumer
 
-from infra.processes import WorkerProcess, wait_for
-from infra.reader import serving_endpoint
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from producers import EventProducer
-from schemas.events import (
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.reader import serving_endpoint
+from aipipe.infra.settings import Settings
+from aipipe.producers import EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import (
     BudgetSet,
     OperationAdmitted,
     OperationRejected,

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import (
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import (
     Event,
     OperationAdmitted,
     OperationCompleted,
@@ -35,7 +35,7 @@ from schemas.events import (
     VideoPolled,
     VideoStarted,
 )
-from schemas.prices import PRICE_TABLES
+from aipipe.schemas.prices import PRICE_TABLES
 from tests.support.pipeline import produce, store_of, wait_recorded
 
 pytestmark = pytest.mark.e2e
@@ -204,13 +204,13 @@ def test_the_ten_documented_questions_answer_exactly(
     assert sources == [("raw",)]  # today is not sealed yet: answered from the raw table
 
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "infra.cli", "sql", asked[10], "--param",
+    out = subprocess.run([sys.executable, "-m", "aipipe", "sql", asked[10], "--param",
                           "client=acme", "--format", "json"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert [(r["user_id"], r["operations"], Decimal(r["cost_usd"]))
             for r in json.loads(out.stdout)] == want[10]
-    refused = subprocess.run([sys.executable, "-m", "infra.cli", "sql",
+    refused = subprocess.run([sys.executable, "-m", "aipipe", "sql",
                               "ALTER TABLE ai_cost_tracking DELETE WHERE 1"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
@@ -249,7 +249,7 @@ def test_the_report_plots_the_expected_series(
     day = run.requested[0].occurred_at.date()
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "report", "--from", day.isoformat(), "--to",
+        [sys.executable, "-m", "aipipe", "report", "--from", day.isoformat(), "--to",
          (day + timedelta(days=2)).isoformat(), "--out", str(tmp_path / "r.html"), "--png",
          str(tmp_path / "r.png")], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
 from tests.e2e.test_scaling import costs_settled
 from tests.support.ledger import Ledger, image_requests, produce_backlog
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from infra.settings import Settings
+from aipipe.infra.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -16,7 +16,7 @@ def test_the_demo_records_every_operation_and_runs_again(settings: Settings) -> 
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-m", "infra.cli", "demo", "--operations", "40", "--clients", "3"],
+            [sys.executable, "-m", "aipipe", "demo", "--operations", "40", "--clients", "3"],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

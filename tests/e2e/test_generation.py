@@ -19,10 +19,10 @@ import pytest
 from confluent_kafka import Consumer
 from pydantic import SecretStr
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import (
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import (
     Event,
     OperationAdmitted,
     OperationCompleted,
@@ -34,7 +34,7 @@ from schemas.events import (
     decode,
     utcnow,
 )
-from streams.generation.backoff import wait_for_attempt
+from aipipe.streams.generation.backoff import wait_for_attempt
 from tests.support.fake_gemini import FakeGemini, prompt_tokens
 from tests.support.fake_sentry import FakeSentry
 from tests.support.pipeline import produce, store_of

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import OperationRequested
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
 from tests.support.ledger import Ledger, produce_backlog
 
 pytestmark = pytest.mark.e2e

@@ -13,10 +13,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import OperationRequested
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
 from tests.e2e.test_scaling import costs_settled
 from tests.support.ledger import Ledger, produce_backlog, read_topic
 

@@ -19,10 +19,10 @@ from decimal import Decimal
 import jsonschema
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.jsonschema import json_schemas
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.jsonschema import json_schemas
 from tests.support.pipeline import store_of
 
 pytestmark = pytest.mark.e2e

@@ -19,11 +19,11 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.deadletter import read_headers
-from schemas.events import OperationCompleted, OperationRequested, Usage, encode
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.deadletter import read_headers
+from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage, encode
 from tests.support.pipeline import (
     consume,
     operations_recorded,
@@ -229,7 +229,7 @@ def test_cli_answers_while_the_pipeline_holds_the_database(
 
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "costs", "summary", "--client", "client-1", "--json"],
+        [sys.executable, "-m", "aipipe", "costs", "summary", "--client", "client-1", "--json"],
         env=env, capture_output=True, text=True, timeout=120, check=True,
     )
     summary = json.loads(out.stdout)
@@ -237,7 +237,7 @@ def test_cli_answers_while_the_pipeline_holds_the_database(
     assert summary["operation_count"] == len(events)
 
     budget = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "budget", "check", "--client", "client-1",
+        [sys.executable, "-m", "aipipe", "budget", "check", "--client", "client-1",
          "--limit", str(expected), "--json"],
         env=env, capture_output=True, text=True, timeout=120,
     )

@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.deadletter import OFFSET, PARTITION, REASON, STAGE, TOPIC, read_headers
-from schemas.events import encode, new_event_id
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.deadletter import OFFSET, PARTITION, REASON, STAGE, TOPIC, read_headers
+from aipipe.schemas.events import encode, new_event_id
 from tests.e2e.test_scaling import costs_settled
 from tests.support.ledger import Ledger, image_requests, read_topic
 

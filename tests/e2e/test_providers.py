@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from infra.processes import WorkerProcess
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from producers.results import ResultClient
-from schemas.events import OperationCompleted, OperationRequested, Usage
-from schemas.prices import price_table_at
-from streams.artifacts.store import LocalArtifactStore
+from aipipe.infra.processes import WorkerProcess
+from aipipe.infra.settings import Settings
+from aipipe.producers.results import ResultClient
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage
+from aipipe.schemas.prices import price_table_at
+from aipipe.streams.artifacts.store import LocalArtifactStore
 from tests.support import fake_openai, fake_stability
 from tests.support.fake_gemini import PNG as GEMINI_PNG
 from tests.support.fake_gemini import FakeGemini

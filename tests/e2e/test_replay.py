@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import OperationCompleted, Usage
-from schemas.prices import PRICE_TABLES
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationCompleted, Usage
+from aipipe.schemas.prices import PRICE_TABLES
 from tests.support.pipeline import produce, store_of, wait_recorded
 
 pytestmark = pytest.mark.e2e
@@ -71,7 +71,7 @@ def aipipe(
     settings: Settings, *args: str, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "aipipe", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

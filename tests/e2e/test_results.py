@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from infra.processes import WorkerProcess
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from producers import EventProducer
-from producers.results import ResultClient, ResultTimeout
-from schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
-from streams.artifacts.store import LocalArtifactStore
-from streams.generation.png import solid_png
+from aipipe.infra.processes import WorkerProcess
+from aipipe.infra.settings import Settings
+from aipipe.producers import EventProducer
+from aipipe.producers.results import ResultClient, ResultTimeout
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
+from aipipe.streams.artifacts.store import LocalArtifactStore
+from aipipe.streams.generation.png import solid_png
 
 pytestmark = pytest.mark.e2e
 IMAGE = "gemini-2.5-flash-image"
@@ -46,7 +46,7 @@ def aipipe(
     settings: Settings, *args: str, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "aipipe", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,7 +99,7 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
         # --wait: the outcome of a request emitted while the command waits
         later = requested(103)
         waiting = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "result", later.event_id, "--wait",
+            [sys.executable, "-m", "aipipe", "result", later.event_id, "--wait",
              "--timeout", "120"],
             env={**settings.to_env(), "PATH": "/usr/bin:/bin"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ another SIGKILLed mid-run. Every request must get exactly one decision and exact
 completion, and the cost table must hold exactly one row per operation, counted without
 ``FINAL`` after ``OPTIMIZE FINAL``, with per-client totals equal to the produced sum.
 
-Before ``streams.consumer.SafeSeekConsumer``, faust committed past messages it
+Before ``aipipe.streams.consumer.SafeSeekConsumer``, faust committed past messages it
 had skipped at a rebalance (see that module): 4 of 6 two-worker runs of 100,000 requests
 lost operations. ``AIPIPE_SCALE_REQUESTS`` and ``AIPIPE_SCALE_ROUNDS`` make this a soak.
 """
@@ -20,10 +20,10 @@ from decimal import Decimal
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from schemas.events import OperationRequested
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
 from tests.support.ledger import (
     IMAGE_COST,
     Ledger,

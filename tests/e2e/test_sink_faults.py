@@ -20,13 +20,13 @@ from typing import Any
 import orjson
 import pytest
 
-from consumers.costs.store import ClickHouseCostStore
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from infra.supervise import EXIT_THREAD_DIED
-from schemas.deadletter import read_headers
-from schemas.events import OperationCompleted, Usage, encode
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings
+from aipipe.infra.supervise import EXIT_THREAD_DIED
+from aipipe.runner import prepare_topics
+from aipipe.schemas.deadletter import read_headers
+from aipipe.schemas.events import OperationCompleted, Usage, encode
 from tests.support.fake_sentry import FakeSentry
 from tests.support.pipeline import (
     consume,

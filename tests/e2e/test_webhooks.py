@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings, load_settings
-from producers.webhooks import WebhookVerificationError, verify_signature
-from schemas.deadletter import read_headers
-from schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings, load_settings
+from aipipe.producers.webhooks import WebhookVerificationError, verify_signature
+from aipipe.runner import prepare_topics
+from aipipe.schemas.deadletter import read_headers
+from aipipe.schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
 from tests.conftest import Services
 from tests.support.loopback import LoopbackServer
 from tests.support.pipeline import consume, produce

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import pytest
 import redis as sync_redis
 
-from streams.admission.limiter import (
+from aipipe.streams.admission.limiter import (
     MemoryRateLimitStore,
     RateLimitStore,
     RedisRateLimitStore,
     redis_client,
 )
-from streams.admission.window import CLIENT, MODEL, Check, Limit
+from aipipe.streams.admission.window import CLIENT, MODEL, Check, Limit
 from tests.conftest import Services
 
 pytestmark = pytest.mark.e2e

@@ -21,9 +21,9 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.costs.migrations import migrate
-from consumers.costs.rows import COLUMNS, CostRow
-from consumers.costs.store import (
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.rows import COLUMNS, CostRow
+from aipipe.consumers.costs.store import (
     Bucket,
     ClickHouseCostStore,
     CostStore,

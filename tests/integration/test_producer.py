@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from producers import DeliveryError, EventProducer
-from schemas import OperationRequested, decode
-from schemas.deadletter import read_headers
+from aipipe.infra.settings import Settings
+from aipipe.producers import DeliveryError, EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas import OperationRequested, decode
+from aipipe.schemas.deadletter import read_headers
 from tests.support.pipeline import consume
 
 pytestmark = pytest.mark.e2e

@@ -22,10 +22,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from consumers.costs.migrations import migrate
-from consumers.costs.rows import CostRow
-from consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
-from infra.queryserver import (
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.rows import CostRow
+from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
+from aipipe.infra.queryserver import (
     ENDPOINT_FILE,
     QueryError,
     QueryServer,
@@ -342,9 +342,9 @@ def test_a_default_clickhouse_connect_client_works(server: QueryServer, database
 def test_a_reader_reads_the_path_its_url_names(
     chdb_client: Client, tmp_path: Path, database: str
 ) -> None:
-    from consumers.costs.store import StoreError
-    from infra.reader import pipeline_store, serving_endpoint
-    from infra.settings import Settings
+    from aipipe.consumers.costs.store import StoreError
+    from aipipe.infra.reader import pipeline_store, serving_endpoint
+    from aipipe.infra.settings import Settings
 
     with QueryServer(chdb_client, home=tmp_path):
         same = Settings(home=tmp_path, clickhouse_url=f"chdb://{chdb_client.path}",

@@ -1,5 +1,5 @@
 """ClickHouse's native compressed blocks (``compress=1`` / ``decompress=1``): the framing in
-``infra.chcompress`` and the read endpoint speaking it.
+``aipipe.infra.chcompress`` and the read endpoint speaking it.
 
 The checksum vectors below are what clickhouse-java's own ``ClickHouseCityHash.cityHash128``
 (the driver 0.9.9's, the one that checks every block it reads) returns: ``[low, high]``,
@@ -21,7 +21,7 @@ import cramjam
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from infra.chcompress import (
+from aipipe.infra.chcompress import (
     LZ4,
     NONE,
     TooLarge,
@@ -30,7 +30,7 @@ from infra.chcompress import (
     compress_blocks,
     decompress_blocks,
 )
-from infra.queryserver import Limits, QueryError, QueryServer
+from aipipe.infra.queryserver import Limits, QueryError, QueryServer
 
 # (data, low, high) from com.clickhouse.data.ClickHouseCityHash.cityHash128 (driver 0.9.9)
 VECTORS = [

@@ -25,11 +25,11 @@ from urllib.parse import quote, urlencode
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from consumers.costs.migrations import migrate
-from infra.processes import wait_for
-from infra.queryserver import Limits, QueryServer
-from infra.settings import Settings
-from infra.sqlcmd import SqlError, checked, run_query
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.infra.processes import wait_for
+from aipipe.infra.queryserver import Limits, QueryServer
+from aipipe.infra.settings import Settings
+from aipipe.sqlcmd import SqlError, checked, run_query
 
 pytestmark = pytest.mark.e2e
 

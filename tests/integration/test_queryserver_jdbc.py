@@ -12,11 +12,11 @@ from decimal import Decimal
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from consumers.costs.migrations import migrate
-from consumers.costs.store import ClickHouseCostStore
-from infra import chcompress, queryserver
-from infra.queryserver import QueryServer
-from infra.settings import Settings
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from aipipe.infra import chcompress, queryserver
+from aipipe.infra.queryserver import QueryServer
+from aipipe.infra.settings import Settings
 from tests.support import jdbc
 from tests.support.rows import cost_row
 

@@ -1,4 +1,4 @@
-"""The local Kafka and Redis that infra/services.py starts: real processes, real clients."""
+"""The local Kafka and Redis that infra/app/services.py starts: real processes, real clients."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from pydantic import SecretStr
 
-from infra import services
-from infra.processes import WorkerProcess, wait_for
-from infra.runner import prepare_topics
-from infra.settings import Settings, home_redis_password
-from schemas.events import OperationAdmitted, OperationRequested, decode
+from aipipe import services
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.settings import Settings, home_redis_password
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationAdmitted, OperationRequested, decode
 from tests.support.pipeline import consume, produce
 
 pytestmark = pytest.mark.e2e
@@ -198,7 +198,7 @@ def test_kafka_start_roundtrip_stop_restart(tmp_path: Path) -> None:
 
 
 def _cli(home: Path, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "aipipe", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **env,
                                                        "AIPIPE_HOME": str(home)})
     assert done.returncode == 0, done.stderr

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from streams.generation.png import solid_png
+from aipipe.streams.generation.png import solid_png
 from tests.support.loopback import LoopbackServer
 
 IMAGE_TOKENS = 1056  # gpt-image-1, 1024x1024 at medium quality

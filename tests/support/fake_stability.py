@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from streams.generation.png import solid_png
+from aipipe.streams.generation.png import solid_png
 from tests.support.fake_openai import Recorded, Scripted
 
 ERROR_NAMES = {400: "bad_request", 401: "unauthorized", 403: "content_moderation",

@@ -22,9 +22,9 @@ from decimal import Decimal
 import orjson
 from confluent_kafka import Consumer, Message
 
-from infra.settings import Settings
-from producers import EventProducer
-from schemas.events import OperationRequested
+from aipipe.infra.settings import Settings
+from aipipe.producers import EventProducer
+from aipipe.schemas.events import OperationRequested
 
 IMAGE_MODEL = "gemini-2.5-flash-image"
 #: one simulated image with the prompt "p": 1 input token at $0.30/M, 1290 output at $30/M

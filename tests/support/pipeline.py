@@ -7,12 +7,12 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, Message
 
-from consumers.costs.store import ClickHouseCostStore
-from infra.processes import WorkerProcess, wait_for
-from infra.reader import pipeline_store
-from infra.settings import Settings
-from producers import EventProducer
-from schemas.events import Event
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.reader import pipeline_store
+from aipipe.infra.settings import Settings
+from aipipe.producers import EventProducer
+from aipipe.schemas.events import Event
 
 
 def produce(settings: Settings, topic: str, events: Iterable[Event]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from consumers.costs.rows import CostRow
+from aipipe.consumers.costs.rows import CostRow
 
 T0 = datetime(2025, 11, 1, tzinfo=UTC)
 

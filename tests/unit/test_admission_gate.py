@@ -11,13 +11,18 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from consumers.costs.budgets import Budget, period_bounds
-from schemas.events import OperationAdmitted, OperationRejected, OperationRequested
-from streams.admission.budgets import BudgetGate, RedisLatch, budget_report, thresholds_reached
-from streams.admission.gate import AdmissionGate, usd
-from streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
-from streams.admission.limits import LimitsSource
-from streams.admission.window import Check, Limit, Outcome
+from aipipe.consumers.costs.budgets import Budget, period_bounds
+from aipipe.schemas.events import OperationAdmitted, OperationRejected, OperationRequested
+from aipipe.streams.admission.budgets import (
+    BudgetGate,
+    RedisLatch,
+    budget_report,
+    thresholds_reached,
+)
+from aipipe.streams.admission.gate import AdmissionGate, usd
+from aipipe.streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
+from aipipe.streams.admission.limits import LimitsSource
+from aipipe.streams.admission.window import Check, Limit, Outcome
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
 
@@ -256,8 +261,8 @@ def deep(levels: int) -> dict[str, Any]:
 def test_each_request_gets_one_decision_whatever_its_neighbours_hold(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streams.admission.gate as gate_module
-    from schemas.events import decode, encode
+    import aipipe.streams.admission.gate as gate_module
+    from aipipe.schemas.events import decode, encode
 
     real_invalid = gate_module.invalid
 
@@ -310,7 +315,7 @@ def test_the_price_table_is_chosen_at_the_pipelines_clock() -> None:
     asked: list[datetime] = []
 
     def prices_at(when: datetime) -> Any:
-        from schemas.prices import price_table_at
+        from aipipe.schemas.prices import price_table_at
 
         asked.append(when)
         return price_table_at(when)

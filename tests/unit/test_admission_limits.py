@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import ConfigError, load_settings
-from streams.admission.limits import LimitsSource, limits_from_toml
-from streams.admission.window import Limit, LimitError
+from aipipe.infra.settings import ConfigError, load_settings
+from aipipe.streams.admission.limits import LimitsSource, limits_from_toml
+from aipipe.streams.admission.window import Limit, LimitError
 
 DEFAULT = Limit(60, 60_000)
 FILE = """

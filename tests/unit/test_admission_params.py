@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from streams.admission.params import ParamLimits, params_problem
+from aipipe.streams.admission.params import ParamLimits, params_problem
 
 LIMITS = ParamLimits()
 P = {"prompt": "a lighthouse at dawn"}
@@ -92,8 +92,8 @@ def test_what_the_provider_cannot_read_is_refused_in_one_sentence(
 
 
 def test_limits_come_from_settings() -> None:
-    from infra.settings import Settings
-    from streams.admission.gate import rules_from_settings
+    from aipipe.infra.settings import Settings
+    from aipipe.streams.admission.gate import rules_from_settings
 
     rules = rules_from_settings(Settings(image_max_count=8, simulated_enabled=True,
                                          providers=""))

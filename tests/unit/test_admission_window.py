@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.admission.limiter import MemoryRateLimitStore
-from streams.admission.window import (
+from aipipe.streams.admission.limiter import MemoryRateLimitStore
+from aipipe.streams.admission.window import (
     CLIENT,
     MODEL,
     Check,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from consumers.archive.redact import archive_payload
-from consumers.archive.sink import archive_row
-from schemas import OperationRequested, encode
+from aipipe.consumers.archive.redact import archive_payload
+from aipipe.consumers.archive.sink import archive_row
+from aipipe.schemas import OperationRequested, encode
 
 PROMPT = "a portrait of my neighbour, secret-7f3a"
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from streams.artifacts.store import (
+from aipipe.streams.artifacts.store import (
     ArtifactError,
     ArtifactStore,
     FsspecArtifactStore,
     LocalArtifactStore,
     store_from_url,
 )
-from streams.generation.png import solid_png
+from aipipe.streams.generation.png import solid_png
 
 PNG = solid_png(b"contract")
 
@@ -109,9 +109,9 @@ def test_the_url_setting_picks_the_adapter(tmp_path: Path) -> None:
 def test_text_travels_inline_up_to_4_kib_and_odd_mime_types_are_octet_streams(
     tmp_path: Path,
 ) -> None:
-    from schemas.events import INLINE_TEXT_BYTES
-    from streams.generation.outputs import record, store_output
-    from streams.generation.provider import ProviderOutput
+    from aipipe.schemas.events import INLINE_TEXT_BYTES
+    from aipipe.streams.generation.outputs import record, store_output
+    from aipipe.streams.generation.provider import ProviderOutput
 
     store = LocalArtifactStore(tmp_path)
     at_limit = "é" * (INLINE_TEXT_BYTES // 2)  # 4096 bytes in UTF-8

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from infra.cli import cli
-from schemas import EVENT_TYPES
+from aipipe.cli import cli
+from aipipe.schemas import EVENT_TYPES
 
 
 def test_schemas_export_writes_one_schema_per_event(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_schemas_export_writes_one_schema_per_event(tmp_path: Path) -> None:
 
 def test_a_bad_setting_stops_the_cli_with_one_sentence(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "status"],
+        [sys.executable, "-m", "aipipe", "status"],
         env={"AIPIPE_KAFKA_BOOTSTRAP": "no-port", "AIPIPE_HOME": str(tmp_path)},
         capture_output=True, text=True, timeout=60,
     )

@@ -16,7 +16,7 @@ import pytest
 from faust.transport.consumer import Consumer as FaustConsumer
 from intervaltree import IntervalTree
 
-from streams.consumer import SafeSeekConsumer
+from aipipe.streams.consumer import SafeSeekConsumer
 
 TP = ("operations.admitted", 3)
 

@@ -11,10 +11,10 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from consumers.costs.migrations import migration_scripts, statements
-from consumers.costs.rows import COLUMNS, CostRow, row_from_completed, to_millis
-from consumers.costs.store import Bucket, Group, StoreError, summarize
-from schemas.events import OperationCompleted, Usage
+from aipipe.consumers.costs.migrations import migration_scripts, statements
+from aipipe.consumers.costs.rows import COLUMNS, CostRow, row_from_completed, to_millis
+from aipipe.consumers.costs.store import Bucket, Group, StoreError, summarize
+from aipipe.schemas.events import OperationCompleted, Usage
 
 REQUESTED = datetime(2025, 11, 3, 23, 59, 59, 999_999, tzinfo=UTC)
 # 01:00:00.123456 at +02:00 is 23:00:00.123456 UTC on the day before

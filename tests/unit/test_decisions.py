@@ -4,11 +4,11 @@ from decimal import Decimal
 
 import pytest
 
-from schemas import OperationAdmitted, OperationRejected, OperationRequested, price_table_at
-from schemas.prices import PRICE_TABLES
-from streams.admission import decide
-from streams.admission.decide import Rules
-from streams.generation import SimulatedProvider, completed
+from aipipe.schemas import OperationAdmitted, OperationRejected, OperationRequested, price_table_at
+from aipipe.schemas.prices import PRICE_TABLES
+from aipipe.streams.admission import decide
+from aipipe.streams.admission.decide import Rules
+from aipipe.streams.generation import SimulatedProvider, completed
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 PRICES = price_table_at(NOW)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas import (
+from aipipe.schemas import (
     EventDecodeError,
     OperationCompleted,
     OperationRequested,

@@ -14,7 +14,7 @@ from faust.transport import consumer as base
 from faust.transport.drivers import aiokafka as driver
 from faust.types import tuples
 
-from streams.consumer import SafeSeekConsumer
+from aipipe.streams.consumer import SafeSeekConsumer
 
 
 def test_faust_is_the_line_the_consumer_fixes_were_written_for() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from streams.generation.backoff import PollSchedule, retry_delay, wait_for_attempt
+from aipipe.streams.generation.backoff import PollSchedule, retry_delay, wait_for_attempt
 
 
 @pytest.mark.parametrize(

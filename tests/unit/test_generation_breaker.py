@@ -1,6 +1,6 @@
 """Circuit-breaker transitions: closed, open, half-open, closed, as pure functions."""
 
-from streams.generation.breaker import (
+from aipipe.streams.generation.breaker import (
     CLOSED,
     BreakerPolicy,
     before_call,

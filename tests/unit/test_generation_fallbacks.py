@@ -14,18 +14,18 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from infra.settings import Settings
-from schemas.events import OperationAdmitted, OperationCompleted, ProviderCircuitOpened
-from streams.admission.limits import limits_from_toml
-from streams.admission.window import LimitError, parse_limit
-from streams.artifacts.store import LocalArtifactStore
-from streams.generation import Generation
-from streams.generation.backoff import PollSchedule
-from streams.generation.breaker import BreakerPolicy
-from streams.generation.guard import ProviderGuard, RetryPolicy
-from streams.generation.openai_provider import OpenAIProvider
-from streams.generation.registry import guard_from_settings
-from streams.generation.stability import StabilityProvider
+from aipipe.infra.settings import Settings
+from aipipe.schemas.events import OperationAdmitted, OperationCompleted, ProviderCircuitOpened
+from aipipe.streams.admission.limits import limits_from_toml
+from aipipe.streams.admission.window import LimitError, parse_limit
+from aipipe.streams.artifacts.store import LocalArtifactStore
+from aipipe.streams.generation import Generation
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.breaker import BreakerPolicy
+from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
+from aipipe.streams.generation.openai_provider import OpenAIProvider
+from aipipe.streams.generation.registry import guard_from_settings
+from aipipe.streams.generation.stability import StabilityProvider
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.fake_stability import FakeStability
 

@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from schemas.events import (
+from aipipe.schemas.events import (
     OperationAdmitted,
     OperationCompleted,
     VideoPolled,
     VideoPollScheduled,
     VideoStarted,
 )
-from streams.artifacts.store import LocalArtifactStore
-from streams.generation import Generation
-from streams.generation.backoff import PollSchedule
-from streams.generation.gemini import GeminiProvider
-from streams.generation.guard import ProviderGuard, RetryPolicy
-from streams.generation.provider import ProviderError
+from aipipe.streams.artifacts.store import LocalArtifactStore
+from aipipe.streams.generation import Generation
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.gemini import GeminiProvider
+from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
+from aipipe.streams.generation.provider import ProviderError
 from tests.support.fake_gemini import PNG, FakeGemini, prompt_tokens
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)

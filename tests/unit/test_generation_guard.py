@@ -5,9 +5,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from streams.generation.breaker import BreakerPolicy
-from streams.generation.guard import CircuitOpenError, ProviderGuard, RetryPolicy
-from streams.generation.provider import ProviderError
+from aipipe.streams.generation.breaker import BreakerPolicy
+from aipipe.streams.generation.guard import CircuitOpenError, ProviderGuard, RetryPolicy
+from aipipe.streams.generation.provider import ProviderError
 
 
 class Clock:

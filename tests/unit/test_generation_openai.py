@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from schemas.events import OperationAdmitted, OperationCompleted, encode
-from schemas.prices import price_table_at
-from streams.artifacts.store import LocalArtifactStore
-from streams.generation import Generation
-from streams.generation.backoff import PollSchedule
-from streams.generation.guard import ProviderGuard, RetryPolicy
-from streams.generation.openai_provider import OpenAIProvider
-from streams.generation.outputs import StoringProvider
-from streams.generation.provider import ProviderError
+from aipipe.schemas.events import OperationAdmitted, OperationCompleted, encode
+from aipipe.schemas.prices import price_table_at
+from aipipe.streams.artifacts.store import LocalArtifactStore
+from aipipe.streams.generation import Generation
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
+from aipipe.streams.generation.openai_provider import OpenAIProvider
+from aipipe.streams.generation.outputs import StoringProvider
+from aipipe.streams.generation.provider import ProviderError
 from tests.support.fake_openai import ANSWER, IMAGE_TOKENS, FakeOpenAI, image_bytes, prompt_tokens
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
@@ -164,8 +164,8 @@ def test_without_a_key_the_operation_fails_with_the_setting_named() -> None:
 
 
 def test_a_dall_e_3_variant_the_table_lacks_is_refused_in_one_sentence() -> None:
-    from schemas.errors import PricingError
-    from schemas.events import Usage
+    from aipipe.schemas.errors import PricingError
+    from aipipe.schemas.events import Usage
 
     table = price_table_at(NOW)
     assert table.cost("dall-e-3", Usage(image_count=2, image_variant="standard 1024x1024")) \

@@ -5,19 +5,19 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from schemas.events import (
+from aipipe.schemas.events import (
     OperationAdmitted,
     OperationCompleted,
     VideoPolled,
     VideoPollScheduled,
     VideoStarted,
 )
-from schemas.prices import price_table_at
-from streams.generation import Generation, SimulatedProvider
-from streams.generation.backoff import PollSchedule
-from streams.generation.guard import ProviderGuard
-from streams.generation.polling import DueVideos, after_poll, pending_after
-from streams.generation.provider import ProviderError, VideoStatus
+from aipipe.schemas.prices import price_table_at
+from aipipe.streams.generation import Generation, SimulatedProvider
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.guard import ProviderGuard
+from aipipe.streams.generation.polling import DueVideos, after_poll, pending_after
+from aipipe.streams.generation.provider import ProviderError, VideoStatus
 
 T0 = datetime(2026, 11, 26, 12, tzinfo=UTC)
 PRICES = price_table_at(T0)

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from infra.settings import Settings
-from schemas.events import OperationAdmitted
-from streams.generation import ProviderError, SimulatedProvider
-from streams.generation.outputs import StoringProvider
-from streams.generation.registry import providers_from_settings
+from aipipe.infra.settings import Settings
+from aipipe.schemas.events import OperationAdmitted
+from aipipe.streams.generation import ProviderError, SimulatedProvider
+from aipipe.streams.generation.outputs import StoringProvider
+from aipipe.streams.generation.registry import providers_from_settings
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -87,11 +87,11 @@ def test_a_requests_script_is_bounded_even_past_admission(
 def test_outputs_are_deterministic_pngs_and_text_stored_once_across_re_runs(
     tmp_path: Path,
 ) -> None:
-    from schemas.events import OperationCompleted
-    from streams.artifacts.store import LocalArtifactStore
-    from streams.generation import Generation
-    from streams.generation.backoff import PollSchedule
-    from streams.generation.guard import ProviderGuard
+    from aipipe.schemas.events import OperationCompleted
+    from aipipe.streams.artifacts.store import LocalArtifactStore
+    from aipipe.streams.generation import Generation
+    from aipipe.streams.generation.backoff import PollSchedule
+    from aipipe.streams.generation.guard import ProviderGuard
 
     store = LocalArtifactStore(tmp_path)
     stored = StoringProvider(SimulatedProvider(), store)
@@ -117,10 +117,10 @@ def test_outputs_are_deterministic_pngs_and_text_stored_once_across_re_runs(
 
 
 def test_without_a_store_the_completion_says_how_many_outputs_were_not_kept() -> None:
-    from schemas.events import OperationCompleted
-    from streams.generation import Generation
-    from streams.generation.backoff import PollSchedule
-    from streams.generation.guard import ProviderGuard
+    from aipipe.schemas.events import OperationCompleted
+    from aipipe.streams.generation import Generation
+    from aipipe.streams.generation.backoff import PollSchedule
+    from aipipe.streams.generation.guard import ProviderGuard
 
     gen = Generation({"simulated": SimulatedProvider()}, ProviderGuard(), PollSchedule())
     image = op(1).model_copy(update={"model": "gemini-2.5-flash-image",

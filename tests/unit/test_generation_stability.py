@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from schemas.events import OperationAdmitted, OperationCompleted
-from streams.artifacts.store import LocalArtifactStore
-from streams.generation import Generation
-from streams.generation.backoff import PollSchedule
-from streams.generation.guard import ProviderGuard, RetryPolicy
-from streams.generation.outputs import StoringProvider
-from streams.generation.provider import ProviderError
-from streams.generation.stability import StabilityProvider
+from aipipe.schemas.events import OperationAdmitted, OperationCompleted
+from aipipe.streams.artifacts.store import LocalArtifactStore
+from aipipe.streams.generation import Generation
+from aipipe.streams.generation.backoff import PollSchedule
+from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
+from aipipe.streams.generation.outputs import StoringProvider
+from aipipe.streams.generation.provider import ProviderError
+from aipipe.streams.generation.stability import StabilityProvider
 from tests.support.fake_stability import FakeStability, image_bytes
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import (
+from aipipe.schemas import (
     EVENT_TYPES,
     EventDecodeError,
     OperationCompleted,
@@ -19,7 +19,7 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.events import (
+from aipipe.schemas.events import (
     BudgetSet,
     BudgetThresholdCrossed,
     Event,
@@ -32,7 +32,7 @@ from schemas.events import (
     VideoPollScheduled,
     VideoStarted,
 )
-from schemas.jsonschema import export_json_schemas, json_schemas
+from aipipe.schemas.jsonschema import export_json_schemas, json_schemas
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 ENVELOPE = {"request_id": "r", "client_id": "c"}

@@ -3,8 +3,8 @@ from decimal import Decimal
 
 import pytest
 
-from schemas import PricingError, Usage, compute_cost, price_table_at
-from schemas.prices import ModelPrice, PriceTable, _table
+from aipipe.schemas import PricingError, Usage, compute_cost, price_table_at
+from aipipe.schemas.prices import ModelPrice, PriceTable, _table
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from consumers.costs.rows import CostRow
-from consumers.replay.pricefile import load_price_table, price_table_from_mapping
-from consumers.replay.replay import Manifest, Range
-from consumers.replay.reprice import RepriceReport, reprice
-from consumers.replay.verify import Cell, diff_buckets, diff_rows, range_condition
-from schemas.errors import PricingError
+from aipipe.consumers.costs.rows import CostRow
+from aipipe.consumers.replay.pricefile import load_price_table, price_table_from_mapping
+from aipipe.consumers.replay.replay import Manifest, Range
+from aipipe.consumers.replay.reprice import RepriceReport, reprice
+from aipipe.consumers.replay.verify import Cell, diff_buckets, diff_rows, range_condition
+from aipipe.schemas.errors import PricingError
 
 T = datetime(2026, 11, 2, tzinfo=UTC)
 

@@ -8,10 +8,10 @@ from decimal import Decimal
 
 import pytest
 
-from consumers.archive.sink import archive_row
-from infra.sqlcmd import SqlError, checked, render
-from schemas.deadletter import REASON
-from schemas.events import OperationRejected, encode
+from aipipe.consumers.archive.sink import archive_row
+from aipipe.schemas.deadletter import REASON
+from aipipe.schemas.events import OperationRejected, encode
+from aipipe.sqlcmd import SqlError, checked, render
 
 T = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 

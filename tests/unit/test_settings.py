@@ -1,6 +1,6 @@
 import pytest
 
-from infra.settings import ConfigError, load_settings
+from aipipe.infra.settings import ConfigError, load_settings
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-from consumers.sink import Batch
+from aipipe.consumers.sink import Batch
 
 
 def test_the_token_is_the_offset_ranges_of_the_batch() -> None:

@@ -19,8 +19,8 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 
-from consumers.costs.store import StoreError
-from consumers.sink import (
+from aipipe.consumers.costs.store import StoreError
+from aipipe.consumers.sink import (
     Batch,
     BatchingSink,
     FailureKind,
@@ -32,8 +32,8 @@ from consumers.sink import (
     halves,
     ranges_token,
 )
-from schemas.deadletter import read_headers
-from schemas.errors import EventDecodeError
+from aipipe.schemas.deadletter import read_headers
+from aipipe.schemas.errors import EventDecodeError
 
 PARTITIONS = (
     "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). "

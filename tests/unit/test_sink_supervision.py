@@ -10,8 +10,8 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from structlog.testing import capture_logs
 
-from consumers.rollups import RollupSealError, Sealer, by_months
-from infra.supervise import EXIT_THREAD_DIED, Supervisor, WorkerThreadStopped
+from aipipe.consumers.rollups import RollupSealError, Sealer, by_months
+from aipipe.infra.supervise import EXIT_THREAD_DIED, Supervisor, WorkerThreadStopped
 
 
 class Recorder:

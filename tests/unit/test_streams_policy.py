@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from schemas.events import OperationRejected, OperationRequested
-from streams import app as streams_app
-from streams.admission.decide import admitted
-from streams.admission.gate import Decided
-from streams.intake import Intake
+from aipipe.schemas.events import OperationRejected, OperationRequested
+from aipipe.streams import app as streams_app
+from aipipe.streams.admission.decide import admitted
+from aipipe.streams.admission.gate import Decided
+from aipipe.streams.intake import Intake
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 

@@ -14,17 +14,17 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from consumers.webhooks import Outcome, RetryPolicy, deliver
-from infra.settings import ConfigError, load_settings
-from producers.webhooks import (
+from aipipe.consumers.webhooks import Outcome, RetryPolicy, deliver
+from aipipe.infra.settings import ConfigError, load_settings
+from aipipe.producers.webhooks import (
     WebhookVerificationError,
     signature,
     signed_headers,
     verify_signature,
 )
-from schemas.events import OperationAdmitted, OperationRejected, OperationRequested
-from streams.admission.decide import Rules, decide
-from streams.admission.params import callback_allowed
+from aipipe.schemas.events import OperationAdmitted, OperationRejected, OperationRequested
+from aipipe.streams.admission.decide import Rules, decide
+from aipipe.streams.admission.params import callback_allowed
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 BODY = b'{"event_id":"e-1","event_type":"operation.completed"}'
@@ -191,8 +191,8 @@ def test_admission_carries_an_allowed_callback_url() -> None:
 
 
 def test_the_completion_carries_the_callback_url_of_its_admission() -> None:
-    from schemas.prices import price_table_at
-    from streams.generation import SimulatedProvider, completed
+    from aipipe.schemas.prices import price_table_at
+    from aipipe.streams.generation import SimulatedProvider, completed
 
     admitted = decide(requested("https://hooks.example/aipipe/1"), rules=Rules(
         callback_prefixes=ALLOWED))
@@ -254,7 +254,7 @@ def test_the_schema_and_the_decoder_agree_on_callback_url(url: object, valid: bo
 def completion(n: int, callback_url: str | None) -> bytes:
     from decimal import Decimal
 
-    from schemas.events import OperationCompleted, encode
+    from aipipe.schemas.events import OperationCompleted, encode
 
     return encode(OperationCompleted(
         request_id=f"r{n}", client_id="acme", operation_id=f"op-{n}",
@@ -265,7 +265,7 @@ def completion(n: int, callback_url: str | None) -> bytes:
 
 
 def webhook_sink(answer: Callable[[httpx.Request], httpx.Response]) -> tuple[Any, Any, Any]:
-    from consumers.webhooks import WebhookProjection, WebhookSink
+    from aipipe.consumers.webhooks import WebhookProjection, WebhookSink
     from tests.unit.test_sink_policy import FakeConsumer, FakeProducer
 
     clock = [0.0]

@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from consumers.costs.store import database_name
+from aipipe.consumers.costs.store import database_name
 
 Series = dict[str, dict[str, str]]  # name -> day (ISO) -> USD (exact, as text)
 

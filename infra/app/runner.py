@@ -4,7 +4,7 @@ With the embedded ClickHouse (chDB) the process running the cost sink owns the d
 path and serves read queries to other processes on a loopback HTTP endpoint.
 
 The sinks, the rollup sealer and a probe of the read endpoint run as threads under one
-``infra.supervise.Supervisor``: when one dies the process stops and exits with code 70
+``aipipe.infra.supervise.Supervisor``: when one dies the process stops and exits with code 70
 (``EXIT_THREAD_DIED``), after a ``worker_thread_died`` log line and a Sentry event.
 """
 
@@ -21,14 +21,14 @@ from typing import Any, Literal
 
 import structlog
 
-from consumers.costs.budgets import BudgetProjector, BudgetStore
-from consumers.costs.sink import CostSink
-from consumers.costs.store import ClickHouseCostStore, open_clickhouse
-from infra.logging import report_exception
-from infra.queryserver import Limits, QueryServer
-from infra.settings import Settings
-from infra.supervise import Supervisor, end_process
-from infra.topics import ensure_topics
+from aipipe.consumers.costs.budgets import BudgetProjector, BudgetStore
+from aipipe.consumers.costs.sink import CostSink
+from aipipe.consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from aipipe.infra.logging import report_exception
+from aipipe.infra.queryserver import Limits, QueryServer
+from aipipe.infra.settings import Settings
+from aipipe.infra.supervise import Supervisor, end_process
+from aipipe.infra.topics import ensure_topics
 
 Role = Literal["all", "streams", "costs"]
 log = structlog.get_logger("aipipe.runner")
@@ -86,7 +86,7 @@ def archive_thread(
     settings: Settings, stop: threading.Event, supervisor: Supervisor
 ) -> threading.Thread:
     """Every message of every topic into ``events_archive`` (see consumers/archive)."""
-    from consumers.archive import ArchiveSink, ArchiveStore
+    from aipipe.consumers.archive import ArchiveSink, ArchiveStore
 
     sink = ArchiveSink(
         topics=settings.topics.all(),
@@ -102,7 +102,7 @@ def sealer_thread(
     settings: Settings, stop: threading.Event, supervisor: Supervisor
 ) -> threading.Thread:
     """Seal the daily rollups of closed days (see consumers/rollups)."""
-    from consumers.rollups import Sealer
+    from aipipe.consumers.rollups import Sealer
 
     sealer = Sealer(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
                     settings.clickhouse_database, settings.rollup_seal_seconds,
@@ -114,8 +114,8 @@ def webhook_thread(
     settings: Settings, stop: threading.Event, supervisor: Supervisor
 ) -> threading.Thread:
     """POST completions and rejections to their callback URLs (see consumers/webhooks)."""
-    from consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
-    from infra.settings import reveal
+    from aipipe.consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
+    from aipipe.infra.settings import reveal
 
     assert settings.webhook_secret is not None  # the settings refuse webhooks without one
     policy = RetryPolicy(
@@ -225,7 +225,7 @@ def _stop_on_sigterm(*_: Any) -> None:
 def _run_streams(settings: Settings, role: Role, supervisor: Supervisor | None = None) -> None:
     from faust import Worker
 
-    from streams.app import create_app
+    from aipipe.streams.app import create_app
 
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level if settings.log_level != "info" else "warning")

@@ -1,4 +1,5 @@
-"""What ``aipipe replay`` and ``replay verify`` do: between the CLI and ``consumers.replay``."""
+"""What ``aipipe replay`` and ``replay verify`` do, between the CLI and
+``aipipe.consumers.replay``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from consumers.costs.store import ClickHouseCostStore, open_clickhouse
-from consumers.replay import (
+from aipipe.consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from aipipe.consumers.replay import (
     Manifest,
     Replayer,
     ReplayError,
@@ -22,9 +23,9 @@ from consumers.replay import (
     plan,
     verify,
 )
-from consumers.replay.replay import replay_consumer
-from infra.settings import Settings
-from schemas.prices import PriceTable
+from aipipe.consumers.replay.replay import replay_consumer
+from aipipe.infra.settings import Settings
+from aipipe.schemas.prices import PriceTable
 
 
 def _same_place(a: str, b: str) -> bool:
@@ -94,8 +95,8 @@ def run_replay(settings: Settings, *, into: str, database: str, start: datetime 
 
 
 def run_verify(settings: Settings, *, into: str, database: str) -> tuple[Manifest, Verdict]:
-    from infra.queryserver import find_endpoint
-    from infra.reader import open_reader
+    from aipipe.infra.queryserver import find_endpoint
+    from aipipe.infra.reader import open_reader
 
     if settings.embedded and urlparse(into).scheme == "chdb" and find_endpoint(
             settings.home) is None:
@@ -113,7 +114,7 @@ def run_verify(settings: Settings, *, into: str, database: str) -> tuple[Manifes
 
 
 def print_manifest(manifest: Manifest) -> None:
-    from infra.tables import console, table
+    from aipipe.infra.tables import console, table
 
     console.print(
         f"[bold]replay {manifest.replay_id}[/bold] of {manifest.topic} into database "
@@ -138,7 +139,7 @@ def print_manifest(manifest: Manifest) -> None:
 
 
 def print_verdict(manifest: Manifest, verdict: Verdict) -> None:
-    from infra.tables import console
+    from aipipe.infra.tables import console
 
     live, rebuilt = verdict.live, verdict.rebuilt
     if verdict.matches:
@@ -166,9 +167,9 @@ def _ranges(manifest: Manifest) -> str:
 
 def budget_report_at(settings: Settings, client_id: str, as_of: datetime,
                      override: Decimal | None) -> dict[str, Any]:
-    """``aipipe budget check --as-of T``: see ``consumers.replay.asof``."""
-    from consumers.replay.asof import budget_report_as_of
-    from infra.reader import open_reader
+    """``aipipe budget check --as-of T``: see ``aipipe.consumers.replay.asof``."""
+    from aipipe.consumers.replay.asof import budget_report_as_of
+    from aipipe.infra.reader import open_reader
 
     consumer = replay_consumer(settings.kafka_bootstrap)
     try:

@@ -8,7 +8,7 @@ they answer (Kafka metadata, Redis PING), never by pid alone.
 Redis is not an open door: it listens on loopback only, in protected mode, and wants a
 password, generated once per home and kept in ``<home>/redis.json`` (0600) beside the
 read endpoint's file. The password reaches Redis through a 0600 config file, never the
-command line; settings pick it up from the home (``infra.settings.home_redis_password``).
+command line; settings pick it up from the home (``aipipe.infra.settings.home_redis_password``).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from confluent_kafka.admin import AdminClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from infra.settings import REDIS_PASSWORD_FILE, home_redis_password
-from schemas.errors import AipipeError
+from aipipe.infra.settings import REDIS_PASSWORD_FILE, home_redis_password
+from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger(__name__)
 
-KAFKA_DIR = Path(__file__).parent / "kafka"
+KAFKA_DIR = Path(__file__).parent.parent / "kafka"
 POLL = 0.2
 KAFKA_COMM, REDIS_COMM = "java", "redis-server"  # names in /proc/<pid>/stat
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

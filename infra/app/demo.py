@@ -15,15 +15,15 @@ from typing import Any
 
 from rich.progress import Progress
 
-from infra.processes import WorkerProcess, wait_for
-from infra.reader import pipeline_store
-from infra.runner import prepare_topics
-from infra.settings import Settings
-from infra.tables import console, table
-from producers import EventProducer
-from schemas.events import OperationRequested
-from schemas.prices import price_table_at
-from streams.generation.simulated import simulated_usage
+from aipipe.infra.processes import WorkerProcess, wait_for
+from aipipe.infra.reader import pipeline_store
+from aipipe.infra.settings import Settings
+from aipipe.infra.tables import console, table
+from aipipe.producers import EventProducer
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
+from aipipe.schemas.prices import price_table_at
+from aipipe.streams.generation.simulated import simulated_usage
 
 MODELS = {
     "image_generation": ["gemini-2.5-flash-image"],

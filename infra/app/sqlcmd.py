@@ -4,7 +4,7 @@ Embedded, the query runs where the readers' queries run: the running pipeline's 
 endpoint when it serves the configured chDB path, else the path itself, opened here and
 served to this command by the same endpoint code on an ephemeral loopback port, so the
 same rules apply either way: read-only as ClickHouse's own parser decides
-(``infra.readonly``), the same limits. With a server, the server's read-only user
+(``aipipe.infra.readonly``), the same limits. With a server, the server's read-only user
 decides. Table names may be left unqualified: the configured database is the default.
 ``checked`` asks the engine before anything is opened, for a clear sentence.
 """
@@ -22,9 +22,9 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from infra.readonly import READONLY, Classifier, QueryError
-from infra.settings import Settings
-from schemas.errors import AipipeError
+from aipipe.infra.readonly import READONLY, Classifier, QueryError
+from aipipe.infra.settings import Settings
+from aipipe.schemas.errors import AipipeError
 
 READ_KINDS = "SELECT, WITH, SHOW, DESCRIBE, EXISTS, EXPLAIN"
 _OPEN_PATH = re.compile(r"already initialized with path '([^']*)'")
@@ -76,9 +76,9 @@ def checked(sql: str) -> str:
 @contextlib.contextmanager
 def _own_endpoint(settings: Settings) -> Iterator[Any]:
     """The configured chDB path, opened here and served to this process on loopback."""
-    from consumers.costs.store import open_clickhouse
-    from infra.queryserver import Limits, QueryServer
-    from infra.reader import endpoint_client
+    from aipipe.consumers.costs.store import open_clickhouse
+    from aipipe.infra.queryserver import Limits, QueryServer
+    from aipipe.infra.reader import endpoint_client
 
     owner = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
     server = QueryServer(owner, limits=Limits.from_settings(settings))
@@ -95,7 +95,7 @@ def analyst_session(settings: Settings) -> Iterator[Any]:
     """A client for reading: the pipeline's endpoint, this process's own endpoint on the
     chDB path, or the server as is (its read-only user decides)."""
     if settings.embedded:
-        from infra.reader import endpoint_client, serving_endpoint
+        from aipipe.infra.reader import endpoint_client, serving_endpoint
 
         endpoint = serving_endpoint(settings)
         if endpoint is None:
@@ -114,7 +114,7 @@ def analyst_client(settings: Settings) -> Any:
     ``readonly`` profile, see infra/migrations/ANALYSTS.md) works.
     """
     if settings.embedded:
-        from infra.reader import open_reader
+        from aipipe.infra.reader import open_reader
 
         client = open_reader(settings)
     else:

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from infra.settings import ConfigError, Settings, load_settings
-from schemas.errors import AipipeError
+from aipipe.infra.settings import ConfigError, Settings, load_settings
+from aipipe.schemas.errors import AipipeError
 
 
 class _Context:
@@ -22,7 +22,7 @@ class _Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from infra.logging import configure_logging
+            from aipipe.infra.logging import configure_logging
 
             self._settings = load_settings()
             configure_logging(self._settings)
@@ -58,7 +58,7 @@ def cli() -> None:
 @pass_ctx
 def up(ctx: _Context) -> None:
     """Start the local Kafka (KRaft) and Redis on loopback; wait until they answer."""
-    from infra import services
+    from aipipe import services
 
     s = ctx.settings
     for status in (
@@ -72,7 +72,7 @@ def up(ctx: _Context) -> None:
 @pass_ctx
 def down(ctx: _Context) -> None:
     """Stop the local Kafka and Redis that `aipipe up` started."""
-    from infra import services
+    from aipipe import services
 
     for name, stopped in (
         ("kafka", services.stop_kafka(ctx.settings.home)),
@@ -85,8 +85,8 @@ def down(ctx: _Context) -> None:
 @pass_ctx
 def status(ctx: _Context) -> None:
     """Probe Kafka, Redis and the embedded read endpoint."""
-    from infra import services
-    from infra.queryserver import find_endpoint
+    from aipipe import services
+    from aipipe.infra.queryserver import find_endpoint
 
     s = ctx.settings
     for st in (
@@ -107,7 +107,7 @@ def status(ctx: _Context) -> None:
 @pass_ctx
 def run(ctx: _Context, role: str) -> None:
     """Run the pipeline: all of it in one process, or only the streams or the cost sink."""
-    from infra.runner import run as run_role
+    from aipipe.runner import run as run_role
 
     run_role(ctx.settings, role)  # type: ignore[arg-type]
 
@@ -118,7 +118,7 @@ def run(ctx: _Context, role: str) -> None:
 @pass_ctx
 def demo(ctx: _Context, operations: int, clients: int) -> None:
     """Run the pipeline on simulated traffic and print the cost per client from ClickHouse."""
-    from infra.demo import run_demo
+    from aipipe.demo import run_demo
 
     run_demo(ctx.settings, operations=operations, clients=clients)
 
@@ -151,8 +151,8 @@ def emit(
     """Emit operation.requested events (idempotent producer, keyed by client)."""
     import uuid
 
-    from producers import EventProducer
-    from schemas import OperationRequested
+    from aipipe.producers import EventProducer
+    from aipipe.schemas import OperationRequested
 
     parsed: dict[str, Any] = {}
     for item in params:
@@ -190,9 +190,9 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
     """Print the outcome (completion or rejection) of an operation as JSON."""
     import asyncio
 
-    from producers.results import find_outcome
-    from schemas.events import OperationCompleted, encode
-    from streams.artifacts.store import EXTENSIONS, ArtifactError, store_from_url
+    from aipipe.producers.results import find_outcome
+    from aipipe.schemas.events import OperationCompleted, encode
+    from aipipe.streams.artifacts.store import EXTENSIONS, ArtifactError, store_from_url
 
     s = ctx.settings
     outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0)
@@ -236,8 +236,8 @@ def costs_summary(
     ctx: _Context, client_id: str, start: str | None, end: str | None, as_json: bool
 ) -> None:
     """Total cost, counts, and breakdowns by operation type, model and day."""
-    from infra.reader import cost_store
-    from infra.tables import print_summary
+    from aipipe.infra.reader import cost_store
+    from aipipe.infra.tables import print_summary
 
     summary = cost_store(ctx.settings).summary(
         client_id, _time(start, "--from"), _time(end, "--to")
@@ -277,14 +277,14 @@ def _usd_option(value: str, hint: str) -> Decimal:
 def budget_check(ctx: _Context, client_id: str, limit: str | None, as_json: bool,
                  as_of: str | None = None) -> None:
     """Spend in the period against the budget, and admission's decision; exits 1 when over."""
-    from consumers.costs.budgets import BudgetStore
-    from infra.reader import open_reader
-    from streams.admission.budgets import budget_report
+    from aipipe.consumers.costs.budgets import BudgetStore
+    from aipipe.infra.reader import open_reader
+    from aipipe.streams.admission.budgets import budget_report
 
     s = ctx.settings
     override = _usd_option(limit, "--limit") if limit is not None else None
     if as_of is not None:  # from the log's own record at that time (issue 5)
-        from infra.replaycmd import budget_report_at
+        from aipipe.replaycmd import budget_report_at
 
         moment = _time(as_of, "--as-of")
         assert moment is not None
@@ -318,8 +318,8 @@ def budget_set(ctx: _Context, client_id: str, amount: str, period: str) -> None:
     """Set a client's budget: a budget.set event, recorded in ClickHouse by the cost sink."""
     import uuid
 
-    from producers import EventProducer
-    from schemas.events import BudgetSet
+    from aipipe.producers import EventProducer
+    from aipipe.schemas.events import BudgetSet
 
     s = ctx.settings
     event = BudgetSet(request_id=str(uuid.uuid4()), client_id=client_id,
@@ -357,7 +357,7 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
     """
     if click_ctx.invoked_subcommand is not None:
         return
-    from infra.replaycmd import prices_for, print_manifest, run_replay
+    from aipipe.replaycmd import prices_for, print_manifest, run_replay
 
     if into is None:
         raise click.UsageError("Missing option '--into' (chdb:///fresh/path or http(s)://…).")
@@ -380,7 +380,7 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
 @pass_ctx
 def replay_verify(ctx: _Context, into: str, database: str | None, as_json: bool) -> None:
     """Compare the rebuilt projection with the live one; exits 1 and names every difference."""
-    from infra.replaycmd import print_verdict, run_verify
+    from aipipe.replaycmd import print_verdict, run_verify
 
     s = ctx.settings
     manifest, verdict = run_verify(s, into=into, database=database or s.clickhouse_database)
@@ -402,8 +402,8 @@ def replay_verify(ctx: _Context, into: str, database: str | None, as_json: bool)
 @pass_ctx
 def report(ctx: _Context, start: str, end: str, out: Path, png: Path | None) -> None:
     """Cost report: spend per day by model, client and operation type; rejections by reason."""
-    from infra.report import write_report
-    from infra.sqlcmd import analyst_client
+    from aipipe.report import write_report
+    from aipipe.sqlcmd import analyst_client
 
     s = ctx.settings
     begin, finish = _time(start, "--from"), _time(end, "--to")
@@ -426,8 +426,8 @@ def sql(ctx: _Context, query: str, fmt: str, params: tuple[str, ...]) -> None:
     Works while the pipeline runs (through its read endpoint) and with a server.
     Unqualified table names are in AIPIPE_CLICKHOUSE_DATABASE. Writes are refused.
     """
-    from infra.sqlcmd import checked, render, run_query
-    from infra.tables import console, table
+    from aipipe.infra.tables import console, table
+    from aipipe.sqlcmd import checked, render, run_query
 
     binds: dict[str, str] = {}
     for item in params:
@@ -452,7 +452,7 @@ def schemas() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def schemas_export(directory: Path) -> None:
     """Write one JSON Schema per event type into DIRECTORY."""
-    from schemas.jsonschema import export_json_schemas
+    from aipipe.schemas.jsonschema import export_json_schemas
 
     for path in export_json_schemas(directory):
         click.echo(str(path))
@@ -467,7 +467,7 @@ def topics() -> None:
 @pass_ctx
 def topics_create(ctx: _Context) -> None:
     """Create the pipeline's topics (partitions and retention from settings)."""
-    from infra.runner import prepare_topics
+    from aipipe.runner import prepare_topics
 
     prepare_topics(ctx.settings)
     for name in ctx.settings.topics.all():
