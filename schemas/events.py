@@ -357,6 +357,9 @@ class VideoStarted(Event):
     model: Annotated[str, Field(min_length=1)]
     provider_operation: Annotated[str, Field(min_length=1)]
     job: JsonObject = Field(default_factory=dict)  # what the provider's polls need
+    # set when the requested model's circuit was open and a fallback started the video:
+    # {requested, ran, reason, tried}, repeated in the completion's metadata
+    fallback: JsonObject | None = None
 
 
 class ProviderCircuitOpened(Event):

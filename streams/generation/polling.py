@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -78,6 +79,8 @@ def after_poll(
         )
 
     def finish(result: ProviderResult) -> list[Event]:
+        if started.fallback is not None:
+            result = replace(result, metadata={**result.metadata, "fallback": started.fallback})
         return [completed(started, result, prices, duration_ms, now, poll_count=attempt),
                 polled(final=True)]
 

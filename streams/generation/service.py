@@ -117,22 +117,21 @@ class Generation:
                             f"configured; use one of: {known}.")
             return [completed(operation, result, prices, 0, self.clock())]
         events: list[Event] = []
-        if operation.operation_type == "video_generation":
-            job = await self._guarded(events, operation, lambda: provider.start_video(operation))
-            if isinstance(job, VideoJob):
-                video = VideoStarted(
-                    **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
-                    occurred_at=self.clock(), operation_id=operation.operation_id,
-                    requested_at=operation.requested_at,
-                    client_occurred_at=operation.client_occurred_at,
-                    callback_url=operation.callback_url, provider=operation.provider,
-                    model=operation.model, provider_operation=job.name, job=job.metadata,
-                )
-                return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
-            result = job
-        else:
-            operation, result = await self._routed(events, operation, prices)
-        assert isinstance(result, ProviderResult)
+        operation, outcome, fallback = await self._routed(events, operation, prices)
+        if isinstance(outcome, VideoJob):
+            video = VideoStarted(
+                **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
+                occurred_at=self.clock(), operation_id=operation.operation_id,
+                requested_at=operation.requested_at,
+                client_occurred_at=operation.client_occurred_at,
+                callback_url=operation.callback_url, provider=operation.provider,
+                model=operation.model, provider_operation=outcome.name, job=outcome.metadata,
+                fallback=fallback,
+            )
+            return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
+        result = outcome
+        if fallback is not None:
+            result = replace(result, metadata={**result.metadata, "fallback": fallback})
         if self.artifacts is not None:
             result = await store_result(result, self.artifacts, operation.provider)
         duration_ms = round((time.perf_counter() - started) * 1000)
@@ -140,21 +139,22 @@ class Generation:
 
     async def _routed(
         self, events: list[Event], operation: OperationAdmitted, prices: PriceTable
-    ) -> tuple[OperationAdmitted, ProviderResult]:
-        """Run an image or text operation on its model, or, while that model's circuit is
-        open, on the first fallback whose circuit is closed (``guard.fallbacks``).
+    ) -> tuple[OperationAdmitted, ProviderResult | VideoJob, dict[str, Any] | None]:
+        """Run (or, for a video, start) an operation on its model, or, while that model's
+        circuit is open, on the first fallback whose circuit is closed (``guard.fallbacks``).
 
         Returns the operation as it ran (provider and model of the fallback, so it is
-        priced at that model) and the result, whose metadata names the requested model
-        and why another one ran.
+        priced at that model), its result (a started ``VideoJob`` for a video), and, when
+        another model ran, what the completion says of it: the requested model and why.
         """
         requested = f"{operation.provider}/{operation.model}"
         ran, result = operation, await self._attempt(events, operation)
         tried: list[str] = []
-        down = not result.success and self.guard.is_open(operation.provider, operation.model)
+        down = self._down(ran, result)
         for provider, model in self.guard.fallbacks(operation.provider, operation.model):
             if not down:
                 break
+            assert isinstance(result, ProviderResult)
             tried.append(f"{ran.provider}/{ran.model}: {result.error_message}")
             target = operation.model_copy(update={"provider": provider, "model": model})
             why_not = self._unfit(target, prices)
@@ -162,21 +162,28 @@ class Generation:
                 ran, result = target, failed(PROVIDER_UNAVAILABLE, why_not)
                 continue
             ran, result = target, await self._attempt(events, target)
-            down = not result.success and self.guard.is_open(provider, model)
+            down = self._down(ran, result)
         if ran is operation:
-            return ran, result
+            return ran, result, None
         fallback = {"requested": requested, "ran": f"{ran.provider}/{ran.model}",
                     "reason": "circuit_open", "tried": tried}
-        log.info("fallback", requested=requested, ran=fallback["ran"], success=result.success)
-        return ran, replace(result, metadata={**result.metadata, "fallback": fallback})
+        log.info("fallback", requested=requested, ran=fallback["ran"],
+                 success=isinstance(result, VideoJob) or result.success)
+        return ran, result, fallback
 
-    async def _attempt(self, events: list[Event], operation: OperationAdmitted) -> ProviderResult:
+    def _down(self, ran: OperationAdmitted, result: ProviderResult | VideoJob) -> bool:
+        return (isinstance(result, ProviderResult) and not result.success
+                and self.guard.is_open(ran.provider, ran.model))
+
+    async def _attempt(
+        self, events: list[Event], operation: OperationAdmitted
+    ) -> ProviderResult | VideoJob:
         provider = self.providers[operation.provider]
-        call = (provider.generate_image if operation.operation_type == "image_generation"
-                else provider.generate_text)
-        result = await self._guarded(events, operation, lambda: call(operation))
-        assert isinstance(result, ProviderResult)
-        return result
+        call: Callable[[OperationAdmitted], Awaitable[ProviderResult | VideoJob]] = (
+            provider.start_video if operation.operation_type == "video_generation"
+            else provider.generate_image if operation.operation_type == "image_generation"
+            else provider.generate_text)
+        return await self._guarded(events, operation, lambda: call(operation))
 
     def _unfit(self, target: OperationAdmitted, prices: PriceTable) -> str | None:
         """Why ``target`` (a fallback) cannot run now, or ``None``."""

@@ -77,13 +77,15 @@ class FakeGemini(LoopbackServer):
         with self._lock:
             self.scripts[kind].extend(statuses)
 
-    def take_down(self, kind: str, status: int = 503) -> None:
+    def take_down(self, kind: str, status: int = 503, model: str | None = None) -> None:
+        """Calls of ``kind`` (of ``model`` only, when given) answer ``status`` until
+        ``recover``."""
         with self._lock:
-            self.down[kind] = status
+            self.down[kind if model is None else f"{kind}@{model}"] = status
 
-    def recover(self, kind: str) -> None:
+    def recover(self, kind: str, model: str | None = None) -> None:
         with self._lock:
-            self.down.pop(kind, None)
+            self.down.pop(kind if model is None else f"{kind}@{model}", None)
 
     def calls(self, kind: str) -> list[Recorded]:
         with self._lock:
@@ -97,8 +99,9 @@ class FakeGemini(LoopbackServer):
 
     def _answer(self, kind: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self._lock:
-            status = self.down.get(kind) or (self.scripts[kind].popleft()
-                                             if self.scripts[kind] else 200)
+            model = path.split(":")[0].rsplit("/models/", 1)[-1]
+            status = (self.down.get(f"{kind}@{model}") or self.down.get(kind)
+                      or (self.scripts[kind].popleft() if self.scripts[kind] else 200))
         if status != 200:
             return status, {"error": {"code": status, "status": STATUS_NAMES.get(status, ""),
                                       "message": f"fake {kind} answered {status}"}}

@@ -15,17 +15,25 @@ import pytest
 from pydantic import SecretStr
 
 from aipipe.infra.settings import Settings
-from aipipe.schemas.events import OperationAdmitted, OperationCompleted, ProviderCircuitOpened
+from aipipe.schemas.events import (
+    OperationAdmitted,
+    OperationCompleted,
+    ProviderCircuitOpened,
+    VideoPollScheduled,
+    VideoStarted,
+)
 from aipipe.streams.admission.limits import limits_from_toml
 from aipipe.streams.admission.window import LimitError, parse_limit
 from aipipe.streams.artifacts.store import LocalArtifactStore
 from aipipe.streams.generation import Generation
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.breaker import BreakerPolicy
+from aipipe.streams.generation.gemini import GeminiProvider
 from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
 from aipipe.streams.generation.openai_provider import OpenAIProvider
 from aipipe.streams.generation.registry import guard_from_settings
 from aipipe.streams.generation.stability import StabilityProvider
+from tests.support.fake_gemini import FakeGemini
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.fake_stability import FakeStability
 
@@ -159,3 +167,40 @@ def test_the_guard_from_settings_reads_fallbacks_from_the_limits_file(tmp_path: 
     guard = guard_from_settings(Settings(rate_limits_file=path))
     assert guard.fallbacks("openai", "gpt-4.1-mini") == (("openai", "gpt-5-mini"),)
     assert guard_from_settings(Settings()).fallbacks("openai", "gpt-4.1-mini") == ()
+
+
+def test_a_video_starts_on_the_fallback_while_its_model_is_down_and_completes_saying_so(
+    tmp_path: Path,
+) -> None:
+    veo, fast = "veo-3.0-generate-001", "veo-3.0-fast-generate-001"
+    limits = limits_from_toml(f'[models."{veo}"]\nfallbacks = ["{fast}"]\n',
+                              parse_limit("60/60s", "x"), "limits.toml")
+    guard = ProviderGuard(breaker=BreakerPolicy(threshold=2, window=60, cooldown=300),
+                          retry=RetryPolicy(attempts=2, base=0, cap=0),
+                          fallbacks=limits.fallbacks_for)
+    with FakeGemini(video_polls=1) as fake:
+        fake.take_down("predictLongRunning", 503, model=veo)
+        gemini = GeminiProvider(base_url=fake.base_url, vertex_project="p",
+                                vertex_access_token=SecretStr("t"))
+        gen = Generation({"gemini": gemini}, guard, PollSchedule(),
+                         artifacts=LocalArtifactStore(tmp_path))
+        video = op(1, veo, "video_generation", duration_seconds=6).model_copy(
+            update={"provider": "gemini"})
+        events = asyncio.run(gen.run(video))
+        [started] = [e for e in events if isinstance(e, VideoStarted)]
+        assert isinstance(events[-1], VideoPollScheduled)
+        assert (started.provider, started.model) == ("gemini", fast)
+        assert started.fallback == {
+            "requested": f"gemini/{veo}", "ran": f"gemini/{fast}", "reason": "circuit_open",
+            "tried": [f"gemini/{veo}: gemini generate_videos: 503 UNAVAILABLE"]}
+        # a restarted worker polls from the event alone: the completion is the fallback's
+        again = Generation({"gemini": gemini}, guard, PollSchedule(),
+                           artifacts=LocalArtifactStore(tmp_path))
+        [done, *_] = asyncio.run(again.poll(started, 1))
+        assert isinstance(done, OperationCompleted) and done.success
+        assert (done.provider, done.model) == ("gemini", fast)
+        assert done.cost_usd == Decimal("0.90")  # 6 s at the fallback's $0.15/s
+        assert done.metadata["fallback"] == started.fallback
+        assert [c.path.rsplit("/models/", 1)[-1] for c in fake.calls("predictLongRunning")] == [
+            f"{veo}:predictLongRunning", f"{veo}:predictLongRunning",
+            f"{fast}:predictLongRunning"]
