@@ -95,19 +95,24 @@ def render_png(data: ReportData) -> bytes:
         (axes[0][1], "Spend per day by client (USD)", data.by_client),
         (axes[1][0], "Spend per day by operation type (USD)", data.by_operation_type),
     ):
+        ax.set_title(title)
+        if not series:
+            say_none(ax)
+            continue
         bottom = [0.0] * len(data.days)
         for name, values in series.items():
             heights = [float(values.get(day, 0)) for day in data.days]
             ax.bar(data.days, heights, bottom=bottom, label=name)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=45)
-        if series:
-            ax.legend(fontsize="small")
+        ax.legend(fontsize="small")
     ax = axes[1][1]
-    ax.bar(list(data.rejections), list(data.rejections.values()), color="tab:red")
     ax.set_title("Rejected requests by reason")
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    if data.rejections:
+        ax.bar(list(data.rejections), list(data.rejections.values()), color="tab:red")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    else:
+        say_none(ax)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90,
                    metadata={"Title": "aipipe cost report",
@@ -116,7 +121,16 @@ def render_png(data: ReportData) -> bytes:
     return buffer.getvalue()
 
 
+def say_none(ax: Any) -> None:
+    """An empty panel: the word "none" in place of empty axes."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize="x-large", color="0.4",
+            transform=ax.transAxes)
+
+
 def _table(title: str, series: Series, days: list[str]) -> str:
+    if not series:
+        return f"<h2>{html.escape(title)}</h2><p>none</p>"
     head = "".join(f"<th>{html.escape(d)}</th>" for d in days)
     body = "".join(
         f"<tr><th>{html.escape(name)}</th>"
@@ -129,6 +143,7 @@ def render_html(data: ReportData, png: bytes) -> str:
     image = base64.b64encode(png).decode()
     rejections = "".join(f"<tr><th>{html.escape(r)}</th><td>{n}</td></tr>"
                          for r, n in data.rejections.items())
+    rejection_table = f"<table>{rejections}</table>" if rejections else "<p>none</p>"
     payload = json.dumps(data.to_json()).replace("</", "<\\/")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -144,7 +159,7 @@ total ${html.escape(data.total_usd)} over {data.operations} operations.</p>
 {_table("Spend per day by model (USD)", data.by_model, data.days)}
 {_table("Spend per day by client (USD)", data.by_client, data.days)}
 {_table("Spend per day by operation type (USD)", data.by_operation_type, data.days)}
-<h2>Rejected requests by reason</h2><table>{rejections}</table>
+<h2>Rejected requests by reason</h2>{rejection_table}
 <script type="application/json" id="aipipe-report-data">{payload}</script>
 </body></html>
 """
