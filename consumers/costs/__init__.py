@@ -1,6 +1,6 @@
 """The cost sink's ClickHouse side: rows, migrations, and the cost store (port + adapters)."""
 
-from aipipe.consumers.costs.migrations import MigrationError, migrate
+from aipipe.consumers.costs.migrations import MigrationError, SchemaMismatchError, migrate
 from aipipe.consumers.costs.rows import COLUMNS, CostRow, row_from_completed
 from aipipe.consumers.costs.store import (
     Bucket,
@@ -21,6 +21,7 @@ __all__ = [
     "CostSummary",
     "MemoryCostStore",
     "MigrationError",
+    "SchemaMismatchError",
     "StoreError",
     "migrate",
     "open_clickhouse",
