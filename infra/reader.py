@@ -42,7 +42,8 @@ def open_reader(settings: Settings) -> Any:
         endpoint = serving_endpoint(settings)
         if endpoint is not None:
             return endpoint_client(endpoint, settings.clickhouse_database)
-    return open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    return open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database,
+                           settings.clickhouse_cluster)
 
 
 def pipeline_store(

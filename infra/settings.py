@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="chdb:///path (embedded, the default under AIPIPE_HOME) or http(s)://.",
     )
     clickhouse_database: str = "aipipe"
+    clickhouse_cluster: str = Field(
+        "",
+        pattern=r"^([A-Za-z_][A-Za-z0-9_.-]*)?$",
+        description="A cluster of the server's remote_servers: replicated tables ON CLUSTER, "
+        "Distributed tables over them (README, ClickHouse cluster). Empty: one server.",
+    )
     topic_prefix: str = Field("aipipe", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(4, ge=1, le=1000)
     replication_factor: int = Field(1, ge=1)
@@ -327,6 +333,15 @@ class Settings(BaseSettings):
         if url and urlparse(url).scheme not in ("chdb", "http", "https"):
             raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_server(self) -> Settings:
+        if self.clickhouse_cluster and self.embedded:
+            raise ValueError(
+                "AIPIPE_CLICKHOUSE_CLUSTER needs a ClickHouse server: set AIPIPE_CLICKHOUSE_URL "
+                "to http(s)://user:password@host:8123 of one of the cluster's nodes"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -257,17 +257,27 @@ def _open_chdb(path: Path, patience: float = 15.0) -> Client:
             time.sleep(0.2)  # start-up only: another process holds the path for a moment
 
 
-def open_clickhouse(dsn: str, database: str) -> Client:
+def open_clickhouse(dsn: str, database: str, cluster: str = "") -> Client:
     """A migrated client for ``chdb:///path`` (embedded) or ``http(s)://user:pass@host:port``.
 
     Table names are qualified with ``database`` everywhere, so the client has no default
-    database (it may not exist before the migration creates it).
+    database (it may not exist before the migration creates it). With ``cluster`` (a
+    server's cluster name) the tables are laid out on it (``layout.py``) and every insert
+    through the client waits until the shards have its rows.
     """
-    from aipipe.consumers.costs.migrations import migrate  # migrations raise this module's errors
+    # layout and migrations raise this module's errors
+    from aipipe.consumers.costs.layout import DISTRIBUTED_INSERT_SETTINGS
+    from aipipe.consumers.costs.migrations import migrate
 
     url = urlparse(dsn)
     with _wrapped(f"connect to {url.scheme}://{url.hostname or ''}{url.path}"):
         if url.scheme == "chdb":
+            if cluster:
+                raise StoreError(
+                    f"ClickHouse cluster {cluster!r} needs a server URL, not chDB; set "
+                    "AIPIPE_CLICKHOUSE_URL=http(s)://user:password@host:8123 or unset "
+                    "AIPIPE_CLICKHOUSE_CLUSTER."
+                )
             path = Path(url.netloc + url.path).expanduser().resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
             client = _open_chdb(path)
@@ -279,13 +289,14 @@ def open_clickhouse(dsn: str, database: str) -> Client:
                 username=unquote(url.username) if url.username else "default",
                 password=unquote(url.password) if url.password else "",
                 secure=secure,
+                settings=DISTRIBUTED_INSERT_SETTINGS if cluster else None,
             )
         else:
             raise StoreError(
                 f"ClickHouse URL {dsn!r} has scheme {url.scheme!r}; use chdb:///path or "
                 "http(s)://user:password@host:port (AIPIPE_CLICKHOUSE_URL)."
             )
-        migrate(client, database)
+        migrate(client, database, cluster)
     return client
 
 

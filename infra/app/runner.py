@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Literal
 
 import structlog
+from clickhouse_connect.driver.client import Client
 
 from aipipe.consumers.costs.budgets import BudgetProjector, BudgetStore
 from aipipe.consumers.costs.sink import CostSink
@@ -57,6 +58,12 @@ def prepare_topics(settings: Settings) -> None:
     )
 
 
+def store_client(settings: Settings) -> Client:
+    """A client of the configured ClickHouse, its database migrated (on the cluster, if any)."""
+    return open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database,
+                           settings.clickhouse_cluster)
+
+
 def sink_options(settings: Settings, name: str) -> dict[str, Any]:
     """What every batching sink of this pipeline shares; ``name`` makes its consumer group."""
     return {
@@ -90,7 +97,7 @@ def archive_thread(
 
     sink = ArchiveSink(
         topics=settings.topics.all(),
-        store=ArchiveStore(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
+        store=ArchiveStore(store_client(settings),
                            settings.clickhouse_database),
         keep_prompts=settings.archive_prompts,
         **sink_options(settings, "archive"),
@@ -104,7 +111,7 @@ def sealer_thread(
     """Seal the daily rollups of closed days (see consumers/rollups)."""
     from aipipe.consumers.rollups import Sealer
 
-    sealer = Sealer(open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database),
+    sealer = Sealer(store_client(settings),
                     settings.clickhouse_database, settings.rollup_seal_seconds,
                     max_failures=settings.rollup_seal_max_failures)
     return supervisor.start("rollup-sealer", sealer.run, stop)
@@ -154,7 +161,7 @@ def cost_sink_thread(
 ) -> Iterator[CostSink]:
     """Run the cost sink (and, embedded, the read endpoint) in threads for the block."""
     supervisor = supervisor or process_supervisor(settings)
-    client = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    client = store_client(settings)
     sink = CostSink(
         topic=settings.topics.completed,
         store=ClickHouseCostStore(client, settings.clickhouse_database),
@@ -163,7 +170,7 @@ def cost_sink_thread(
     )
     server = None
     if settings.embedded:
-        reader = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+        reader = store_client(settings)
         server = QueryServer(reader, port=settings.query_port, home=settings.home,
                              limits=Limits.from_settings(settings))
         server.start()
@@ -171,7 +178,7 @@ def cost_sink_thread(
     stop = threading.Event()
     threads = [supervisor.start("cost-sink", sink.run, stop)]
     projector = budget_projector(
-        settings, open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
+        settings, store_client(settings)
     )
     threads.append(supervisor.start("budget-projector", projector.run, stop))
     if settings.archive_events:
