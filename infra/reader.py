@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 
-from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
+from aipipe.consumers.costs.connect import open_clickhouse
+from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
 from aipipe.infra.processes import wait_for
 from aipipe.infra.queryserver import Endpoint, read_endpoint, refuse_other_path
 from aipipe.infra.settings import Settings

@@ -23,7 +23,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aipipe.producers.webhooks import WebhookVerificationError, secret_key
 from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.limits import LimitError, parse_limit
+from aipipe.schemas.providers import REAL_PROVIDERS, SIMULATED
 from aipipe.schemas.topics import Topics
 
 
@@ -186,8 +189,6 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _providers(cls, value: str) -> str:
-        from aipipe.streams.admission.params import REAL_PROVIDERS, SIMULATED
-
         for name in filter(None, (n.strip() for n in value.split(","))):
             if name == SIMULATED:
                 raise ValueError("simulated is offered by AIPIPE_SIMULATED_ENABLED=true, "
@@ -282,8 +283,6 @@ class Settings(BaseSettings):
             raise ValueError("required when AIPIPE_WEBHOOK_ALLOWED_URLS is set: the secret "
                              "receivers verify signatures with")
         if value is not None:
-            from aipipe.producers.webhooks import WebhookVerificationError, secret_key
-
             try:
                 secret_key(reveal(value))
             except WebhookVerificationError:
@@ -297,8 +296,6 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
-        from aipipe.streams.admission.window import LimitError, parse_limit
-
         try:
             parse_limit(value, "AIPIPE_RATE_LIMIT")
         except LimitError:

@@ -8,6 +8,9 @@ A delivery is a POST whose body is the event as on the wire, with three headers:
 separated by spaces while a secret is being rotated. A secret ``whsec_<base64>`` is used as
 the bytes it encodes (as Standard Webhooks libraries do); any other secret as its UTF-8
 bytes.
+
+``callback_allowed`` is the rule for where a delivery may go: admission refuses a
+``callback_url`` outside the allowed prefixes, and the webhook sink checks it again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from aipipe.schemas.errors import AipipeError
 
@@ -88,3 +92,25 @@ def verify_signature(
             return
     raise WebhookVerificationError("No v1 signature in 'webhook-signature' matches this body "
                                    "under this secret.")
+
+
+# -- where deliveries may go ---------------------------------------------------------
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def callback_allowed(url: str, prefix: str) -> bool:
+    """Whether ``url`` is under ``prefix``: the same scheme, host and port, and a path that
+    starts with the prefix's (so ``https://a.example`` never allows ``https://a.example.evil``).
+    Plain http only on loopback (tests, local receivers); no user or password in the URL,
+    no ``.`` or ``..`` segment (they would climb out of the prefix's path)."""
+    try:
+        got, want = urlsplit(url), urlsplit(prefix)
+        ports = got.port, want.port
+    except ValueError:
+        return False
+    secure = got.scheme == "https" or (got.scheme == "http" and got.hostname in LOOPBACK_HOSTS)
+    return (secure and got.scheme == want.scheme and got.hostname == want.hostname
+            and ports[0] == ports[1] and got.username is None and got.password is None
+            and got.path.startswith(want.path)
+            and not {".", ".."} & set(got.path.lower().replace("%2e", ".").split("/")))

@@ -1,5 +1,6 @@
 """The cost sink's ClickHouse side: rows, migrations, and the cost store (port + adapters)."""
 
+from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.migrations import MigrationError, SchemaMismatchError, migrate
 from aipipe.consumers.costs.rows import COLUMNS, CostRow, row_from_completed
 from aipipe.consumers.costs.store import (
@@ -9,7 +10,6 @@ from aipipe.consumers.costs.store import (
     CostSummary,
     MemoryCostStore,
     StoreError,
-    open_clickhouse,
 )
 
 __all__ = [

@@ -27,9 +27,9 @@ from confluent_kafka import Message
 
 from aipipe.consumers.sink import BatchingSink, Entry, coordinates
 from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
+from aipipe.producers.webhooks import callback_allowed
 from aipipe.schemas.errors import EventDecodeError
 from aipipe.schemas.events import OperationCompleted, OperationRejected, decode
-from aipipe.streams.admission.params import callback_allowed
 
 log = structlog.get_logger("aipipe.webhooks")
 STAGE = "webhooks"

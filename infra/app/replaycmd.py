@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from aipipe.consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from aipipe.consumers.costs.connect import open_clickhouse
+from aipipe.consumers.costs.store import ClickHouseCostStore
 from aipipe.consumers.replay import (
     Manifest,
     Replayer,

@@ -23,8 +23,9 @@ import structlog
 from clickhouse_connect.driver.client import Client
 
 from aipipe.consumers.costs.budgets import BudgetProjector, BudgetStore
+from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.sink import CostSink
-from aipipe.consumers.costs.store import ClickHouseCostStore, open_clickhouse
+from aipipe.consumers.costs.store import ClickHouseCostStore
 from aipipe.infra.logging import report_exception
 from aipipe.infra.queryserver import Limits, QueryServer
 from aipipe.infra.settings import Settings

@@ -76,7 +76,7 @@ def checked(sql: str) -> str:
 @contextlib.contextmanager
 def _own_endpoint(settings: Settings) -> Iterator[Any]:
     """The configured chDB path, opened here and served to this process on loopback."""
-    from aipipe.consumers.costs.store import open_clickhouse
+    from aipipe.consumers.costs.connect import open_clickhouse
     from aipipe.infra.queryserver import Limits, QueryServer
     from aipipe.infra.reader import endpoint_client
 

@@ -28,15 +28,16 @@ from aipipe.schemas.events import (
     shown,
     utcnow,
 )
+from aipipe.schemas.limits import Limit
 from aipipe.schemas.prices import PriceTable, price_table_at
+from aipipe.schemas.providers import KNOWN_PROVIDERS
 from aipipe.streams.admission.limiter import Backend
 from aipipe.streams.admission.params import (
-    KNOWN_PROVIDERS,
     ParamLimits,
     callback_problem,
     params_problem,
 )
-from aipipe.streams.admission.window import CLIENT, MODEL, Check, Limit, Outcome
+from aipipe.streams.admission.window import CLIENT, MODEL, Check, Outcome
 
 Decision = OperationAdmitted | OperationRejected
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

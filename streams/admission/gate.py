@@ -20,6 +20,7 @@ import structlog
 from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.infra.settings import Settings
 from aipipe.schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
+from aipipe.schemas.limits import parse_limit
 from aipipe.schemas.prices import PriceTable, price_table_at
 from aipipe.streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
 from aipipe.streams.admission.decide import (
@@ -38,7 +39,7 @@ from aipipe.streams.admission.limiter import (
 )
 from aipipe.streams.admission.limits import LimitsSource
 from aipipe.streams.admission.params import ParamLimits
-from aipipe.streams.admission.window import Check, parse_limit
+from aipipe.streams.admission.window import Check
 
 log = structlog.get_logger("aipipe.admission")
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import structlog
 
-from aipipe.streams.admission.window import Limit, LimitError, parse_limit
+from aipipe.schemas.limits import Limit, LimitError, parse_limit
 
 log = structlog.get_logger("aipipe.admission.limits")
 

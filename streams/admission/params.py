@@ -14,16 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
+from aipipe.producers.webhooks import callback_allowed
 from aipipe.schemas.events import json_depth, shown
-
-SIMULATED = "simulated"
-# the real providers this code can call (see streams/generation/registry.py)
-REAL_PROVIDERS = ("gemini", "openai", "stability")
-KNOWN_PROVIDERS = (*REAL_PROVIDERS, SIMULATED)
+from aipipe.schemas.providers import KNOWN_PROVIDERS, SIMULATED
 
 # https://ai.google.dev/gemini-api/docs/image-generation (gemini-2.5-flash-image)
 GEMINI_IMAGE_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
@@ -182,26 +178,6 @@ def params_problem(
     if "prompt" not in params:
         return "Field 'params.prompt' is missing; add the prompt as a non-empty string."
     return _keys("params", params, rules, limits, f"{provider} {operation_type}")
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
-
-
-def callback_allowed(url: str, prefix: str) -> bool:
-    """Whether ``url`` is under ``prefix``: the same scheme, host and port, and a path that
-    starts with the prefix's (so ``https://a.example`` never allows ``https://a.example.evil``).
-    Plain http only on loopback (tests, local receivers); no user or password in the URL,
-    no ``.`` or ``..`` segment (they would climb out of the prefix's path)."""
-    try:
-        got, want = urlsplit(url), urlsplit(prefix)
-        ports = got.port, want.port
-    except ValueError:
-        return False
-    secure = got.scheme == "https" or (got.scheme == "http" and got.hostname in LOOPBACK_HOSTS)
-    return (secure and got.scheme == want.scheme and got.hostname == want.hostname
-            and ports[0] == ports[1] and got.username is None and got.password is None
-            and got.path.startswith(want.path)
-            and not {".", ".."} & set(got.path.lower().replace("%2e", ".").split("/")))
 
 
 def callback_problem(url: str | None, allowed: Sequence[str]) -> str | None:

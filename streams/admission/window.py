@@ -15,58 +15,11 @@ both to them. Times are integer microseconds.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aipipe.schemas.errors import AipipeError
-
-US_PER_MS = 1000
-_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(ms|s|m|h|d)\s*$")
-
-
-class LimitError(AipipeError):
-    """A rate limit that cannot be parsed; the message names the entry and the fix."""
-
-
-@dataclass(frozen=True, slots=True)
-class Limit:
-    """``count`` admissions per ``window_ms`` milliseconds."""
-
-    count: int
-    window_ms: int
-
-    @property
-    def window_us(self) -> int:
-        return self.window_ms * US_PER_MS
-
-    def __str__(self) -> str:
-        for unit in ("d", "h", "m", "s"):
-            if self.window_ms % _UNITS_MS[unit] == 0:
-                return f"{self.count}/{self.window_ms // _UNITS_MS[unit]}{unit}"
-        return f"{self.count}/{self.window_ms}ms"
-
-
-def parse_limit(text: object, entry: str) -> Limit:
-    """``"60/60s"`` (units ms, s, m, h, d; ``"10/m"`` is 10 per minute) as a ``Limit``.
-
-    ``entry`` names where the text came from, for the one-sentence error.
-    """
-    match = _LIMIT.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise LimitError(
-            f"Rate limit {entry} is {text!r}, which is not COUNT/WINDOW; write it like "
-            '"60/60s" (window units ms, s, m, h or d).'
-        )
-    count, amount, unit = int(match[1]), int(match[2] or 1), match[3]
-    if count < 1 or amount < 1:
-        raise LimitError(
-            f"Rate limit {entry} is {text!r}; the count and the window must both be at "
-            'least 1, e.g. "60/60s".'
-        )
-    return Limit(count, amount * _UNITS_MS[unit])
+from aipipe.schemas.limits import US_PER_MS, Limit
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from typing import Any
 from aipipe.schemas.events import (
     OperationAdmitted,
     OperationCompleted,
+    Usage,
     VideoStarted,
     derived_event_id,
 )
@@ -59,8 +60,6 @@ def completed(
 
 def failed(reason: str, message: str, **metadata: Any) -> ProviderResult:
     """A failed result: ``reason`` is a stable word for queries, ``message`` says what happened."""
-    from aipipe.schemas.events import Usage
-
     return ProviderResult(
         success=False, usage=Usage(), error_message=message,
         metadata={"reason": reason, **metadata},

@@ -13,8 +13,8 @@ before the completion records them.
 from __future__ import annotations
 
 from aipipe.infra.settings import Settings
+from aipipe.schemas.limits import parse_limit
 from aipipe.streams.admission.limits import LimitsSource
-from aipipe.streams.admission.window import parse_limit
 from aipipe.streams.artifacts.store import ArtifactStore, store_from_url
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.breaker import BreakerPolicy

@@ -44,7 +44,7 @@ import structlog
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from aipipe.consumers.costs.store import open_clickhouse
+from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.infra.settings import Settings, load_settings
 from aipipe.infra.topics import ensure_topics
 from tests.bench.admission import admission_figures

@@ -38,9 +38,10 @@ from aipipe.infra.topics import ensure_topics
 from aipipe.producers import EventProducer
 from aipipe.producers.producer import PRODUCER_DEFAULTS, headers_for
 from aipipe.schemas.events import OperationAdmitted, OperationRequested, decode, encode
+from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.gate import build_gate
 from aipipe.streams.admission.limiter import RedisRateLimitStore, redis_client
-from aipipe.streams.admission.window import Check, Limit
+from aipipe.streams.admission.window import Check
 from tests.bench.report import Figure, Sample, Steps, best_of, compare, render
 from tests.bench.workloads import CLIENTS, requested_events
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import pytest
 import redis as sync_redis
 
+from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.limiter import (
     MemoryRateLimitStore,
     RateLimitStore,
     RedisRateLimitStore,
     redis_client,
 )
-from aipipe.streams.admission.window import CLIENT, MODEL, Check, Limit
+from aipipe.streams.admission.window import CLIENT, MODEL, Check
 from tests.conftest import Services
 
 pytestmark = pytest.mark.e2e

@@ -22,9 +22,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.rows import CostRow
-from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError, open_clickhouse
+from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
 from aipipe.infra.queryserver import (
     ENDPOINT_FILE,
     QueryError,

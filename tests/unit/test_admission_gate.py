@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from aipipe.consumers.costs.budgets import Budget, period_bounds
 from aipipe.schemas.events import OperationAdmitted, OperationRejected, OperationRequested
+from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.budgets import (
     BudgetGate,
     RedisLatch,
@@ -22,7 +23,7 @@ from aipipe.streams.admission.budgets import (
 from aipipe.streams.admission.gate import AdmissionGate, usd
 from aipipe.streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
 from aipipe.streams.admission.limits import LimitsSource
-from aipipe.streams.admission.window import Check, Limit, Outcome
+from aipipe.streams.admission.window import Check, Outcome
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from aipipe.infra.settings import ConfigError, load_settings
+from aipipe.schemas.limits import Limit, LimitError
 from aipipe.streams.admission.limits import LimitsSource, limits_from_toml
-from aipipe.streams.admission.window import Limit, LimitError
 
 DEFAULT = Limit(60, 60_000)
 FILE = """

@@ -8,17 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aipipe.schemas.limits import Limit, LimitError, parse_limit
 from aipipe.streams.admission.limiter import MemoryRateLimitStore
-from aipipe.streams.admission.window import (
-    CLIENT,
-    MODEL,
-    Check,
-    Limit,
-    LimitError,
-    SlidingLog,
-    decide_one,
-    parse_limit,
-)
+from aipipe.streams.admission.window import CLIENT, MODEL, Check, SlidingLog, decide_one
 
 MS = 1000  # microseconds
 

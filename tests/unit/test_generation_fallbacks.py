@@ -22,8 +22,8 @@ from aipipe.schemas.events import (
     VideoPollScheduled,
     VideoStarted,
 )
+from aipipe.schemas.limits import LimitError, parse_limit
 from aipipe.streams.admission.limits import limits_from_toml
-from aipipe.streams.admission.window import LimitError, parse_limit
 from aipipe.streams.artifacts.store import LocalArtifactStore
 from aipipe.streams.generation import Generation
 from aipipe.streams.generation.backoff import PollSchedule

@@ -18,13 +18,13 @@ from aipipe.consumers.webhooks import Outcome, RetryPolicy, deliver
 from aipipe.infra.settings import ConfigError, load_settings
 from aipipe.producers.webhooks import (
     WebhookVerificationError,
+    callback_allowed,
     signature,
     signed_headers,
     verify_signature,
 )
 from aipipe.schemas.events import OperationAdmitted, OperationRejected, OperationRequested
 from aipipe.streams.admission.decide import Rules, decide
-from aipipe.streams.admission.params import callback_allowed
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 BODY = b'{"event_id":"e-1","event_type":"operation.completed"}'
