@@ -5,16 +5,30 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every version and hash of every dependency, for all the extras (README, "Install"). uv
+# takes it as constraints: an install of any extras is pinned and hash-checked by it (pip
+# cannot: hashes in its constraints demand one for the project's own directory too).
+LOCK   := infra/requirements.lock
 
-.PHONY: install tools up down status demo test test-unit bench lint clean
+.PHONY: install lock tools up down status demo test test-unit bench lint clean
 
+# Everything the program runs (workers, embedded chDB, report) and the dev tools, by uv,
+# itself installed from its pin in the lock (the block that `sed` cuts out of it).
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	sed -n '/^uv==/,/# via/p' $(LOCK) | $(BIN)/python -m pip install -q --require-hashes -r /dev/stdin
+	$(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[all,dev]'
 	touch $(STAMP)
+
+# Re-resolve the lock after a change to pyproject.toml's dependencies, keeping the other
+# pins; `make lock LOCK_ARGS=--upgrade` moves everything to the newest allowed versions,
+# `LOCK_ARGS='--upgrade-package openai'` one package.
+LOCK_ARGS ?=
+lock: install
+	UV_CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/uv pip compile pyproject.toml --all-extras \
+	    --universal --python-version 3.11 --generate-hashes --quiet $(LOCK_ARGS) -o $(LOCK)
 
 up: install
 	$(BIN)/aipipe up

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-import chdb
 import cramjam
 import structlog
 
@@ -254,6 +253,8 @@ class ReadEngine:
         self._lock = threading.Lock()
         self._idle: dict[str, list[Any]] = {}
         self._closed = False
+        import chdb  # the embedded engine's extra (aipipe[embedded]); a server needs none
+
         self._owner: Any = chdb.connect(self.path)  # type: ignore[no-untyped-call]
         self._classifier = Classifier(self._connect(
             {"max_execution_time": "10", "max_memory_usage": "200000000", "max_threads": "1"}))
@@ -272,6 +273,8 @@ class ReadEngine:
         if tag:
             params["log_comment"] = tag
         params["readonly"] = "1"  # last: after it, nothing can be changed
+        import chdb
+
         return chdb.connect(f"{self._base}?{urlencode(params)}")  # type: ignore[no-untyped-call]
 
     def classify(self, sql: str, params: Mapping[str, str] | None = None) -> Verdict:
