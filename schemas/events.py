@@ -17,10 +17,11 @@ validated with the ``WIRE`` context.
 from __future__ import annotations
 
 import re
+import types
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import orjson
 from pydantic import (
@@ -36,7 +37,9 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    WrapSerializer,
 )
+from pydantic.fields import FieldInfo
 
 from aipipe.schemas.errors import EventDecodeError
 
@@ -437,8 +440,90 @@ _any_event: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 MAX_EVENT_BYTES = 1_000_000
 
 
+# -- encoding ------------------------------------------------------------------------------
+
+# JSON types orjson writes byte for byte as pydantic's serializer does (floats, escapes,
+# datetimes to the minute of their offset, in UTC as ``Z``: tests/unit/test_encode.py)
+_PLAIN_TYPES: frozenset[Any] = frozenset(
+    {str, int, float, bool, type(None), datetime, AwareDatetime}
+)
+_SERIALIZERS = (PlainSerializer, WrapSerializer)
+
+
+def _plain_annotation(annotation: Any) -> bool:
+    """Whether every value ``annotation`` allows is one orjson writes as pydantic does."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *metadata = get_args(annotation)
+        return _plain_annotation(base) and not any(
+            isinstance(m, _SERIALIZERS)
+            or (isinstance(m, FieldInfo) and (m.alias or m.serialization_alias))
+            for m in metadata
+        )
+    if origin is Literal:
+        return all(type(v) in _PLAIN_TYPES for v in get_args(annotation))
+    if origin is Union or origin is types.UnionType:
+        return all(_plain_annotation(a) for a in get_args(annotation))
+    if origin is dict:  # free-form JSON: its values are checked as they are written
+        return get_args(annotation) == (str, Any)
+    return annotation in _PLAIN_TYPES
+
+
+def _plain_model(model: type[BaseModel]) -> bool:
+    """Whether ``orjson.dumps(event.__dict__)`` is exactly the model's own JSON.
+
+    True for a model whose fields are all plain JSON types (no decimals, nested models,
+    custom serializers, aliases or exclusions); its ``__dict__`` holds the fields in the
+    serializer's order.
+    """
+    decorators = model.__pydantic_decorators__
+    if decorators.field_serializers or decorators.model_serializers:
+        return False
+    if model.model_computed_fields or model.model_config.get("extra") != "forbid":
+        return False
+    return all(
+        _plain_annotation(field.annotation)
+        and not field.alias
+        and not field.serialization_alias
+        and not field.exclude
+        and not any(isinstance(m, _SERIALIZERS) for m in field.metadata)
+        for field in model.model_fields.values()
+    )
+
+
+#: Event types ``encode`` writes with orjson; the others go through pydantic's serializer.
+ORJSON_TYPES: frozenset[type[Event]] = frozenset(
+    t for t in EVENT_TYPES.values() if _plain_model(t)
+)
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+# subclasses of str, int, dict and list, and dataclasses, go to pydantic like any value
+# orjson does not know natively (Decimal, bytes, sets, models inside params)
+_ORJSON_OPTIONS = (
+    orjson.OPT_UTC_Z | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def _as_pydantic_writes_it(value: Any) -> orjson.Fragment:
+    return orjson.Fragment(_ANY.dump_json(value))
+
+
 def encode(event: Event) -> bytes:
-    """The wire form: compact JSON, decimals as strings, times in ISO 8601 UTC."""
+    """The wire form: compact JSON, decimals as strings, times in ISO 8601 UTC.
+
+    The bytes are pydantic's serializer's for the model (``event`` is already a
+    validated frozen model, so nothing is validated again); for the event types in
+    ``ORJSON_TYPES`` orjson writes them, four times faster. Where orjson cannot (an
+    integer past 64 bits, a dict key that is not a string inside params), pydantic
+    does. One known difference: a datetime inside free-form params whose UTC offset has
+    seconds (a zone's local mean time before 1900) gets its offset rounded to the
+    minute, where pydantic cuts it.
+    """
+    if type(event) in ORJSON_TYPES:
+        try:
+            return orjson.dumps(event.__dict__, default=_as_pydantic_writes_it,
+                                option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass
     return event.__pydantic_serializer__.to_json(event)
 
 
