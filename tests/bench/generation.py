@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
