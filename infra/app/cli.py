@@ -474,11 +474,40 @@ def topics_create(ctx: _Context) -> None:
         click.echo(name)
 
 
+#: The extra (pyproject.toml) that installs each module a command may need beyond the base
+#: install; the commands import them where they run, so a missing one is named there.
+EXTRAS = {
+    **dict.fromkeys(
+        ("faust", "mode", "redis", "clickhouse_connect", "clickhouse_cityhash", "cramjam",
+         "sentry_sdk", "google", "openai", "httpx2", "fsspec", "rich"),
+        "workers",
+    ),
+    "chdb": "embedded",
+    "matplotlib": "report",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """One sentence naming the extra to install for a module that is not there, or None."""
+    module = (exc.name or "").partition(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    return (f"this command needs {module}, which the base install of aipipe leaves out; "
+            f"install it with: pip install 'aipipe[{extra}]'")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
     except (ConfigError, AipipeError) as exc:
         click.echo(f"aipipe: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        fix = missing_extra(exc)
+        if fix is None:
+            raise
+        click.echo(f"aipipe: {fix}", err=True)
         sys.exit(2)
 
 

@@ -1,12 +1,16 @@
 """The faust internals the streams rely on are still there, or an upgrade fails loudly here.
 
 ``streams/consumer.py`` overrides parts of faust's consumer and ``streams/intake.py``
-sets faust's task-local current event; pyproject pins faust-streaming to the 0.15 line.
+sets faust's task-local current event (the private ``faust.streams._current_event``);
+pyproject pins faust-streaming below 0.16 and the lock to one release of that line
+(tests/unit/test_packaging.py). Moving either pin without re-checking fails here.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import weakref
 from importlib.metadata import version
 
 import faust.streams
@@ -24,8 +28,27 @@ def test_faust_is_the_line_the_consumer_fixes_were_written_for() -> None:
     )
 
 
+class Marker:
+    """Stands for an event: anything a weak reference can point to."""
+
+
+def test_the_current_event_intake_sets_is_still_faust_s_context_variable() -> None:
+    current = getattr(faust.streams, "_current_event", None)
+    assert isinstance(current, contextvars.ContextVar), (
+        "faust.streams._current_event is gone or changed: streams/intake.py sets it for "
+        "every event it hands over; re-check it against faust's Stream before moving the pin"
+    )
+    assert current.get(None) is None
+    # faust's own getter reads what the intake sets there: a weak reference to the event
+    event = Marker()
+    token = current.set(weakref.ref(event))
+    try:
+        assert faust.current_event() is event
+    finally:
+        current.reset(token)
+
+
 def test_the_overridden_and_used_internals_exist() -> None:
-    assert isinstance(faust.streams._current_event.get(None), type(None))
     for name in ("ack", "on_partitions_assigned", "_new_offset", "_is_changelog_tp"):
         assert hasattr(base.Consumer, name), name
     assert hasattr(driver.Consumer, "seek_to_committed")
