@@ -44,21 +44,25 @@ import secrets
 import select
 import socket
 import threading
-import urllib.error
-import urllib.request
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import cramjam
 import structlog
 
 from aipipe.infra.chcompress import TooLarge, compress_blocks, decompress_blocks
+from aipipe.infra.endpoint import (
+    ADMISSION_QUOTA_KEY,
+    Endpoint,
+    publish_endpoint,
+    withdraw_endpoint,
+)
 from aipipe.infra.readonly import (
     ABORTED,
     ACCESS_DENIED,
@@ -73,14 +77,12 @@ from aipipe.infra.readonly import (
 )
 from aipipe.schemas.errors import AipipeError
 
-__all__ = ["ENDPOINT_FILE", "READ_STATEMENTS", "Endpoint", "Limits", "QueryError",
-           "QueryServer", "QueryServerError", "ReadEngine", "find_endpoint", "read_endpoint"]
+__all__ = ["READ_STATEMENTS", "Limits", "QueryError", "QueryServer", "QueryServerError",
+           "ReadEngine"]
 
 log = structlog.get_logger("aipipe.queryserver")
 
-ENDPOINT_FILE = "query-endpoint.json"
 USER = "reader"
-ADMISSION_QUOTA_KEY = "aipipe-admission"
 READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -793,73 +795,3 @@ class QueryServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# -- discovery ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A running read endpoint as its owner published it."""
-
-    url: str
-    user: str
-    password: str = field(repr=False)
-    chdb_path: str = ""
-
-    def serves(self, chdb_path: Path | str) -> bool:
-        return os.path.realpath(str(chdb_path)) == self.chdb_path
-
-
-def publish_endpoint(home: Path, endpoint: Endpoint) -> None:
-    """Write ``<home>/query-endpoint.json`` readable by this user only (0600)."""
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = home / f".{ENDPOINT_FILE}.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({**asdict(endpoint), "pid": os.getpid()}, out)
-    tmp.replace(home / ENDPOINT_FILE)
-
-
-def withdraw_endpoint(home: Path, url: str) -> None:
-    """Remove the endpoint file if it is still ours (another owner may have replaced it)."""
-    path = home / ENDPOINT_FILE
-    try:
-        if json.loads(path.read_text()).get("url") == url:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def read_endpoint(home: Path, timeout: float = 2.0) -> Endpoint | None:
-    """The read endpoint published under ``home``, if it answers ``SELECT 1`` with its
-    credentials."""
-    try:
-        data = json.loads((home / ENDPOINT_FILE).read_text())
-        endpoint = Endpoint(str(data["url"]), str(data["user"]), str(data["password"]),
-                            str(data.get("chdb_path", "")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    request = urllib.request.Request(
-        f"{endpoint.url}/?query={quote('SELECT 1')}",
-        headers={"X-ClickHouse-User": endpoint.user, "X-ClickHouse-Key": endpoint.password})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return endpoint if reply.status == 200 and reply.read() == b"1\n" else None
-    except (OSError, urllib.error.HTTPError):
-        return None
-
-
-def find_endpoint(home: Path, timeout: float = 2.0) -> str | None:
-    """The URL of the running read endpoint under ``home``, if one answers."""
-    endpoint = read_endpoint(home, timeout)
-    return endpoint.url if endpoint else None
-
-
-def refuse_other_path(endpoint: Endpoint, chdb_path: Path) -> str:
-    """One sentence for a reader whose URL names a path the running endpoint does not serve."""
-    return (f"The pipeline running under this AIPIPE_HOME serves {endpoint.chdb_path}, not "
-            f"{chdb_path}; point AIPIPE_CLICKHOUSE_URL at the served path or stop that "
-            "pipeline to read the other one directly.")
-

@@ -30,6 +30,7 @@ from typing import Any
 import faust
 import structlog
 
+from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.infra.logging import bound_event, exit_process, report_exception
 from aipipe.infra.settings import Settings
 from aipipe.producers.producer import headers_for
@@ -69,16 +70,20 @@ log = structlog.get_logger("aipipe.streams")
 @dataclass
 class StreamDeps:
     providers: Mapping[str, AIProvider]
+    # opens the read-only store admission reads budgets and spend from (None: not now)
+    open_budget_store: Callable[[], BudgetStore | None]
     clock: Callable[[], datetime] = field(default=utcnow)
     guard: ProviderGuard | None = None  # circuit breakers and retries; from settings if None
 
 
-def default_deps(settings: Settings) -> StreamDeps:
-    return StreamDeps(providers=providers_from_settings(settings))
+def default_deps(
+    settings: Settings, open_budget_store: Callable[[], BudgetStore | None]
+) -> StreamDeps:
+    return StreamDeps(providers=providers_from_settings(settings),
+                      open_budget_store=open_budget_store)
 
 
-def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
-    deps = deps or default_deps(settings)
+def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     topics = settings.topics
     app = faust.App(
         f"{settings.topic_prefix}-streams",
@@ -148,7 +153,7 @@ def create_app(settings: Settings, deps: StreamDeps | None = None) -> faust.App:
                 "event that matches the published schema."))
         return None
 
-    gate = build_gate(settings)
+    gate = build_gate(settings, deps.open_budget_store)
     budgets_topic = raw_topic(topics.budgets)
     admission_intake = Intake(maxsize=settings.admission_batch_size * 4)
 

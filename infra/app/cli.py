@@ -1,4 +1,8 @@
-"""The ``aipipe`` command line: local services, workers, emitting events, and cost queries."""
+"""The ``aipipe`` command line: local services, workers, emitting events, and cost queries.
+
+Each command imports what it uses when it runs (``# deferred: loaded per command``): a
+worker loads only its role's modules, and a command whose extra is not installed says so.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ class _Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from aipipe.infra.logging import configure_logging
+            from aipipe.infra.logging import configure_logging  # deferred: loaded per command
 
             self._settings = load_settings()
             configure_logging(self._settings)
@@ -58,7 +62,7 @@ def cli() -> None:
 @pass_ctx
 def up(ctx: _Context) -> None:
     """Start the local Kafka (KRaft) and Redis on loopback; wait until they answer."""
-    from aipipe import services
+    from aipipe import services  # deferred: loaded per command
 
     s = ctx.settings
     for status in (
@@ -72,7 +76,7 @@ def up(ctx: _Context) -> None:
 @pass_ctx
 def down(ctx: _Context) -> None:
     """Stop the local Kafka and Redis that `aipipe up` started."""
-    from aipipe import services
+    from aipipe import services  # deferred: loaded per command
 
     for name, stopped in (
         ("kafka", services.stop_kafka(ctx.settings.home)),
@@ -85,8 +89,8 @@ def down(ctx: _Context) -> None:
 @pass_ctx
 def status(ctx: _Context) -> None:
     """Probe Kafka, Redis and the embedded read endpoint."""
-    from aipipe import services
-    from aipipe.infra.queryserver import find_endpoint
+    from aipipe import services  # deferred: loaded per command
+    from aipipe.infra.endpoint import find_endpoint  # deferred: loaded per command
 
     s = ctx.settings
     for st in (
@@ -107,7 +111,7 @@ def status(ctx: _Context) -> None:
 @pass_ctx
 def run(ctx: _Context, role: str) -> None:
     """Run the pipeline: all of it in one process, or only the streams or the cost sink."""
-    from aipipe.runner import run as run_role
+    from aipipe.runner import run as run_role  # deferred: loaded per command
 
     run_role(ctx.settings, role)  # type: ignore[arg-type]
 
@@ -118,7 +122,7 @@ def run(ctx: _Context, role: str) -> None:
 @pass_ctx
 def demo(ctx: _Context, operations: int, clients: int) -> None:
     """Run the pipeline on simulated traffic and print the cost per client from ClickHouse."""
-    from aipipe.demo import run_demo
+    from aipipe.demo import run_demo  # deferred: loaded per command
 
     run_demo(ctx.settings, operations=operations, clients=clients)
 
@@ -151,8 +155,8 @@ def emit(
     """Emit operation.requested events (idempotent producer, keyed by client)."""
     import uuid
 
-    from aipipe.producers import EventProducer
-    from aipipe.schemas import OperationRequested
+    from aipipe.producers import EventProducer  # deferred: loaded per command
+    from aipipe.schemas import OperationRequested  # deferred: loaded per command
 
     parsed: dict[str, Any] = {}
     for item in params:
@@ -190,9 +194,13 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
     """Print the outcome (completion or rejection) of an operation as JSON."""
     import asyncio
 
-    from aipipe.producers.results import find_outcome
-    from aipipe.schemas.events import OperationCompleted, encode
-    from aipipe.streams.artifacts.store import EXTENSIONS, ArtifactError, store_from_url
+    from aipipe.producers.results import find_outcome  # deferred: loaded per command
+    from aipipe.schemas.events import OperationCompleted, encode  # deferred: loaded per command
+    from aipipe.streams.artifacts.store import (  # deferred: loaded per command
+        EXTENSIONS,
+        ArtifactError,
+        store_from_url,
+    )
 
     s = ctx.settings
     outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0)
@@ -236,8 +244,8 @@ def costs_summary(
     ctx: _Context, client_id: str, start: str | None, end: str | None, as_json: bool
 ) -> None:
     """Total cost, counts, and breakdowns by operation type, model and day."""
-    from aipipe.infra.reader import cost_store
-    from aipipe.infra.tables import print_summary
+    from aipipe.reader import cost_store  # deferred: loaded per command
+    from aipipe.tables import print_summary  # deferred: loaded per command
 
     summary = cost_store(ctx.settings).summary(
         client_id, _time(start, "--from"), _time(end, "--to")
@@ -277,14 +285,14 @@ def _usd_option(value: str, hint: str) -> Decimal:
 def budget_check(ctx: _Context, client_id: str, limit: str | None, as_json: bool,
                  as_of: str | None = None) -> None:
     """Spend in the period against the budget, and admission's decision; exits 1 when over."""
-    from aipipe.consumers.costs.budgets import BudgetStore
-    from aipipe.infra.reader import open_reader
-    from aipipe.streams.admission.budgets import budget_report
+    from aipipe.consumers.costs.budgets import BudgetStore  # deferred: loaded per command
+    from aipipe.reader import open_reader  # deferred: loaded per command
+    from aipipe.streams.admission.budgets import budget_report  # deferred: loaded per command
 
     s = ctx.settings
     override = _usd_option(limit, "--limit") if limit is not None else None
     if as_of is not None:  # from the log's own record at that time (issue 5)
-        from aipipe.replaycmd import budget_report_at
+        from aipipe.replaycmd import budget_report_at  # deferred: loaded per command
 
         moment = _time(as_of, "--as-of")
         assert moment is not None
@@ -318,8 +326,8 @@ def budget_set(ctx: _Context, client_id: str, amount: str, period: str) -> None:
     """Set a client's budget: a budget.set event, recorded in ClickHouse by the cost sink."""
     import uuid
 
-    from aipipe.producers import EventProducer
-    from aipipe.schemas.events import BudgetSet
+    from aipipe.producers import EventProducer  # deferred: loaded per command
+    from aipipe.schemas.events import BudgetSet  # deferred: loaded per command
 
     s = ctx.settings
     event = BudgetSet(request_id=str(uuid.uuid4()), client_id=client_id,
@@ -357,7 +365,11 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
     """
     if click_ctx.invoked_subcommand is not None:
         return
-    from aipipe.replaycmd import prices_for, print_manifest, run_replay
+    from aipipe.replaycmd import (  # deferred: loaded per command
+        prices_for,
+        print_manifest,
+        run_replay,
+    )
 
     if into is None:
         raise click.UsageError("Missing option '--into' (chdb:///fresh/path or http(s)://…).")
@@ -380,7 +392,7 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
 @pass_ctx
 def replay_verify(ctx: _Context, into: str, database: str | None, as_json: bool) -> None:
     """Compare the rebuilt projection with the live one; exits 1 and names every difference."""
-    from aipipe.replaycmd import print_verdict, run_verify
+    from aipipe.replaycmd import print_verdict, run_verify  # deferred: loaded per command
 
     s = ctx.settings
     manifest, verdict = run_verify(s, into=into, database=database or s.clickhouse_database)
@@ -402,8 +414,8 @@ def replay_verify(ctx: _Context, into: str, database: str | None, as_json: bool)
 @pass_ctx
 def report(ctx: _Context, start: str, end: str, out: Path, png: Path | None) -> None:
     """Cost report: spend per day by model, client and operation type; rejections by reason."""
-    from aipipe.report import write_report
-    from aipipe.sqlcmd import analyst_client
+    from aipipe.report import write_report  # deferred: loaded per command
+    from aipipe.sqlcmd import analyst_client  # deferred: loaded per command
 
     s = ctx.settings
     begin, finish = _time(start, "--from"), _time(end, "--to")
@@ -426,8 +438,8 @@ def sql(ctx: _Context, query: str, fmt: str, params: tuple[str, ...]) -> None:
     Works while the pipeline runs (through its read endpoint) and with a server.
     Unqualified table names are in AIPIPE_CLICKHOUSE_DATABASE. Writes are refused.
     """
-    from aipipe.infra.tables import console, table
-    from aipipe.sqlcmd import checked, render, run_query
+    from aipipe.sqlcmd import checked, render, run_query  # deferred: loaded per command
+    from aipipe.tables import console, table  # deferred: loaded per command
 
     binds: dict[str, str] = {}
     for item in params:
@@ -443,6 +455,21 @@ def sql(ctx: _Context, query: str, fmt: str, params: tuple[str, ...]) -> None:
         click.echo(render(columns, rows, fmt))
 
 
+@cli.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; loopback unless you mean to share the page.")
+@click.option("--port", default=8321, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port).")
+@pass_ctx
+def ui(ctx: _Context, host: str, port: int) -> None:
+    """Serve the cost analytics page: spend over time, budgets, rejections, provider errors
+    and each client's operations, read like `aipipe sql` (works while the pipeline runs)."""
+    from aipipe.ui import serve  # deferred: loaded per command
+
+    serve(ctx.settings, host, port,
+          lambda url: click.echo(f"aipipe ui: cost analytics on {url} (Ctrl-C stops)"))
+
+
 @cli.group()
 def schemas() -> None:
     """The event schemas."""
@@ -452,7 +479,7 @@ def schemas() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def schemas_export(directory: Path) -> None:
     """Write one JSON Schema per event type into DIRECTORY."""
-    from aipipe.schemas.jsonschema import export_json_schemas
+    from aipipe.schemas.jsonschema import export_json_schemas  # deferred: loaded per command
 
     for path in export_json_schemas(directory):
         click.echo(str(path))
@@ -467,7 +494,7 @@ def topics() -> None:
 @pass_ctx
 def topics_create(ctx: _Context) -> None:
     """Create the pipeline's topics (partitions and retention from settings)."""
-    from aipipe.runner import prepare_topics
+    from aipipe.runner import prepare_topics  # deferred: loaded per command
 
     prepare_topics(ctx.settings)
     for name in ctx.settings.topics.all():
@@ -484,6 +511,7 @@ EXTRAS = {
     ),
     "chdb": "embedded",
     "matplotlib": "report",
+    **dict.fromkeys(("starlette", "uvicorn"), "ui"),
 }
 
 

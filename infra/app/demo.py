@@ -15,15 +15,15 @@ from typing import Any
 
 from rich.progress import Progress
 
-from aipipe.infra.processes import WorkerProcess, wait_for
-from aipipe.infra.reader import pipeline_store
 from aipipe.infra.settings import Settings
-from aipipe.infra.tables import console, table
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
+from aipipe.reader import pipeline_store
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from aipipe.schemas.prices import price_table_at
 from aipipe.streams.generation.simulated import simulated_usage
+from aipipe.tables import console, table
 
 MODELS = {
     "image_generation": ["gemini-2.5-flash-image"],

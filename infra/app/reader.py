@@ -15,11 +15,12 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 
+from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
-from aipipe.infra.processes import wait_for
-from aipipe.infra.queryserver import Endpoint, read_endpoint, refuse_other_path
+from aipipe.infra.endpoint import ADMISSION_QUOTA_KEY, Endpoint, read_endpoint, refuse_other_path
 from aipipe.infra.settings import Settings
+from aipipe.processes import wait_for
 
 
 def endpoint_client(endpoint: Endpoint, database: str, **options: Any) -> Any:
@@ -73,3 +74,27 @@ def pipeline_store(
 
 def cost_store(settings: Settings) -> ClickHouseCostStore:
     return ClickHouseCostStore(open_reader(settings), settings.clickhouse_database)
+
+
+def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
+    """Open a read-only store: the server, or the owner's loopback endpoint (never chDB).
+
+    Embedded, the endpoint must serve the chDB path the settings name (else: no store, and
+    admission keeps its last answers). Lookups run in the endpoint's admission slots
+    (``quota_key``) and wait at most a few seconds, so an analyst's long query never holds
+    up admission: on a timeout the budget gate keeps the last known spend.
+    """
+
+    def open_store() -> BudgetStore | None:
+        if settings.embedded:
+            endpoint = serving_endpoint(settings)
+            if endpoint is None:
+                return None
+            client = endpoint_client(
+                endpoint, settings.clickhouse_database, send_receive_timeout=5,
+                settings={"quota_key": ADMISSION_QUOTA_KEY})
+        else:
+            client = open_reader(settings)
+        return BudgetStore(client, settings.clickhouse_database)
+
+    return open_store

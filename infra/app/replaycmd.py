@@ -24,9 +24,13 @@ from aipipe.consumers.replay import (
     plan,
     verify,
 )
+from aipipe.consumers.replay.asof import budget_report_as_of
 from aipipe.consumers.replay.replay import replay_consumer
+from aipipe.infra.endpoint import find_endpoint
 from aipipe.infra.settings import Settings
+from aipipe.reader import open_reader
 from aipipe.schemas.prices import PriceTable
+from aipipe.tables import console, table
 
 
 def _same_place(a: str, b: str) -> bool:
@@ -96,9 +100,6 @@ def run_replay(settings: Settings, *, into: str, database: str, start: datetime 
 
 
 def run_verify(settings: Settings, *, into: str, database: str) -> tuple[Manifest, Verdict]:
-    from aipipe.infra.queryserver import find_endpoint
-    from aipipe.infra.reader import open_reader
-
     if settings.embedded and urlparse(into).scheme == "chdb" and find_endpoint(
             settings.home) is None:
         raise ReplayError(
@@ -115,8 +116,6 @@ def run_verify(settings: Settings, *, into: str, database: str) -> tuple[Manifes
 
 
 def print_manifest(manifest: Manifest) -> None:
-    from aipipe.infra.tables import console, table
-
     console.print(
         f"[bold]replay {manifest.replay_id}[/bold] of {manifest.topic} into database "
         f"{manifest.database}: {manifest.events:,} events, {manifest.rows:,} rows written, "
@@ -140,8 +139,6 @@ def print_manifest(manifest: Manifest) -> None:
 
 
 def print_verdict(manifest: Manifest, verdict: Verdict) -> None:
-    from aipipe.infra.tables import console
-
     live, rebuilt = verdict.live, verdict.rebuilt
     if verdict.matches:
         console.print(
@@ -169,9 +166,6 @@ def _ranges(manifest: Manifest) -> str:
 def budget_report_at(settings: Settings, client_id: str, as_of: datetime,
                      override: Decimal | None) -> dict[str, Any]:
     """``aipipe budget check --as-of T``: see ``aipipe.consumers.replay.asof``."""
-    from aipipe.consumers.replay.asof import budget_report_as_of
-    from aipipe.infra.reader import open_reader
-
     consumer = replay_consumer(settings.kafka_bootstrap)
     try:
         ranges = plan(consumer, settings.topics.completed, None, as_of)

@@ -1,35 +1,21 @@
 """Run the pipeline's workers: streams (faust), the cost sink, or both in one process.
 
-With the embedded ClickHouse (chDB) the process running the cost sink owns the database
-path and serves read queries to other processes on a loopback HTTP endpoint.
-
-The sinks, the rollup sealer and a probe of the read endpoint run as threads under one
-``aipipe.infra.supervise.Supervisor``: when one dies the process stops and exits with code 70
-(``EXIT_THREAD_DIED``), after a ``worker_thread_died`` log line and a Sentry event.
+Each role loads only its own modules: ``aipipe.streams_worker`` (faust; no chDB) and
+``aipipe.costs_worker`` (the ClickHouse sinks and the read endpoint; no faust), imported
+when the role is chosen. Both roles create the pipeline's topics first.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
-from clickhouse_connect.driver.client import Client
 
-from aipipe.consumers.costs.budgets import BudgetProjector, BudgetStore
-from aipipe.consumers.costs.connect import open_clickhouse
-from aipipe.consumers.costs.sink import CostSink
-from aipipe.consumers.costs.store import ClickHouseCostStore
-from aipipe.infra.logging import report_exception
-from aipipe.infra.queryserver import Limits, QueryServer
+from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
-from aipipe.infra.supervise import Supervisor, end_process
+from aipipe.infra.supervise import end_process
 from aipipe.infra.topics import ensure_topics
 
 Role = Literal["all", "streams", "costs"]
@@ -59,147 +45,6 @@ def prepare_topics(settings: Settings) -> None:
     )
 
 
-def store_client(settings: Settings) -> Client:
-    """A client of the configured ClickHouse, its database migrated (on the cluster, if any)."""
-    return open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database,
-                           settings.clickhouse_cluster)
-
-
-def sink_options(settings: Settings, name: str) -> dict[str, Any]:
-    """What every batching sink of this pipeline shares; ``name`` makes its consumer group."""
-    return {
-        "bootstrap": settings.kafka_bootstrap,
-        "deadletter_topic": settings.topics.deadletter,
-        "group_id": f"{settings.topic_prefix}-{name}",
-        "max_rows": settings.sink_batch_size,
-        "max_seconds": settings.sink_batch_seconds,
-        "session_timeout_ms": int(settings.worker_session_timeout_seconds * 1000),
-        "max_poll_interval_ms": int(settings.sink_max_poll_interval_seconds * 1000),
-        "retry_base_seconds": settings.sink_retry_base_seconds,
-        "retry_cap_seconds": settings.sink_retry_cap_seconds,
-        "report": partial(report_exception, stage=name),
-    }
-
-
-def budget_projector(settings: Settings, client: Any) -> BudgetProjector:
-    """``budget.set`` events into ClickHouse, by the process that owns it (see budgets.py)."""
-    return BudgetProjector(
-        topic=settings.topics.budgets,
-        store=BudgetStore(client, settings.clickhouse_database),
-        **sink_options(settings, "budgets"),
-    )
-
-
-def archive_thread(
-    settings: Settings, stop: threading.Event, supervisor: Supervisor
-) -> threading.Thread:
-    """Every message of every topic into ``events_archive`` (see consumers/archive)."""
-    from aipipe.consumers.archive import ArchiveSink, ArchiveStore
-
-    sink = ArchiveSink(
-        topics=settings.topics.all(),
-        store=ArchiveStore(store_client(settings),
-                           settings.clickhouse_database),
-        keep_prompts=settings.archive_prompts,
-        **sink_options(settings, "archive"),
-    )
-    return supervisor.start("event-archive", sink.run, stop)
-
-
-def sealer_thread(
-    settings: Settings, stop: threading.Event, supervisor: Supervisor
-) -> threading.Thread:
-    """Seal the daily rollups of closed days (see consumers/rollups)."""
-    from aipipe.consumers.rollups import Sealer
-
-    sealer = Sealer(store_client(settings),
-                    settings.clickhouse_database, settings.rollup_seal_seconds,
-                    max_failures=settings.rollup_seal_max_failures)
-    return supervisor.start("rollup-sealer", sealer.run, stop)
-
-
-def webhook_thread(
-    settings: Settings, stop: threading.Event, supervisor: Supervisor
-) -> threading.Thread:
-    """POST completions and rejections to their callback URLs (see consumers/webhooks)."""
-    from aipipe.consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
-    from aipipe.infra.settings import reveal
-
-    assert settings.webhook_secret is not None  # the settings refuse webhooks without one
-    policy = RetryPolicy(
-        max_attempts=settings.webhook_max_attempts,
-        base_seconds=settings.webhook_retry_base_seconds,
-        cap_seconds=settings.webhook_retry_cap_seconds,
-        timeout_seconds=settings.webhook_timeout_seconds,
-    )
-    projection = WebhookProjection(secret=reveal(settings.webhook_secret),
-                                   allowed=settings.webhook_prefixes, policy=policy)
-    options = sink_options(settings, "webhooks")
-    # a batch is one round of deliveries, and the group keeps the consumer while it lasts
-    options["max_rows"] = settings.webhook_concurrency
-    options["max_poll_interval_ms"] = max(options["max_poll_interval_ms"],
-                                          int(2000 * policy.worst_seconds()))
-    sink = WebhookSink(topics=[settings.topics.completed, settings.topics.rejected],
-                       projection=projection, **options)
-    return supervisor.start("webhooks", sink.run, stop)
-
-
-def answers_ping(url: str, timeout: float = 10.0) -> bool:
-    """Whether the read endpoint at ``url`` answers ClickHouse's ``/ping``."""
-    with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
-        return bool(response.status == 200)
-
-
-def process_supervisor(settings: Settings) -> Supervisor:
-    """A supervisor that stops this process the way ``aipipe run`` stops on SIGTERM."""
-    return Supervisor(request_stop=lambda: os.kill(os.getpid(), signal.SIGTERM),
-                      grace_seconds=settings.worker_exit_grace_seconds)
-
-
-@contextmanager
-def cost_sink_thread(
-    settings: Settings, supervisor: Supervisor | None = None
-) -> Iterator[CostSink]:
-    """Run the cost sink (and, embedded, the read endpoint) in threads for the block."""
-    supervisor = supervisor or process_supervisor(settings)
-    client = store_client(settings)
-    sink = CostSink(
-        topic=settings.topics.completed,
-        store=ClickHouseCostStore(client, settings.clickhouse_database),
-        fault=settings.fault,
-        **sink_options(settings, "costs"),
-    )
-    server = None
-    if settings.embedded:
-        reader = store_client(settings)
-        server = QueryServer(reader, port=settings.query_port, home=settings.home,
-                             limits=Limits.from_settings(settings))
-        server.start()
-        log.info("query_endpoint_started", url=server.url)
-    stop = threading.Event()
-    threads = [supervisor.start("cost-sink", sink.run, stop)]
-    projector = budget_projector(
-        settings, store_client(settings)
-    )
-    threads.append(supervisor.start("budget-projector", projector.run, stop))
-    if settings.archive_events:
-        threads.append(archive_thread(settings, stop, supervisor))
-    threads.append(sealer_thread(settings, stop, supervisor))
-    if settings.webhook_prefixes:
-        threads.append(webhook_thread(settings, stop, supervisor))
-    if server is not None:  # its serving thread is the server's own: probe it from outside
-        threads.append(supervisor.watch("query-endpoint", partial(answers_ping, server.url),
-                                        stop))
-    try:
-        yield sink
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-        if server is not None:
-            server.stop()
-
-
 def run(settings: Settings, role: Role = "all") -> None:
     """Run ``role`` until SIGTERM/SIGINT; exit 70 when a supervised thread died.
 
@@ -207,9 +52,17 @@ def run(settings: Settings, role: Role = "all") -> None:
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
     prepare_topics(settings)
+    serve_metrics(settings)  # /metrics, /healthz, /readyz of this process, until it exits
     if role == "streams":
-        _run_streams(settings, role)
+        from aipipe.streams_worker import run_streams  # deferred: role-only (no chDB in streams)
+
+        run_streams(settings)
         return
+    from aipipe.costs_worker import (  # deferred: role-only (no chDB in streams)
+        cost_sink_thread,
+        process_supervisor,
+    )
+
     supervisor = process_supervisor(settings)
     try:
         if role == "costs":
@@ -219,30 +72,10 @@ def run(settings: Settings, role: Role = "all") -> None:
             with cost_sink_thread(settings, supervisor):
                 done.wait()
         else:
-            _run_streams(settings, role, supervisor)
+            from aipipe.streams_worker import run_streams  # deferred: role-only (no faust in costs)
+
+            run_streams(settings, alongside=cost_sink_thread(settings, supervisor))
     finally:
         supervisor.exit_if_failed()
     log.info("worker_stopped", role=role)
     end_process(0)
-
-
-def _stop_on_sigterm(*_: Any) -> None:
-    raise SystemExit(0)  # until faust installs its own handler: stop, then exit_if_failed
-
-
-def _run_streams(settings: Settings, role: Role, supervisor: Supervisor | None = None) -> None:
-    from faust import Worker
-
-    from aipipe.streams.app import create_app
-
-    app = create_app(settings)
-    worker = Worker(app, loglevel=settings.log_level if settings.log_level != "info" else "warning")
-    # faust's progress spinner sets the root logger to DEBUG so that it turns on every
-    # record: every aiokafka send then builds a debug record (~8 % of a busy worker)
-    worker.spinner = None
-    if supervisor is None:
-        worker.execute_from_commandline()
-        return
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with cost_sink_thread(settings, supervisor), suppress(SystemExit):
-        worker.execute_from_commandline()

@@ -22,8 +22,11 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from aipipe.consumers.costs.connect import open_clickhouse
+from aipipe.infra.queryserver import Limits, QueryServer
 from aipipe.infra.readonly import READONLY, Classifier, QueryError
 from aipipe.infra.settings import Settings
+from aipipe.reader import endpoint_client, open_reader, serving_endpoint
 from aipipe.schemas.errors import AipipeError
 
 READ_KINDS = "SELECT, WITH, SHOW, DESCRIBE, EXISTS, EXPLAIN"
@@ -76,10 +79,6 @@ def checked(sql: str) -> str:
 @contextlib.contextmanager
 def _own_endpoint(settings: Settings) -> Iterator[Any]:
     """The configured chDB path, opened here and served to this process on loopback."""
-    from aipipe.consumers.costs.connect import open_clickhouse
-    from aipipe.infra.queryserver import Limits, QueryServer
-    from aipipe.infra.reader import endpoint_client
-
     owner = open_clickhouse(settings.clickhouse_dsn, settings.clickhouse_database)
     server = QueryServer(owner, limits=Limits.from_settings(settings))
     server.start()
@@ -95,8 +94,6 @@ def analyst_session(settings: Settings) -> Iterator[Any]:
     """A client for reading: the pipeline's endpoint, this process's own endpoint on the
     chDB path, or the server as is (its read-only user decides)."""
     if settings.embedded:
-        from aipipe.infra.reader import endpoint_client, serving_endpoint
-
         endpoint = serving_endpoint(settings)
         if endpoint is None:
             with _own_endpoint(settings) as client:
@@ -114,8 +111,6 @@ def analyst_client(settings: Settings) -> Any:
     ``readonly`` profile, see infra/migrations/ANALYSTS.md) works.
     """
     if settings.embedded:
-        from aipipe.infra.reader import open_reader
-
         client = open_reader(settings)
     else:
         import clickhouse_connect

@@ -5,7 +5,7 @@ price for the model), then the budget (ClickHouse, cached), then the rate limits
 and model) for what is left, all of those in one ``decide`` call of the limiter. Every
 request gets its decision whatever its neighbours hold: a request whose decision raises
 is rejected as ``invalid`` on its own. ``build_gate`` wires the real adapters from
-settings.
+settings and the budget store the program opens.
 """
 
 from __future__ import annotations
@@ -161,35 +161,11 @@ def _over_budget(request: OperationRequested, now: datetime, state: BudgetState)
     )
 
 
-def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
-    """Open a read-only store: the server, or the owner's loopback endpoint (never chDB).
-
-    Embedded, the endpoint must serve the chDB path the settings name (else: no store, and
-    admission keeps its last answers). Lookups run in the endpoint's admission slots
-    (``quota_key``) and wait at most a few seconds, so an analyst's long query never holds
-    up admission: on a timeout the budget gate keeps the last known spend.
-    """
-
-    def open_store() -> BudgetStore | None:
-        if settings.embedded:
-            from aipipe.infra.reader import endpoint_client, serving_endpoint
-
-            endpoint = serving_endpoint(settings)
-            if endpoint is None:
-                return None
-            client = endpoint_client(
-                endpoint, settings.clickhouse_database, send_receive_timeout=5,
-                settings={"quota_key": "aipipe-admission"})
-        else:
-            from aipipe.infra.reader import open_reader
-
-            client = open_reader(settings)
-        return BudgetStore(client, settings.clickhouse_database)
-
-    return open_store
-
-
-def build_gate(settings: Settings) -> AdmissionGate:
+def build_gate(
+    settings: Settings, open_budget_store: Callable[[], BudgetStore | None]
+) -> AdmissionGate:
+    """The gate with its real adapters: Redis for the limits, and the budgets read from the
+    store ``open_budget_store`` opens (the wiring's choice: see ``aipipe.reader``)."""
     client = redis_client(settings.redis_dsn, settings.rate_limit_redis_timeout_ms)
     limiter = FailoverLimiter(
         RedisRateLimitStore(client),
@@ -203,7 +179,7 @@ def build_gate(settings: Settings) -> AdmissionGate:
         reload_seconds=settings.rate_limits_reload_seconds,
     )
     budgets = BudgetGate(
-        budget_store_opener(settings),
+        open_budget_store,
         RedisLatch(client, f"{settings.topic_prefix}:budget"),
         default_usd=settings.budget_usd,
         default_period=settings.budget_period,

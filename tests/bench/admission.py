@@ -32,11 +32,12 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from aipipe.infra.processes import WorkerProcess
 from aipipe.infra.settings import Settings, load_settings
 from aipipe.infra.topics import ensure_topics
+from aipipe.processes import WorkerProcess
 from aipipe.producers import EventProducer
 from aipipe.producers.producer import PRODUCER_DEFAULTS, headers_for
+from aipipe.reader import budget_store_opener
 from aipipe.schemas.events import OperationAdmitted, OperationRequested, decode, encode
 from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.gate import build_gate
@@ -170,7 +171,7 @@ def _raw_round(settings: Settings, requests: list[OperationRequested], logic: bo
                          "group.id": f"bench-{uuid.uuid4()}", "auto.offset.reset": "earliest",
                          "enable.auto.commit": False})
     out = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
-    gate = build_gate(settings) if logic else None
+    gate = build_gate(settings, budget_store_opener(settings)) if logic else None
     consumer.subscribe([t.requested])
 
     async def loop() -> None:
@@ -213,7 +214,7 @@ def _aiokafka_round(settings: Settings, requests: list[OperationRequested]) -> f
         producer.send_many(t.requested, requests)
 
     async def loop() -> None:
-        gate = build_gate(settings)
+        gate = build_gate(settings, budget_store_opener(settings))
         consumer = AIOKafkaConsumer(
             t.requested, bootstrap_servers=settings.kafka_bootstrap,
             group_id=f"bench-{uuid.uuid4()}", auto_offset_reset="earliest",

@@ -27,7 +27,7 @@ from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.rows import COLUMNS, CostRow
 from aipipe.consumers.costs.sink import CostSink
 from aipipe.consumers.costs.store import TABLE, ClickHouseCostStore
-from aipipe.infra.processes import wait_for
+from aipipe.processes import wait_for
 from aipipe.producers.producer import PRODUCER_DEFAULTS
 from aipipe.schemas.events import OperationCompleted, encode
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare, rate

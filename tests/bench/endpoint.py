@@ -36,8 +36,9 @@ from urllib.parse import urlparse
 from clickhouse_connect.driver.client import Client
 
 from aipipe.consumers.costs.store import ClickHouseCostStore
-from aipipe.infra.queryserver import Endpoint, Limits, QueryServer
-from aipipe.infra.reader import endpoint_client
+from aipipe.infra.endpoint import Endpoint
+from aipipe.infra.queryserver import Limits, QueryServer
+from aipipe.reader import endpoint_client
 from tests.bench.analytics import generate
 from tests.bench.report import Figure, Sample, Stopwatch, best_of, compare
 

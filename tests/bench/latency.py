@@ -33,9 +33,9 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings, load_settings
 from aipipe.infra.topics import ensure_topics
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested

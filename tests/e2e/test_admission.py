@@ -33,8 +33,8 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from aipipe import services
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings, home_redis_password
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import (

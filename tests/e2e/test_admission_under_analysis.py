@@ -31,10 +31,10 @@ import clickhouse_connect
 import pytest
 from confluent_kafka import Consumer
 
-from aipipe.infra.processes import WorkerProcess, wait_for
-from aipipe.infra.reader import serving_endpoint
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
+from aipipe.reader import serving_endpoint
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import (
     BudgetSet,

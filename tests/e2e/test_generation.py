@@ -19,8 +19,8 @@ import pytest
 from confluent_kafka import Consumer
 from pydantic import SecretStr
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import (
     Event,

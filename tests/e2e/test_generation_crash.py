@@ -13,8 +13,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from tests.e2e.test_scaling import costs_settled

@@ -19,8 +19,8 @@ from decimal import Decimal
 import jsonschema
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.jsonschema import json_schemas
 from tests.support.pipeline import store_of

@@ -19,8 +19,8 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.deadletter import read_headers
 from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage, encode

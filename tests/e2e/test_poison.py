@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.deadletter import OFFSET, PARTITION, REASON, STAGE, TOPIC, read_headers
 from aipipe.schemas.events import encode, new_event_id

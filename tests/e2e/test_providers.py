@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from aipipe.infra.processes import WorkerProcess
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess
 from aipipe.producers.results import ResultClient
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationCompleted, Usage
 from aipipe.schemas.prices import PRICE_TABLES

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from aipipe.infra.processes import WorkerProcess
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess
 from aipipe.producers import EventProducer
 from aipipe.producers.results import ResultClient, ResultTimeout
 from aipipe.runner import prepare_topics

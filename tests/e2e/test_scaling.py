@@ -20,8 +20,8 @@ from decimal import Decimal
 
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from tests.support.ledger import (

@@ -21,9 +21,9 @@ import orjson
 import pytest
 
 from aipipe.consumers.costs.store import ClickHouseCostStore
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import EXIT_THREAD_DIED
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.deadletter import read_headers
 from aipipe.schemas.events import OperationCompleted, Usage, encode

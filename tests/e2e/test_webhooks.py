@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings, load_settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers.webhooks import WebhookVerificationError, verify_signature
 from aipipe.runner import prepare_topics
 from aipipe.schemas.deadletter import read_headers

@@ -26,13 +26,8 @@ from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.rows import CostRow
 from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
-from aipipe.infra.queryserver import (
-    ENDPOINT_FILE,
-    QueryError,
-    QueryServer,
-    QueryServerError,
-    find_endpoint,
-)
+from aipipe.infra.endpoint import ENDPOINT_FILE, find_endpoint
+from aipipe.infra.queryserver import QueryError, QueryServer, QueryServerError
 from tests.support.rows import cost_row as row
 
 pytestmark = pytest.mark.e2e
@@ -344,8 +339,8 @@ def test_a_reader_reads_the_path_its_url_names(
     chdb_client: Client, tmp_path: Path, database: str
 ) -> None:
     from aipipe.consumers.costs.store import StoreError
-    from aipipe.infra.reader import pipeline_store, serving_endpoint
     from aipipe.infra.settings import Settings
+    from aipipe.reader import pipeline_store, serving_endpoint
 
     with QueryServer(chdb_client, home=tmp_path):
         same = Settings(home=tmp_path, clickhouse_url=f"chdb://{chdb_client.path}",

@@ -26,9 +26,9 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from aipipe.consumers.costs.migrations import migrate
-from aipipe.infra.processes import wait_for
 from aipipe.infra.queryserver import Limits, QueryServer
 from aipipe.infra.settings import Settings
+from aipipe.processes import wait_for
 from aipipe.sqlcmd import SqlError, checked, run_query
 
 pytestmark = pytest.mark.e2e

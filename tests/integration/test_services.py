@@ -21,8 +21,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from pydantic import SecretStr
 
 from aipipe import services
-from aipipe.infra.processes import WorkerProcess, wait_for
 from aipipe.infra.settings import Settings, home_redis_password
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationAdmitted, OperationRequested, decode
 from tests.support.pipeline import consume, produce

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, Message
 
 from aipipe.consumers.costs.store import ClickHouseCostStore
-from aipipe.infra.processes import WorkerProcess, wait_for
-from aipipe.infra.reader import pipeline_store
 from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
+from aipipe.reader import pipeline_store
 from aipipe.schemas.events import Event
 
 
