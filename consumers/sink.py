@@ -4,8 +4,11 @@ Order per batch (at-least-once, made exact by idempotent writes):
   1. poll messages until the batch is full or old enough; a message the projection cannot
      turn into rows (any exception, not only ``EventDecodeError``) goes to the dead-letter
      topic with the reason, and the batch goes on;
-  2. write the batch's rows with a deterministic deduplication token. A failed write is
-     classified (``classify``):
+  2. write the batch's rows with a deterministic deduplication token: the batch's offset
+     ranges and a digest of its messages (``message_digest``), so the same messages
+     always give the same token and a topic deleted and created again under its name,
+     whose offsets start at 0 again, never repeats an old batch's token with new messages.
+     A failed write is classified (``classify``):
        - transient (store unreachable, timeouts, overload): the same rows with the same
          token again after a capped exponential backoff, for as long as it takes; the
          partitions are paused and the consumer keeps polling, so it stays in its group;
@@ -23,6 +26,7 @@ A crash anywhere repeats at most the batch. A projection says how a message beco
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import signal
@@ -65,6 +69,35 @@ class InjectedFault(RuntimeError):
     """An unexpected error raised on purpose by ``FaultPoints`` (``sink_raise``)."""
 
 
+def message_digest(message: Message) -> bytes:
+    """A digest of everything a message's rows can be made of (key, value, headers,
+    timestamp): two messages with the same coordinates and the same digest make the same
+    rows, so deduplicating one against the other loses nothing."""
+    digest = hashlib.blake2b(digest_size=16)
+    headers = message.headers() or []
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    kind, stamp = message.timestamp()
+    fields = [message.key(), message.value(), f"{kind}:{stamp}".encode()]
+    for name, value in pairs:
+        fields += [name.encode(), value]
+    for field_ in fields:
+        if field_ is None:
+            digest.update(b"\xff")
+        else:
+            digest.update(len(field_).to_bytes(8, "big"))
+            digest.update(field_)
+    return digest.digest()
+
+
+def content_digest(digests: Iterable[tuple[tuple[str, int, int], bytes]]) -> str:
+    """One digest of messages' digests, in coordinate order: the part of a token that
+    tells the messages of one incarnation of a topic from another's at the same offsets."""
+    combined = hashlib.blake2b(digest_size=16)
+    for _, digest in sorted(digests):
+        combined.update(digest)
+    return combined.hexdigest()
+
+
 def coordinates(message: Message) -> tuple[str, int, int]:
     """Topic, partition and offset of a consumed (not an error) message."""
     topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -84,6 +117,7 @@ class Entry(Generic[Row]):
     offset: int
     message: Any  # the confluent_kafka Message, kept to dead-letter it at write time
     rows: list[Row]
+    digest: bytes = b""  # message_digest(message)
 
 
 @dataclass
@@ -94,6 +128,7 @@ class Batch:
     dead: int = 0
     first: dict[tuple[str, int], int] = field(default_factory=dict)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    digests: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
     started: float = 0.0
 
     def __len__(self) -> int:
@@ -103,18 +138,22 @@ class Batch:
     def rows(self) -> list[Any]:
         return [row for entry in self.entries for row in entry.rows]
 
-    def track(self, topic: str, partition: int, offset: int, now: float) -> None:
+    def track(self, topic: str, partition: int, offset: int, now: float,
+              digest: bytes = b"") -> None:
         if not self.next_offsets:
             self.started = now
         self.first.setdefault((topic, partition), offset)
         self.next_offsets[(topic, partition)] = offset + 1
+        self.digests[(topic, partition, offset)] = digest
 
     def dedup_token(self) -> str:
-        """The same messages always give the same token, whichever process retries them."""
-        return ";".join(
+        """The same messages always give the same token, whichever process retries them:
+        ``t:0:3-4;t:1:7-9#<digest of the messages>``."""
+        ranges = ";".join(
             f"{t}:{p}:{self.first[(t, p)]}-{n - 1}"
             for (t, p), n in sorted(self.next_offsets.items())
         )
+        return f"{ranges}#{content_digest(self.digests.items())}"
 
     def due(self, max_rows: int, max_seconds: float, now: float) -> bool:
         return bool(self.next_offsets) and (
@@ -122,16 +161,19 @@ class Batch:
         )
 
 
-def ranges_token(coords: Iterable[tuple[str, int, int]]) -> str:
-    """The deduplication token of a part of a batch: per partition, its runs of offsets.
+def ranges_token(messages: Iterable[tuple[str, int, int, bytes]]) -> str:
+    """The deduplication token of a part of a batch, from its messages' coordinates and
+    digests: per partition, its runs of offsets, then the digest of the messages.
 
-    ``t:0:3-4,7-7;t:1:9-9``. It depends only on which messages are in the part, so a part
-    split off the same batch after a crash gets the same token, and ClickHouse drops the
-    repeated insert; a run of a whole batch reads like ``Batch.dedup_token``.
+    ``t:0:3-4,7-7;t:1:9-9#<digest>``. It depends only on which messages are in the part,
+    so a part split off the same batch after a crash gets the same token, and ClickHouse
+    drops the repeated insert; a run of a whole batch reads like ``Batch.dedup_token``.
     """
     by_partition: dict[tuple[str, int], list[int]] = {}
-    for topic, partition, offset in coords:
+    digests: dict[tuple[str, int, int], bytes] = {}
+    for topic, partition, offset, digest in messages:
         by_partition.setdefault((topic, partition), []).append(offset)
+        digests[(topic, partition, offset)] = digest
     parts = []
     for (topic, partition), offsets in sorted(by_partition.items()):
         runs: list[list[int]] = []
@@ -141,7 +183,7 @@ def ranges_token(coords: Iterable[tuple[str, int, int]]) -> str:
             else:
                 runs.append([offset, offset])
         parts.append(f"{topic}:{partition}:" + ",".join(f"{a}-{b}" for a, b in runs))
-    return ";".join(parts)
+    return f"{';'.join(parts)}#{content_digest(digests.items())}"
 
 
 def halves(items: Sequence[T]) -> tuple[Sequence[T], Sequence[T]]:
@@ -486,7 +528,8 @@ class BatchingSink(Generic[Row]):
                 log.warning("kafka_consume_error", error=error.str())
             return
         topic, partition, offset = coordinates(message)
-        self.batch.track(topic, partition, offset, self.clock())
+        digest = message_digest(message)
+        self.batch.track(topic, partition, offset, self.clock(), digest)
         try:
             rows = self.projection.rows(message)
         except EventDecodeError as exc:
@@ -502,7 +545,7 @@ class BatchingSink(Generic[Row]):
             self.dead_letter(message, unreadable_reason(self.stage, exc), type(exc).__name__)
             self.batch.dead += 1
             return
-        self.batch.entries.append(Entry(topic, partition, offset, message, rows))
+        self.batch.entries.append(Entry(topic, partition, offset, message, rows, digest))
 
     def dead_letter(self, message: Message, reason: str, error: str) -> None:
         topic, partition, offset = coordinates(message)
@@ -594,7 +637,8 @@ class BatchingSink(Generic[Row]):
                     error=failure.reason, token=token)
         for part in (left, right):
             self._write_isolating(
-                part, ranges_token((e.topic, e.partition, e.offset) for e in part), can_poll)
+                part, ranges_token((e.topic, e.partition, e.offset, e.digest) for e in part),
+                can_poll)
 
     def _write_retrying(self, rows: Sequence[Row], token: str, can_poll: bool) -> None:
         attempt = 0

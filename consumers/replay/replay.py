@@ -29,7 +29,7 @@ from aipipe.consumers.costs.rows import CostRow, row_from_completed, to_millis
 from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
 from aipipe.consumers.replay.pricefile import price_table_json
 from aipipe.consumers.replay.reprice import RepriceReport, reprice
-from aipipe.consumers.sink import Batch, Entry, coordinates
+from aipipe.consumers.sink import Batch, Entry, coordinates, message_digest
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 from aipipe.schemas.events import OperationCompleted, decode
 from aipipe.schemas.prices import PriceTable
@@ -193,7 +193,8 @@ class Replayer:
                     if p not in ends or offset >= ends[p]:
                         continue
                     done += 1
-                    batch.track(t, p, offset, 0.0)
+                    digest = message_digest(message)
+                    batch.track(t, p, offset, 0.0, digest)
                     row = self._row(message.value(), t, p, offset, manifest)
                     if row is not None:
                         versions.add(row.price_version)
@@ -201,7 +202,7 @@ class Replayer:
                             repriced = reprice(row, self.prices)
                             report.add(row, repriced)
                             row = repriced
-                        batch.entries.append(Entry(t, p, offset, message, [row]))
+                        batch.entries.append(Entry(t, p, offset, message, [row], digest))
                     if offset + 1 >= ends[p]:
                         del ends[p]
                         self.consumer.incremental_unassign([TopicPartition(t, p)])

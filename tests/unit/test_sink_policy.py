@@ -7,6 +7,7 @@ the exceptions are the ones clickhouse-connect and chDB raise, with their real m
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +30,9 @@ from aipipe.consumers.sink import (
     SinkFatalError,
     backoff_delay,
     classify,
+    content_digest,
     halves,
+    message_digest,
     ranges_token,
 )
 from aipipe.schemas.deadletter import read_headers
@@ -74,13 +77,22 @@ def test_halves_split_in_two_and_keep_order() -> None:
 
 
 def test_a_part_token_names_its_offset_runs_and_a_whole_run_reads_like_the_batch_token() -> None:
-    coords = [("t", 1, 9), ("t", 0, 3), ("t", 0, 4), ("t", 0, 7)]
-    assert ranges_token(coords) == "t:0:3-4,7-7;t:1:9-9"
-    assert ranges_token(reversed(coords)) == ranges_token(coords)
+    messages = [("t", 1, 9, b"d"), ("t", 0, 3, b"a"), ("t", 0, 4, b"b"), ("t", 0, 7, b"c")]
+    ranges, digest = ranges_token(messages).split("#")
+    assert ranges == "t:0:3-4,7-7;t:1:9-9"
+    assert digest == content_digest(((t, p, o), d) for t, p, o, d in messages)
+    assert ranges_token(reversed(messages)) == ranges_token(messages)
     batch = Batch()
-    for topic, partition, offset in [("t", 0, 3), ("t", 0, 4), ("t", 1, 9)]:
-        batch.track(topic, partition, offset, now=0.0)
-    assert batch.dedup_token() == ranges_token([("t", 0, 3), ("t", 0, 4), ("t", 1, 9)])
+    for topic, partition, offset, digest_ in messages[1:3] + messages[:1]:
+        batch.track(topic, partition, offset, now=0.0, digest=digest_)
+    assert batch.dedup_token() == ranges_token(messages[1:3] + messages[:1])
+
+
+def test_a_message_digest_covers_what_rows_are_made_of() -> None:
+    one = message_digest(Msg(0, 5, b"v"))  # type: ignore[arg-type]
+    assert one == message_digest(Msg(0, 5, b"v"))  # type: ignore[arg-type]
+    assert one != message_digest(Msg(0, 5, b"w"))  # type: ignore[arg-type]
+    assert one != message_digest(Msg(0, 6, b"v"))  # type: ignore[arg-type]  # its timestamp
 
 
 @pytest.mark.parametrize(
@@ -189,6 +201,9 @@ class Msg:
     def key(self) -> bytes:
         return b"k"
 
+    def timestamp(self) -> tuple[int, int]:
+        return 1, 1_764_000_000_000 + self._offset
+
     def value(self) -> bytes:
         return self._value
 
@@ -251,7 +266,8 @@ class Projection:
 
     def __init__(self, fail: Callable[[Sequence[bytes]], BaseException | None]) -> None:
         self.fail = fail
-        self.attempts: list[str] = []
+        self.tokens: list[str] = []  # as written: offset ranges, then the messages' digest
+        self.attempts: list[str] = []  # the offset ranges of each attempt's token
         self.written: dict[str, list[bytes]] = {}
 
     def rows(self, message: Msg) -> list[bytes]:
@@ -263,11 +279,14 @@ class Projection:
         return [value]
 
     def write(self, rows: Sequence[bytes], dedup_token: str) -> None:
-        self.attempts.append(dedup_token)
+        ranges, digest = dedup_token.split("#")
+        assert re.fullmatch(r"[0-9a-f]{32}", digest)
+        self.tokens.append(dedup_token)
+        self.attempts.append(ranges)
         error = self.fail(rows)
         if error is not None:
             raise error
-        self.written[dedup_token] = list(rows)
+        self.written[ranges] = list(rows)
 
 
 def sink_with(projection: Projection) -> tuple[BatchingSink[bytes], FakeConsumer, FakeProducer,
