@@ -11,9 +11,11 @@ so it transfers across machines where absolute rates do not:
    the raw insert rate of 2.
 
 ``--only`` also picks ``admission``, ``latency``, ``analytics``, ``endpoint`` (the read
-endpoint against chDB in-process: ``tests/bench/endpoint.py``) and ``generation``
+endpoint against chDB in-process: ``tests/bench/endpoint.py``), ``generation``
 (completions/s and in-flight calls at 2 s provider latency, and the per-operation
-overhead: ``tests/bench/generation.py``).
+overhead: ``tests/bench/generation.py``) and ``burst`` (``--burst-count`` pre-produced
+requests, 100,000 by default, through the whole pipeline next to a bare faust copy
+agent: ``tests/bench/burst.py``).
 
 Each side runs best of ``--rounds`` (default 5) in rotating order after a warm-up. The
 CPU ratio column compares items per process-CPU-second, which moves less than wall time
@@ -49,6 +51,7 @@ from aipipe.infra.settings import Settings, load_settings
 from aipipe.infra.topics import ensure_topics
 from tests.bench.admission import admission_figures
 from tests.bench.analytics import bench_analytics
+from tests.bench.burst import bench_burst
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
 from tests.bench.endpoint import DEFAULT_ROWS as ENDPOINT_ROWS
 from tests.bench.endpoint import bench_endpoint
@@ -72,12 +75,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
     parser.add_argument(
         "--only", nargs="+",
-        default=["pipeline", "admission", "latency", "analytics", "endpoint", "generation"],
-        choices=["pipeline", "admission", "latency", "analytics", "endpoint", "generation"],
+        default=["pipeline", "admission", "latency", "analytics", "endpoint", "generation",
+                 "burst"],
+        choices=["pipeline", "admission", "latency", "analytics", "endpoint", "generation",
+                 "burst"],
         help="which parts to run",
     )
     parser.add_argument("--endpoint-rows", type=int, default=ENDPOINT_ROWS,
                         help="cost rows behind the read endpoint's summary queries")
+    parser.add_argument("--generation-count", type=int, default=6000,
+                        help="operations of 2 s in the generation throughput part")
+    parser.add_argument("--generation-cap", type=int, default=2000,
+                        help="AIPIPE_GENERATION_MAX_IN_FLIGHT for the throughput part")
+    parser.add_argument("--burst-count", type=int, default=100_000,
+                        help="requests through the whole pipeline in the burst part")
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--latency-rate", type=float, default=50.0)
     parser.add_argument(
@@ -176,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows=args.analytics_rows, rounds=7,
             )
         if "generation" in args.only:
-            figures += bench_generation(settings, say)
+            figures += bench_generation(settings, say, args.generation_count,
+                                        args.generation_cap)
+        if "burst" in args.only:
+            figures += bench_burst(settings, say, args.burst_count)
         if "endpoint" in args.only:
             figures += bench_endpoint(open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"),
                                       say, rows=args.endpoint_rows, rounds=args.rounds)
