@@ -77,15 +77,16 @@ def message_digest(message: Message) -> bytes:
     headers = message.headers() or []
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
     kind, stamp = message.timestamp()
-    fields = [message.key(), message.value(), f"{kind}:{stamp}".encode()]
+    fields: list[str | bytes | None] = [message.key(), message.value(), f"{kind}:{stamp}"]
     for name, value in pairs:
-        fields += [name.encode(), value]
+        fields += [name, value]
     for field_ in fields:
         if field_ is None:
             digest.update(b"\xff")
         else:
-            digest.update(len(field_).to_bytes(8, "big"))
-            digest.update(field_)
+            data = field_.encode() if isinstance(field_, str) else field_
+            digest.update(len(data).to_bytes(8, "big"))
+            digest.update(data)
     return digest.digest()
 
 

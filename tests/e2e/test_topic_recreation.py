@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient
 
 from aipipe.infra.settings import Settings
@@ -66,8 +66,6 @@ def costs_batches_written(worker: WorkerProcess) -> list[int]:
 
 def topic_ids(admin: AdminClient, topic: str) -> set[str]:
     """The ids of ``topic`` the broker knows: empty while it does not exist."""
-    from confluent_kafka import TopicCollection
-
     try:
         [future] = admin.describe_topics(TopicCollection([topic])).values()
         return {str(future.result(10).topic_id)}
