@@ -1,0 +1,363 @@
+"""``aipipe ui``: a cost analytics page on loopback, and the JSON API behind it.
+
+The page (``static/index.html`` with ``static/ui.js``, plain SVG drawn by that script, no
+CDN) asks two endpoints and redraws without reloading:
+
+- ``GET /api/summary?from=&to=&client=``: spend per day by client, model and operation
+  type (``ai_cost_daily_between``, days of ``requested_at``), totals, budgets with their
+  thresholds (the current period, by ``created_at``, as admission counts), rejections by
+  reason (``events_archive``) and provider errors (failed operations by provider, model
+  and message);
+- ``GET /api/operations?client=&from=&to=``: one client's operations (request id, model,
+  cost, usage and the outputs of its ``operation.completed``).
+
+Every query is parameterized; parameters are checked first and a bad one gets a 400 with
+one sentence. Reads go where ``aipipe sql`` reads (``aipipe.sqlcmd.analyst_session``): the
+running pipeline's authenticated read endpoint, the chDB path opened for the one request
+when no pipeline runs, or the ClickHouse server. Money is sent as exact decimal text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds_reached
+from aipipe.consumers.costs.store import database_name
+from aipipe.infra.settings import Settings
+from aipipe.schemas.errors import AipipeError
+
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_DAYS = 366
+MAX_OPERATIONS = 1000
+Session = Callable[[], AbstractContextManager[Any]]
+
+
+class UiError(AipipeError):
+    """The UI cannot start or serve; one sentence."""
+
+
+class BadParam(ValueError):
+    """A request parameter the API refuses; the message is the sentence the caller sees."""
+
+
+@dataclass(frozen=True)
+class Query:
+    start: date  # first day, inclusive
+    end: date  # last day, inclusive
+    client: str | None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        after = self.end + timedelta(days=1)
+        out: dict[str, Any] = {
+            "start": self.start.isoformat(), "end": after.isoformat(),
+            "t0": f"{self.start.isoformat()} 00:00:00", "t1": f"{after.isoformat()} 00:00:00"}
+        if self.client is not None:
+            out["client"] = self.client
+        return out
+
+
+def _day(value: str | None, name: str, default: date) -> date:
+    if value is None or value == "":
+        return default
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise BadParam(f"'{name}' must be a day as YYYY-MM-DD, such as 2026-11-01; "
+                       f"got {value!r}.") from None
+
+
+def _client(value: str | None, required: bool) -> str | None:
+    if value is None or value == "":
+        if required:
+            raise BadParam("'client' is required: the client whose operations to list.")
+        return None
+    if len(value) > 200 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise BadParam("'client' must be a client id: 1 to 200 characters, no control "
+                       "characters.")
+    return value
+
+
+def parse_query(args: Mapping[str, str], today: date, *, client_required: bool = False,
+                allowed: tuple[str, ...] = ("from", "to", "client")) -> Query:
+    """The checked parameters of an API call (``from``/``to`` days, inclusive; a client)."""
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise BadParam(f"Unknown parameter '{unknown[0]}'; use {', '.join(allowed)}.")
+    end = _day(args.get("to"), "to", today)
+    start = _day(args.get("from"), "from", end - timedelta(days=29))
+    if start > end:
+        raise BadParam(f"'from' ({start}) is after 'to' ({end}); the range is from..to, "
+                       "both days included.")
+    if (end - start).days + 1 > MAX_DAYS:
+        raise BadParam(f"The range from {start} to {end} is longer than {MAX_DAYS} days; "
+                       "choose a shorter one.")
+    return Query(start, end, _client(args.get("client"), client_required))
+
+
+def usd(value: Any) -> str:
+    """Exact decimal text of a money value (no exponent, trailing zeros kept as stored)."""
+    return format(Decimal(value if value is not None else 0), "f")
+
+
+class CostReader:
+    """The page's questions, each one parameterized query through an analyst session."""
+
+    def __init__(self, session: Session, database: str, settings: Settings) -> None:
+        self.session = session
+        self.db = f"`{database_name(database)}`"
+        self.settings = settings
+        # one session at a time: embedded without a pipeline, each opens the chDB path
+        self._lock = threading.Lock()
+
+    def _rows(self, client: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in client.query(sql, parameters=params).result_rows]
+
+    def summary(self, q: Query, now: datetime) -> dict[str, Any]:
+        p = q.params
+        daily = f"{self.db}.ai_cost_daily_between(start = {{start:Date}}, end = {{end:Date}})"
+        only = " WHERE client_id = {client:String}" if q.client else ""
+        also = " AND client_id = {client:String}" if q.client else ""
+        with self._lock, self.session() as client:
+            series = {
+                name: self._rows(client, (
+                    f"SELECT day, {column}, sum(operations), sum(cost_usd) FROM {daily}{only} "
+                    f"GROUP BY day, {column} ORDER BY day, {column}"), p)
+                for name, column in (("by_client", "client_id"), ("by_model", "model"),
+                                     ("by_operation_type", "operation_type"))}
+            [(cost, operations)] = self._rows(
+                client, f"SELECT sum(cost_usd), sum(operations) FROM {daily}{only}", p)
+            rejections = self._rows(client, (
+                "SELECT JSONExtractString(payload, 'reason') AS reason, count() "
+                f"FROM {self.db}.events_archive FINAL "
+                "WHERE event_type = 'operation.rejected' "
+                "AND occurred_at >= {t0:DateTime64(3, 'UTC')} "
+                f"AND occurred_at < {{t1:DateTime64(3, 'UTC')}}{also} "
+                "GROUP BY reason ORDER BY count() DESC, reason"), p)
+            errors = self._rows(client, (
+                "SELECT provider, model, ifNull(error_message, '') AS error, count(), "
+                f"max(created_at) FROM {self.db}.ai_cost_tracking FINAL WHERE NOT success "
+                "AND requested_at >= {t0:DateTime64(3, 'UTC')} "
+                f"AND requested_at < {{t1:DateTime64(3, 'UTC')}}{also} "
+                "GROUP BY provider, model, error ORDER BY count() DESC, provider, model, error"),
+                p)
+            clients = [str(c) for (c,) in self._rows(
+                client, f"SELECT DISTINCT client_id FROM {self.db}.ai_cost_tracking "
+                "ORDER BY client_id LIMIT 10000", {})]
+            budgets = self._budgets(client, q.client, clients, now)
+        days = sorted({_iso(row[0]) for rows in series.values() for row in rows})
+        return {
+            "from": q.start.isoformat(), "to": q.end.isoformat(), "client": q.client,
+            "days": days, "total_usd": usd(cost), "operations": int(operations or 0),
+            **{name: _series(rows) for name, rows in series.items()},
+            "rejections": [{"reason": str(r), "count": int(n)} for r, n in rejections],
+            "provider_errors": [
+                {"provider": str(pr), "model": str(m), "error": str(e), "count": int(n),
+                 "last_at": _iso(at)} for pr, m, e, n, at in errors],
+            "budgets": budgets, "clients": clients, "thresholds": list(THRESHOLDS),
+        }
+
+    def _budgets(self, client: Any, only: str | None, known: list[str],
+                 now: datetime) -> list[dict[str, Any]]:
+        """Each budget (``client_budgets``, else the settings' default for a known client)
+        with the spend of its current period (``created_at``) and the thresholds reached."""
+        where = " WHERE client_id = {client:String}" if only else ""
+        stored = {str(c): (Decimal(a), str(p), "table") for c, a, p in self._rows(
+            client, "SELECT client_id, argMax(amount_usd, set_at), argMax(period, set_at) "
+            f"FROM {self.db}.client_budgets FINAL{where} GROUP BY client_id ORDER BY client_id",
+            {"client": only} if only else {})}
+        default = self.settings.budget_usd
+        if default is not None:
+            for name in ([only] if only else known):
+                stored.setdefault(name, (default, self.settings.budget_period, "settings"))
+        out = []
+        for name, (amount, period, source) in sorted(stored.items()):
+            start, end = period_bounds(period, now)  # type: ignore[arg-type]
+            [(spend,)] = self._rows(
+                client, f"SELECT sum(cost_usd) FROM {self.db}.ai_cost_tracking FINAL "
+                "WHERE client_id = {client:String} AND created_at >= {t0:DateTime64(3, 'UTC')} "
+                "AND created_at < {t1:DateTime64(3, 'UTC')}",
+                {"client": name, "t0": _moment(start), "t1": _moment(end)})
+            spent = Decimal(spend or 0)
+            out.append({
+                "client_id": name, "period": period, "period_start": start.isoformat(),
+                "period_end": end.isoformat(), "budget_usd": usd(amount),
+                "spend_usd": usd(spent), "remaining_usd": usd(amount - spent),
+                "used_percent": usd((spent * 100 / amount).quantize(Decimal("0.1")))
+                if amount else None,
+                "thresholds_reached": thresholds_reached(spent, amount),
+                "over_budget": spent >= amount, "source": source})
+        return out
+
+    def operations(self, q: Query) -> dict[str, Any]:
+        p = {**q.params, "limit": MAX_OPERATIONS + 1}
+        with self._lock, self.session() as client:
+            rows = self._rows(client, (
+                "SELECT c.requested_at, c.request_id, c.operation_id, c.operation_type, "
+                "c.provider, c.model, c.success, c.cost_usd, c.input_tokens, c.output_tokens, "
+                "c.image_count, c.video_duration_seconds, ifNull(c.error_message, ''), "
+                "ifNull(o.outputs, '[]') "
+                f"FROM {self.db}.ai_cost_tracking AS c FINAL "
+                "LEFT JOIN (SELECT operation_id, argMax(JSONExtractRaw(payload, 'outputs'), "
+                f"occurred_at) AS outputs FROM {self.db}.events_archive FINAL "
+                "WHERE event_type = 'operation.completed' AND client_id = {client:String} "
+                "GROUP BY operation_id) AS o ON o.operation_id = c.operation_id "
+                "WHERE c.client_id = {client:String} "
+                "AND c.requested_at >= {t0:DateTime64(3, 'UTC')} "
+                "AND c.requested_at < {t1:DateTime64(3, 'UTC')} "
+                "ORDER BY c.requested_at DESC, c.operation_id LIMIT {limit:UInt32}"), p)
+            [(count, cost)] = self._rows(client, (
+                f"SELECT count(), sum(cost_usd) FROM {self.db}.ai_cost_tracking FINAL "
+                "WHERE client_id = {client:String} "
+                "AND requested_at >= {t0:DateTime64(3, 'UTC')} "
+                "AND requested_at < {t1:DateTime64(3, 'UTC')}"), p)
+        return {
+            "client": q.client, "from": q.start.isoformat(), "to": q.end.isoformat(),
+            "count": int(count), "total_usd": usd(cost),
+            "truncated": len(rows) > MAX_OPERATIONS,
+            "operations": [_operation(r) for r in rows[:MAX_OPERATIONS]],
+        }
+
+
+def _operation(row: tuple[Any, ...]) -> dict[str, Any]:
+    (at, request_id, operation_id, kind, provider, model, success, cost, tokens_in,
+     tokens_out, images, video_seconds, error, outputs) = row
+    try:
+        listed = json.loads(outputs) or []
+    except ValueError:
+        listed = []
+    return {
+        "requested_at": _iso(at), "request_id": request_id, "operation_id": operation_id,
+        "operation_type": kind, "provider": provider, "model": model, "success": bool(success),
+        "cost_usd": usd(cost), "input_tokens": tokens_in, "output_tokens": tokens_out,
+        "image_count": images,
+        "video_seconds": None if video_seconds is None else usd(video_seconds),
+        "error": error,
+        "outputs": [{"uri": str(o.get("uri", "")), "mime_type": str(o.get("mime_type", ""))}
+                    for o in listed if isinstance(o, dict)],
+    }
+
+
+def _series(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """``[{name, total_usd, operations, days: {day: usd}}]``, most spent first."""
+    out: dict[str, dict[str, Any]] = {}
+    for day, name, operations, cost in rows:
+        entry = out.setdefault(str(name), {"name": str(name), "total": Decimal(0),
+                                           "operations": 0, "days": {}})
+        entry["total"] += Decimal(cost)
+        entry["operations"] += int(operations)
+        entry["days"][_iso(day)] = usd(cost)
+    ordered = sorted(out.values(), key=lambda e: (-e["total"], e["name"]))
+    return [{"name": e["name"], "total_usd": usd(e.pop("total")),
+             "operations": e["operations"], "days": e["days"]} for e in ordered]
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    return value.isoformat() if isinstance(value, date) else str(value)
+
+
+def _moment(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def create_app(reader: CostReader, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+               allowed_hosts: list[str] | None = None) -> Starlette:
+    """The page, its script and the JSON API over ``reader``."""
+
+    def answer(call: Callable[[], dict[str, Any]]) -> Response:
+        try:
+            return JSONResponse(call())
+        except BadParam as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except Exception as exc:  # ClickHouse or the read path: one sentence, 502
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return JSONResponse({"error": f"ClickHouse could not answer: {first}"},
+                                status_code=502)
+
+    def summary(request: Request) -> Response:
+        return answer(lambda: reader.summary(
+            parse_query(request.query_params, clock().date()), clock()))
+
+    def operations(request: Request) -> Response:
+        return answer(lambda: reader.operations(
+            parse_query(request.query_params, clock().date(), client_required=True)))
+
+    def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=_HEADERS)
+
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] \
+        if allowed_hosts else []
+    return Starlette(routes=[
+        Route("/", index),
+        Route("/api/summary", summary),
+        Route("/api/operations", operations),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ], middleware=middleware)
+
+
+#: the page runs only its own script and styles: nothing from elsewhere
+_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def reader_for(settings: Settings) -> CostReader:
+    from aipipe.sqlcmd import analyst_session
+
+    return CostReader(lambda: analyst_session(settings), settings.clickhouse_database, settings)
+
+
+def bind(host: str, port: int) -> Any:
+    """A listening socket on ``host:port`` (0: any free port), or ``UiError``."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UiError(f"aipipe ui cannot listen on {host}:{port} ({exc.strerror}); choose "
+                      "another --port, or 0 for any free one.") from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, host: str, port: int,
+          announce: Callable[[str], None]) -> None:
+    """Serve the UI until interrupted; ``announce`` gets its URL once it listens."""
+    import uvicorn
+
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{bound}/"
+    hosts = None
+    if host in LOOPBACK:  # a page on loopback answers loopback names only (DNS rebinding)
+        hosts = ["127.0.0.1", "localhost", "[::1]", "::1"]
+    app = create_app(reader_for(settings), allowed_hosts=hosts)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           lifespan="off"))
+    announce(url)
+    server.run(sockets=[sock])
+
