@@ -20,6 +20,7 @@ when no pipeline runs, or the ClickHouse server. Money is sent as exact decimal 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -29,6 +30,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -41,6 +43,7 @@ from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds
 from aipipe.consumers.costs.store import database_name
 from aipipe.infra.settings import Settings
 from aipipe.schemas.errors import AipipeError
+from aipipe.sqlcmd import analyst_session
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -320,15 +323,11 @@ _HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:
 
 
 def reader_for(settings: Settings) -> CostReader:
-    from aipipe.sqlcmd import analyst_session
-
     return CostReader(lambda: analyst_session(settings), settings.clickhouse_database, settings)
 
 
-def bind(host: str, port: int) -> Any:
+def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0: any free port), or ``UiError``."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -346,8 +345,6 @@ def bind(host: str, port: int) -> Any:
 def serve(settings: Settings, host: str, port: int,
           announce: Callable[[str], None]) -> None:
     """Serve the UI until interrupted; ``announce`` gets its URL once it listens."""
-    import uvicorn
-
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
