@@ -186,6 +186,14 @@ INVALID = [
          "go": "field 'params': got array, want object"},
         id="params-not-an-object",
     ),
+    pytest.param(  # the pattern lets it through: format: date-time must be asserted
+        {"occurred-at": "2026-02-30T12:00:00Z"},
+        {"java": "field 'occurred_at': does not match the date-time pattern "
+                 "must be a valid RFC 3339 date-time",
+         "go": "field 'occurred_at': '2026-02-30T12:00:00Z' is not valid date-time: invalid "
+               'date element: parsing time "2026-02-30": day out of range'},
+        id="february-30",
+    ),
 ]
 
 

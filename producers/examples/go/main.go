@@ -39,9 +39,9 @@ const (
 )
 
 type options struct {
-	clientID, model, topic, bootstrap, schemas string
-	operationType, provider, params            string
-	count                                      int
+	clientID, model, topic, bootstrap, schemas  string
+	operationType, provider, params, occurredAt string
+	count                                       int
 }
 
 // invalidEvent is an event the schema refuses, or a command line that cannot make one.
@@ -62,6 +62,7 @@ func parseOptions(args []string) (options, error) {
 	fs.StringVar(&o.operationType, "operation-type", "image_generation", "image_generation, video_generation or text_generation")
 	fs.StringVar(&o.provider, "provider", "simulated", "provider name")
 	fs.StringVar(&o.params, "params", `{"prompt": "a red chair on a white floor"}`, "params as a JSON object")
+	fs.StringVar(&o.occurredAt, "occurred-at", "", "RFC 3339 time in UTC (default: now)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -175,11 +176,15 @@ func ecmaRegexp(pattern string) (jsonschema.Regexp, error) {
 // newEvent builds one event with a fresh event_id, kept for every retry of this event by
 // the idempotent producer.
 func newEvent(o options, params any) map[string]any {
+	occurredAt := o.occurredAt
+	if occurredAt == "" {
+		occurredAt = time.Now().UTC().Format(rfc3339Micros)
+	}
 	return map[string]any{
 		"event_id":       uuid.NewString(),
 		"event_type":     eventType,
 		"schema_version": 1,
-		"occurred_at":    time.Now().UTC().Format(rfc3339Micros),
+		"occurred_at":    occurredAt,
 		"request_id":     "go-" + uuid.NewString(),
 		"client_id":      o.clientID,
 		"operation_type": o.operationType,

@@ -63,7 +63,8 @@ public final class RequestProducer {
 
     record Options(
             String clientId, String model, int count, String topic, String bootstrap,
-            Path schemaDir, String operationType, String provider, String params) {
+            Path schemaDir, String operationType, String provider, String params,
+            String occurredAt) {
 
         static Options parse(String[] args) throws InvalidEvent {
             Map<String, String> values = new HashMap<>();
@@ -93,7 +94,8 @@ public final class RequestProducer {
                     Path.of(values.get("schemas")),
                     values.getOrDefault("operation-type", "image_generation"),
                     values.getOrDefault("provider", "simulated"),
-                    values.getOrDefault("params", "{\"prompt\": \"a red chair on a white floor\"}"));
+                    values.getOrDefault("params", "{\"prompt\": \"a red chair on a white floor\"}"),
+                    values.get("occurred-at"));
         }
     }
 
@@ -101,7 +103,7 @@ public final class RequestProducer {
             "usage: java -jar aipipe-producer.jar --client-id ID --model MODEL --count N",
             "         --topic TOPIC --schemas DIR [--bootstrap HOST:PORT]",
             "         [--operation-type image_generation|video_generation|text_generation]",
-            "         [--provider NAME] [--params JSON]",
+            "         [--provider NAME] [--params JSON] [--occurred-at RFC3339-UTC (default: now)]",
             "DIR holds the files `aipipe schemas export DIR` writes.");
 
     public static void main(String[] args) {
@@ -165,7 +167,8 @@ public final class RequestProducer {
         event.put("event_id", UUID.randomUUID().toString());
         event.put("event_type", EVENT_TYPE);
         event.put("schema_version", 1);
-        event.put("occurred_at", RFC3339_UTC.format(Instant.now()));
+        event.put("occurred_at", options.occurredAt() != null
+                ? options.occurredAt() : RFC3339_UTC.format(Instant.now()));
         event.put("request_id", "java-" + UUID.randomUUID());
         event.put("client_id", options.clientId());
         event.put("operation_type", options.operationType());
