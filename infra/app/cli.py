@@ -506,7 +506,7 @@ def topics_create(ctx: _Context) -> None:
 EXTRAS = {
     **dict.fromkeys(
         ("faust", "mode", "redis", "clickhouse_connect", "clickhouse_cityhash", "cramjam",
-         "sentry_sdk", "google", "openai", "httpx2", "fsspec", "rich"),
+         "sentry_sdk", "google", "openai", "httpx2", "fsspec", "rich", "prometheus_client"),
         "workers",
     ),
     "chdb": "embedded",
