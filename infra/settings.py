@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     query_port: int = Field(
         8124, ge=0, le=65535, description="Loopback port of the embedded read endpoint."
     )
+    metrics_port: int = Field(
+        9464, ge=0, le=65535,
+        description="Port of a worker's /metrics, /healthz and /readyz; 0 turns them off.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics port listens on (0.0.0.0 in a container)."
+    )
+    health_stall_seconds: float = Field(
+        120.0, gt=0,
+        description="/healthz fails when a busy part of a worker made no progress for this long.",
+    )
     worker_session_timeout_seconds: float = Field(
         10.0, ge=6, le=1800,  # Kafka's group.min/max.session.timeout.ms defaults
         description="How soon a dead worker's partitions move to another.",

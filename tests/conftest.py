@@ -89,6 +89,7 @@ def settings(services: Services, tmp_path: Path) -> Settings:
         topic_prefix=name,
         partitions=3,
         query_port=0,
+        metrics_port=0,  # a test that scrapes gives its workers their own ports
         sink_batch_size=50,
         sink_batch_seconds=0.3,
         env="production",
