@@ -31,7 +31,9 @@ import faust
 import structlog
 
 from aipipe.consumers.costs.budgets import BudgetStore
+from aipipe.infra import metrics
 from aipipe.infra.logging import bound_event, exit_process, report_exception
+from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.infra.settings import Settings
 from aipipe.producers.producer import headers_for
 from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
@@ -54,6 +56,7 @@ from aipipe.schemas.events import (
 from aipipe.streams.admission.decide import undecidable
 from aipipe.streams.admission.gate import AdmissionGate, Decided, build_gate
 from aipipe.streams.consumer import use_safe_seek_consumer
+from aipipe.streams.faults import StallPoints
 from aipipe.streams.generation import AIProvider, Generation
 from aipipe.streams.generation.guard import ProviderGuard
 from aipipe.streams.generation.polling import DueVideos, pending_after
@@ -85,8 +88,9 @@ def default_deps(
 
 def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     topics = settings.topics
+    group = f"{settings.topic_prefix}-streams"
     app = faust.App(
-        f"{settings.topic_prefix}-streams",
+        group,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         web_enabled=False,
@@ -114,16 +118,19 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     started_operations = app.Table("started-operations", default=None,
                                    partitions=settings.partitions)
 
-    async def emit(topic: Any, event: Event) -> Awaitable[Any]:
+    async def emit(topic: Any, event: Event, stage: str) -> Awaitable[Any]:
         """Send ``event``; the returned future resolves when the broker has it."""
         key, value = event.client_id.encode(), encode(event)
-        return await topic.send(key=key, value=value, headers=headers_for(event))  # type: ignore[no-any-return]
+        sent = await topic.send(key=key, value=value, headers=headers_for(event))
+        metrics.EVENTS_PRODUCED.labels(stage, getattr(event, "event_type", "")).inc()
+        return sent  # type: ignore[no-any-return]
 
     async def dead_letter(message: Any, stage: str, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)
         log.warning("event_dead_lettered", stage=stage, reason=reason, topic=message.topic,
                     partition=message.partition, offset=message.offset)
         value, cut = deadletter_value(message.value)
+        metrics.DEAD_LETTERS.labels(stage).inc()
         await deadletter.send(
             key=message.key[:1024] if message.key else message.key,
             value=value,
@@ -155,7 +162,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     gate = build_gate(settings, deps.open_budget_store)
     budgets_topic = raw_topic(topics.budgets)
-    admission_intake = Intake(maxsize=settings.admission_batch_size * 4)
+    admission_intake = Intake(maxsize=settings.admission_batch_size * 4, name="admission-agent")
+    faults = StallPoints(settings.fault)
 
     @app.agent(requested, name="admission")
     async def admission(stream: Any) -> None:
@@ -163,6 +171,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     async def admit(events: list[Any]) -> None:
         """Decide one batch: every request that decodes gets exactly one decision."""
+        metrics.EVENTS_CONSUMED.labels("admission").inc(len(events))
+        await faults.reached("admission_stall")
         requests, carriers = [], []
         for event in events:
             request = await decoded(event.message, "admission", OperationRequested)
@@ -175,11 +185,16 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             return
         result = await decide_each_once(gate, requests, deps.clock)
         for notice in result.notices:
-            await emit(budgets_topic, notice)
+            await emit(budgets_topic, notice, "admission")
+            metrics.BUDGET_THRESHOLDS.labels(str(notice.threshold_percent)).inc()
         sent = []
         for decision in result.decisions:
             out = admitted if isinstance(decision, OperationAdmitted) else rejected
-            sent.append(await emit(out, decision))
+            sent.append(await emit(out, decision, "admission"))
+            metrics.DECISIONS.labels(
+                "admitted" if out is admitted else "rejected",
+                decision.reason if isinstance(decision, OperationRejected) else "admitted",
+                decision.backend).inc()
             if isinstance(decision, OperationRejected) and decision.reason != "rate_limited":
                 log.info("operation_rejected", reason=decision.reason, detail=decision.detail,
                          request_id=decision.request_id, client_id=decision.client_id)
@@ -196,14 +211,17 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         # one limiter round trip per batch (see streams/admission/gate.py)
         size, within = settings.admission_batch_size, settings.admission_batch_seconds
         while True:
-            await admit(await admission_intake.batch(size, within))
+            HEALTH.idle("admission")
+            events = await admission_intake.batch(size, within)
+            with HEALTH.working("admission"):
+                await admit(events)
 
     generator = Generation(
         deps.providers, deps.guard or guard_from_settings(settings), poll_schedule(settings),
         deps.clock, report_exception,
     )
     in_flight = settings.generation_max_in_flight
-    generation_intake = Intake(maxsize=in_flight)
+    generation_intake = Intake(maxsize=in_flight, name="generation-agent")
 
     @app.agent(admitted, name="generation")
     async def generation(stream: Any) -> None:
@@ -228,7 +246,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 model=operation.model, attempt=before,
                 reason="The worker stopped during this attempt; the provider may have done "
                        "and billed it, and only the attempt that completes is costed.",
-            ))
+            ), "generation")
         attempt = before + 1
         started_operations.data[operation.operation_id] = attempt
         # on the broker before the call: a crash during the call must find this record
@@ -245,15 +263,18 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         rebalance fetches it again) waits for the run in progress instead of starting
         another attempt.
         """
+        metrics.EVENTS_CONSUMED.labels("generation").inc()
         operation = await decoded(event.message, "generation", OperationAdmitted)
         if operation is not None and operation.operation_id in running_operations:
             await asyncio.shield(running_operations[operation.operation_id])
         elif operation is not None and not done_operations[operation.operation_id]:
             running = running_operations[operation.operation_id] = \
                 asyncio.get_running_loop().create_future()
+            metrics.OPERATIONS_IN_FLIGHT.inc()
             try:
                 await run_operation(event, operation)
             finally:
+                metrics.OPERATIONS_IN_FLIGHT.dec()
                 del running_operations[operation.operation_id]
                 running.set_result(None)
         acknowledge(event)
@@ -267,7 +288,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             events = [e.model_copy(update={"attempt": attempt})
                       if isinstance(e, OperationCompleted) else e
                       for e in await generator.run(operation)]
-            sent = await emit_generated(events)
+            sent = await emit_generated(events, "generation")
             # done only once the broker has its events (see admit)
             await asyncio.gather(*sent)
         # the generation step is done (for a video: started, never started again)
@@ -288,8 +309,10 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 exit_process("generation", task.exception())  # type: ignore[arg-type]
 
         while True:
+            HEALTH.idle("generation")
             event = await generation_intake.one()
-            await slots.acquire()
+            with HEALTH.working("generation"):  # waits for a slot: every one may be stuck
+                await slots.acquire()
             task = asyncio.ensure_future(generate(event))
             running.add(task)
             task.add_done_callback(finished)
@@ -329,13 +352,15 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             else providers_topic
 
     async def emit_generated(
-        events: list[Event], confirm_completed: bool = False
+        events: list[Event], stage: str, confirm_completed: bool = False
     ) -> list[Awaitable[Any]]:
         """Send ``events`` in order; the futures resolve when the broker has each."""
         sent = []
         for event in events:
-            sent.append(await emit(topic_for(event), event))
+            sent.append(await emit(topic_for(event), event, stage))
             if isinstance(event, OperationCompleted):
+                metrics.OPERATIONS_COMPLETED.labels(event.operation_type,
+                                                    str(event.success).lower()).inc()
                 if confirm_completed:  # acked before the final video.polled that follows
                     await sent[-1]
                 log.info("ai_operation", operation_type=event.operation_type, model=event.model,
@@ -346,6 +371,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     async def track_video(item: Any) -> None:
         """Keep ``pending-videos`` in step with one event of the polls topic."""
+        metrics.EVENTS_CONSUMED.labels("video-polls").inc()
         event = await decoded(item.message, "video-polls", Event)
         if event is None:
             return
@@ -373,11 +399,13 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             try:
                 # never raises for the video: a failure is a failed poll or completion
                 events = await generator.poll(video, attempt)
-                await emit_generated(events, confirm_completed=True)
+                await emit_generated(events, "video-polls", confirm_completed=True)
             except Exception as exc:  # the events could not be sent
                 exit_process("video-poll", exc)
 
     async def run_due_polls() -> None:
+        HEALTH.beat("video-poll-timer")
+        metrics.VIDEO_POLLS_PENDING.set(len(pending_videos))
         if app.rebalancing or app.in_recovery:
             return
         actives = {tp.partition for tp in app.assignor.assigned_actives()
@@ -399,6 +427,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         Fetching them again is safe: every effect is idempotent by ``event_id``.
         """
         consumer: Any = app.consumer
+        HEALTH.beat("stall-refetch")
         if app.rebalancing or app.in_recovery:
             return
         now, wait = time.monotonic(), settings.stall_refetch_seconds
@@ -424,6 +453,33 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     app.timer(interval=max(1.0, settings.stall_refetch_seconds / 4), name="stall-refetch")(
         supervised("stall-refetch", refetch_if_stalled))
 
+    lag = LagGauge(group)
+    sources = {topics.requested, topics.admitted, topics.video_polls}
+    HEALTH.set_ready("partitions_assigned", False)
+    HEALTH.set_ready("tables_recovered", False)
+
+    async def observe() -> None:
+        """Readiness and lag, from the event loop: faust's consumer is not for other threads.
+
+        Ready once this worker holds partitions and its tables are recovered; the lag
+        (``aipipe_consumer_lag_messages``) of the source partitions it holds every 5 s.
+        """
+        HEALTH.beat("observer")
+        consumer: Any = app.consumer
+        settled = not (app.rebalancing or app.in_recovery)
+        held = consumer.assignment()
+        HEALTH.set_ready("partitions_assigned", bool(held))
+        HEALTH.set_ready("tables_recovered", settled and bool(held)
+                         and app.tables.recovery.completed.is_set())  # type: ignore[attr-defined]
+        if not settled or time.monotonic() - lag.measured_at < 5.0:
+            return
+        held = [tp for tp in held if tp.topic in sources]
+        highs = await consumer.highwaters(*held) if held else {}
+        lag.update({(tp.topic, tp.partition):
+                    highs[tp] - (consumer._committed_offset.get(tp) or 0)
+                    for tp in held if highs.get(tp) is not None})
+
+    app.timer(interval=1.0, name="observer")(supervised("observer", observe))
     return app
 
 

@@ -23,19 +23,25 @@ from typing import Any
 
 from faust.streams import _current_event as current_event_var
 
+from aipipe.infra.metrics import HEALTH
+
 
 class Intake:
     """A bounded queue between a faust agent and the task that handles its events."""
 
-    def __init__(self, maxsize: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, maxsize: int, clock: Callable[[], float] = time.monotonic,
+                 name: str = "intake") -> None:
+        self.name = name  # the agent's part in /healthz: stalled while a put waits too long
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.clock = clock
         self.fed_at = clock()  # when the agent last handed over an event
 
     async def feed(self, stream: Any) -> None:
         """The agent's body: every event into the queue, none acknowledged here."""
+        HEALTH.idle(self.name)
         async for event in stream.noack().events():
-            await self.queue.put(event)
+            with HEALTH.working(self.name):
+                await self.queue.put(event)
             self.fed_at = self.clock()
 
     async def batch(self, size: int, within: float) -> list[Any]:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from aipipe.infra import metrics
 from aipipe.streams.generation.backoff import retry_delay
 from aipipe.streams.generation.breaker import (
     CLOSED,
@@ -108,10 +109,14 @@ class ProviderGuard:
         """The circuit is open (calls fail fast), whether or not its cool-down has passed."""
         return self.state(provider, model).status != "closed"
 
+    def _store(self, provider: str, model: str, state: BreakerState) -> None:
+        self.states[(provider, model)] = state
+        metrics.CIRCUIT_STATE.labels(provider, model).set(metrics.CIRCUIT_VALUES[state.status])
+
     def _set(self, out: Guarded[T], provider: str, model: str, new: BreakerState,
              reason: str) -> None:
         old = self.state(provider, model)
-        self.states[(provider, model)] = new
+        self._store(provider, model, new)
         if old.status != new.status and new.status != "half_open":
             out.transitions.append(Transition(
                 provider, model, old.status, new.status, len(new.failures), self.clock(),
@@ -125,15 +130,22 @@ class ProviderGuard:
         for attempt in range(1, self.retry.attempts + 1):
             before = self.state(provider, model)
             allowed, state = before_call(before, self.breaker, self.clock())
-            self.states[(provider, model)] = state
+            self._store(provider, model, state)
             if not allowed:
                 out.error = CircuitOpenError(provider, model)
+                metrics.PROVIDER_CALLS.labels(provider, model, "circuit_open").inc()
                 return out
             trial = state.trial_in_flight and not before.trial_in_flight  # this call is it
             out.attempts = attempt
+            started = time.monotonic()
             try:
-                out.value = await fn()
+                try:
+                    out.value = await fn()
+                finally:
+                    metrics.PROVIDER_LATENCY.labels(provider, model).observe(
+                        time.monotonic() - started)
             except ProviderError as exc:
+                observe_failure(provider, model, exc)
                 out.error = exc
                 if not exc.retryable:
                     if trial:
@@ -149,10 +161,19 @@ class ProviderGuard:
                 await self.sleep(delay)
             except BaseException:  # not the provider's answer, cancellation included
                 if trial:
-                    self.states[(provider, model)] = on_neutral(self.state(provider, model))
+                    self._store(provider, model, on_neutral(self.state(provider, model)))
                 raise
             else:
+                metrics.PROVIDER_CALLS.labels(provider, model, "ok").inc()
                 out.error = None
                 self._set(out, provider, model, on_success(self.state(provider, model)), "ok")
                 return out
         return out
+
+
+def observe_failure(provider: str, model: str, exc: ProviderError) -> None:
+    """Count a failed attempt: by whether it is retried, and by HTTP status class."""
+    metrics.PROVIDER_CALLS.labels(
+        provider, model, "retryable" if exc.retryable else "permanent").inc()
+    status = f"{exc.status // 100}xx" if exc.status else "none"
+    metrics.PROVIDER_ERRORS.labels(provider, model, status).inc()
