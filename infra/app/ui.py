@@ -13,16 +13,22 @@ CDN) asks two endpoints and redraws without reloading:
 
 Every query is parameterized; parameters are checked first and a bad one gets a 400 with
 one sentence. Reads go where ``aipipe sql`` reads (``aipipe.sqlcmd.analyst_session``): the
-running pipeline's authenticated read endpoint, the chDB path opened for the one request
-when no pipeline runs, or the ClickHouse server. Money is sent as exact decimal text.
+running pipeline's authenticated read endpoint, or the ClickHouse server. When no pipeline
+serves the configured chDB path, each refresh opens it in a child process that exits after
+answering: a process that has opened a chDB path keeps it until it exits, and a pipeline
+started while the page is up must be able to take the path. Money is sent as exact
+decimal text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -41,9 +47,11 @@ from starlette.staticfiles import StaticFiles
 
 from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds_reached
 from aipipe.consumers.costs.store import database_name
+from aipipe.infra.logging import configure_logging
 from aipipe.infra.settings import Settings
+from aipipe.reader import endpoint_client, serving_endpoint
 from aipipe.schemas.errors import AipipeError
-from aipipe.sqlcmd import analyst_session
+from aipipe.sqlcmd import analyst_client, analyst_session
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -282,9 +290,11 @@ def _moment(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def create_app(reader: CostReader, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+def create_app(reads: Callable[..., dict[str, Any]],
+               clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                allowed_hosts: list[str] | None = None) -> Starlette:
-    """The page, its script and the JSON API over ``reader``."""
+    """The page, its script and the JSON API; ``reads(method, *args)`` answers with a
+    ``CostReader`` method."""
 
     def answer(call: Callable[[], dict[str, Any]]) -> Response:
         try:
@@ -297,12 +307,13 @@ def create_app(reader: CostReader, clock: Callable[[], datetime] = lambda: datet
                                 status_code=502)
 
     def summary(request: Request) -> Response:
-        return answer(lambda: reader.summary(
-            parse_query(request.query_params, clock().date()), clock()))
+        return answer(lambda: reads(
+            "summary", parse_query(request.query_params, clock().date()), clock()))
 
     def operations(request: Request) -> Response:
-        return answer(lambda: reader.operations(
-            parse_query(request.query_params, clock().date(), client_required=True)))
+        return answer(lambda: reads(
+            "operations", parse_query(request.query_params, clock().date(),
+                                      client_required=True)))
 
     def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=_HEADERS)
@@ -324,6 +335,53 @@ _HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:
 
 def reader_for(settings: Settings) -> CostReader:
     return CostReader(lambda: analyst_session(settings), settings.clickhouse_database, settings)
+
+
+@contextlib.contextmanager
+def _served(settings: Settings) -> Iterator[Any]:
+    """A client on the server or the pipeline's endpoint, as ``aipipe sql`` gets it; never
+    the chDB path itself (this process would keep it)."""
+    if not settings.embedded:
+        yield analyst_client(settings)
+        return
+    endpoint = serving_endpoint(settings)
+    if endpoint is None:
+        raise UiError("The pipeline's read endpoint stopped while answering; refresh to "
+                      "read the chDB path directly.")
+    yield endpoint_client(endpoint, settings.clickhouse_database)
+
+
+class Reads:
+    """Where each request is answered: here, through the pipeline's endpoint or the server;
+    in a one-shot child process when the chDB path is not served (see the module's note)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.reader = CostReader(lambda: _served(settings), settings.clickhouse_database,
+                                 settings)
+        self._child = threading.Lock()  # one child (one opener of the path) at a time
+
+    def __call__(self, method: str, *args: Any) -> dict[str, Any]:
+        if self.settings.embedded and serving_endpoint(self.settings) is None:
+            with self._child, ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    max_tasks_per_child=1) as pool:
+                answer: dict[str, Any] = pool.submit(
+                    _in_child, self.settings, method, args).result()
+                return answer
+        result: dict[str, Any] = getattr(self.reader, method)(*args)
+        return result
+
+
+def _in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """One read in a fresh process, which opens the chDB path and exits, releasing it."""
+    configure_logging(settings.model_copy(update={"log_level": "warning"}))
+    try:
+        result: dict[str, Any] = getattr(reader_for(settings), method)(*args)
+    except Exception as exc:  # the parent gets the sentence, not an unpicklable error
+        raise UiError(str(exc).strip().splitlines()[0] if str(exc).strip()
+                      else type(exc).__name__) from None
+    return result
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -352,7 +410,7 @@ def serve(settings: Settings, host: str, port: int,
     hosts = None
     if host in LOOPBACK:  # a page on loopback answers loopback names only (DNS rebinding)
         hosts = ["127.0.0.1", "localhost", "[::1]", "::1"]
-    app = create_app(reader_for(settings), allowed_hosts=hosts)
+    app = create_app(Reads(settings), allowed_hosts=hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            lifespan="off"))
     announce(url)

@@ -10,6 +10,7 @@ client and date filters change, and the drill-down against one client's rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -132,15 +133,22 @@ def ui_url(chdb_client: Client, database: str,
     with QueryServer(chdb_client, home=home) as owner:  # the pipeline's read endpoint
         env = {**os.environ, "AIPIPE_HOME": str(home), "AIPIPE_CLICKHOUSE_DATABASE": database,
                "AIPIPE_CLICKHOUSE_URL": f"chdb://{owner.engine.path}"}
-        env.pop("AIPIPE_BUDGET_USD", None)
-        process = subprocess.Popen([sys.executable, "-m", "aipipe", "ui", "--port", "0"],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
-        try:
-            yield _announced_url(process, timeout=60)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        with running_ui(env) as url:
+            yield url
+
+
+@contextlib.contextmanager
+def running_ui(env: dict[str, str]) -> Iterator[str]:
+    """``aipipe ui --port 0`` in its own process; its URL once it listens."""
+    env.pop("AIPIPE_BUDGET_USD", None)
+    process = subprocess.Popen([sys.executable, "-m", "aipipe", "ui", "--port", "0"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        yield _announced_url(process, timeout=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def _announced_url(process: subprocess.Popen[str], timeout: float) -> str:
@@ -336,3 +344,49 @@ def test_the_page_loads_nothing_from_elsewhere(ui_url: str) -> None:
             "default-src 'self'; img-src 'self' data:"
     assert re.findall(r'(?:src|href)="([^"]+)"', page) == [
         "data:,", "/static/ui.css", "/static/ui.js"]
+
+
+SEED = """
+import sys
+from datetime import UTC, datetime
+import clickhouse_connect
+from aipipe.consumers.costs.migrations import migrate
+from aipipe.consumers.costs.store import ClickHouseCostStore
+from tests.support.rows import cost_row
+client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+migrate(client, "aipipe")
+row = cost_row(sys.argv[2], sys.argv[3], created_at=datetime.now(UTC))
+ClickHouseCostStore(client, "aipipe").write([row], dedup_token=sys.argv[2])
+client.close()
+"""
+
+
+def write_row(path: Path, operation_id: str, cost: str) -> None:
+    """One cost row into the chDB path, by a process of its own (as the pipeline would)."""
+    done = subprocess.run([sys.executable, "-c", SEED, str(path), operation_id, cost],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def summary(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}api/summary", timeout=300) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def test_without_a_pipeline_the_page_reads_the_path_and_lets_go_of_it(tmp_path: Path) -> None:
+    """No endpoint serves the path: each refresh opens it in a child process that exits, so
+    another process (a pipeline starting) can open it while the page is up."""
+    path = tmp_path / "chdb"
+    write_row(path, "alone-1", "1.5")
+    env = {**os.environ, "AIPIPE_HOME": str(tmp_path / "home"),
+           "AIPIPE_CLICKHOUSE_URL": f"chdb://{path}", "AIPIPE_CLICKHOUSE_DATABASE": "aipipe"}
+    with running_ui(env) as url:
+        first = summary(url)
+        assert (Decimal(first["total_usd"]), first["operations"]) == (Decimal("1.5"), 1)
+        write_row(path, "alone-2", "2.25")  # fails if the page's process kept the path
+        second = summary(url)
+        assert (Decimal(second["total_usd"]), second["operations"]) == (Decimal("3.75"), 2)
+        assert [(c["name"], c["total_usd"]) for c in second["by_client"]] == [
+            ("acme", "3.750000000")]
