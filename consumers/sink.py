@@ -43,6 +43,8 @@ from clickhouse_connect.driver.exceptions import Error as ClickHouseDriverError
 from clickhouse_connect.driver.exceptions import OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from aipipe.infra import metrics
+from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.producers.producer import EventProducer
 from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
 from aipipe.schemas.errors import AipipeError, EventDecodeError
@@ -452,6 +454,10 @@ class BatchingSink(Generic[Row]):
         ``consumer`` and ``deadletters`` replace the Kafka clients built from ``bootstrap``
         (unit tests)."""
         self.topics = list(topics)
+        self.group_id = group_id
+        self._assigned = False  # for /readyz, read from the sink's thread every 5 s
+        self._lag = LagGauge(group_id)
+        self._lag_at = 0.0
         self.deadletter_topic = deadletter_topic
         self.projection = projection
         self.max_rows = max_rows
@@ -501,8 +507,10 @@ class BatchingSink(Generic[Row]):
         self.stop = stop
         self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
         log.info("sink_started", stage=self.stage, topics=self.topics)
+        self._observe_health()
         try:
             while not stop.is_set():
+                self._observe()
                 if self.held:
                     messages, self.held = self.held, []
                 else:
@@ -516,8 +524,36 @@ class BatchingSink(Generic[Row]):
             self._failed = True  # closing must not flush again into a broken store
             raise
         finally:
+            if stop.is_set():
+                HEALTH.forget(self.part)
             self.consumer.close()
             self.deadletters.close()
+
+    @property
+    def part(self) -> str:
+        """This sink's thread in ``/healthz``."""
+        return f"sink-{self.stage}"
+
+    def _observe_health(self) -> None:
+        HEALTH.beat(self.part)
+        HEALTH.set_ready(f"{self.stage}_store_reachable", True)  # migrated at start
+        HEALTH.ready_when(f"{self.stage}_partitions_assigned", lambda: self._assigned)
+
+    def _observe(self) -> None:
+        """A heartbeat per loop (a poll waits 0.2 s at most), the lag every 5 s."""
+        HEALTH.beat(self.part)
+        now = time.monotonic()
+        if now - self._lag_at < 5.0:
+            return
+        self._lag_at = now
+        held = self.consumer.assignment()
+        self._assigned = bool(held)
+        lags = {}
+        for tp in self.consumer.position(held) if held else []:
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                lags[(tp.topic, tp.partition)] = high - tp.offset
+        self._lag.update(lags)
 
     def add(self, message: Message) -> None:
         error = message.error()
@@ -528,6 +564,7 @@ class BatchingSink(Generic[Row]):
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("kafka_consume_error", error=error.str())
             return
+        metrics.EVENTS_CONSUMED.labels(self.stage).inc()
         topic, partition, offset = coordinates(message)
         digest = message_digest(message)
         self.batch.track(topic, partition, offset, self.clock(), digest)
@@ -557,6 +594,7 @@ class BatchingSink(Generic[Row]):
             return
         log.warning("event_dead_lettered", stage=stage, reason=reason,
                     topic=topic, partition=partition, offset=offset)
+        metrics.DEAD_LETTERS.labels(stage).inc()
         value, cut = deadletter_value(message.value())  # a dead letter always fits
         headers = message.headers() or []
         original = list(headers.items()) if isinstance(headers, dict) else headers
@@ -581,6 +619,7 @@ class BatchingSink(Generic[Row]):
         if not batch.next_offsets:
             return
         self.faults.reached("sink_raise")
+        started = time.monotonic()
         self._flushing, self._revoked = True, False
         self._dead_in_flush = self._rejected_rows = 0
         try:
@@ -599,6 +638,9 @@ class BatchingSink(Generic[Row]):
         dead = batch.dead + self._dead_in_flush
         rows = sum(len(e.rows) for e in batch.entries) - self._rejected_rows
         self.written += rows
+        metrics.SINK_BATCHES.labels(self.stage).inc()
+        metrics.SINK_ROWS.labels(self.stage).inc(rows)
+        metrics.SINK_BATCH_SECONDS.labels(self.stage).observe(time.monotonic() - started)
         log.info("sink_batch_written", stage=self.stage, rows=rows, dead_letters=dead,
                  total=self.written)
 
@@ -646,6 +688,8 @@ class BatchingSink(Generic[Row]):
         while True:
             try:
                 self._write(rows, token)
+                if attempt:
+                    HEALTH.set_ready(f"{self.stage}_store_reachable", True)
                 return
             except Exception as exc:
                 failure = classify(exc)
@@ -657,6 +701,8 @@ class BatchingSink(Generic[Row]):
                         f"({failure.reason.rstrip('.')}); the process must restart."
                     ) from exc
                 attempt += 1
+                metrics.SINK_RETRIES.labels(self.stage).inc()
+                HEALTH.set_ready(f"{self.stage}_store_reachable", False)
                 delay = backoff_delay(attempt, self.retry_base_seconds, self.retry_cap_seconds)
                 log.warning("sink_write_retry", stage=self.stage, attempt=attempt,
                             retry_in_seconds=delay, rows=len(rows), error=failure.reason,
@@ -681,6 +727,7 @@ class BatchingSink(Generic[Row]):
         try:
             deadline = self.clock() + seconds
             while (left := deadline - self.clock()) > 0:
+                HEALTH.beat(self.part)  # waiting out the store is progress of a kind
                 if self.stop.is_set():
                     raise _Abandoned("the sink is stopping")
                 # paused partitions return nothing; anything else waits for the next batch
