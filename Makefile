@@ -43,7 +43,8 @@ demo: up
 	$(BIN)/aipipe demo
 
 # Clients the tests use that are not aipipe's own (Debian packages; CI runs as root: kcat, the
-# headless chromium that Playwright drives, never a browser download), and
+# headless chromium that Playwright drives, never a browser download, the Prometheus server
+# that scrapes the workers in tests/e2e/test_metrics.py), and
 # the toolchains of the example producers in producers/examples (Java 17 + Maven from
 # Debian; Go 1.26 is not in Debian 12, so it must already be on the machine: the check
 # names what is wrong, and the Go modules are fetched now, not in the middle of a test).
@@ -51,6 +52,7 @@ GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 tools:
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat; }
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	@{ command -v java && command -v mvn; } >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless maven; }
 	@test -x "$(GO)" || { echo "Go 1.26 is missing (looked on PATH and in /usr/local/go/bin): \
