@@ -3,7 +3,7 @@
 ``aipipe run streams`` builds its faust app without chDB, pandas, pyarrow or matplotlib
 (budgets are read through a ClickHouse server or the owner's read endpoint); ``aipipe run
 costs`` loads no faust or matplotlib; an emitter (``aipipe.producers``, ``aipipe.schemas``)
-loads none of faust, chDB, clickhouse-connect, redis, matplotlib or pandas.
+loads none of faust, chDB, clickhouse-connect, redis, matplotlib, pandas or prometheus-client.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("faust", "chdb", "clickhouse_connect", "redis", "matplotlib", "pandas", "pyarrow")
+HEAVY = ("faust", "chdb", "clickhouse_connect", "redis", "matplotlib", "pandas", "pyarrow",
+         "prometheus_client")
 
 # what `aipipe run ROLE` imports before its worker runs, and for streams the app it builds
 # (and a budget lookup's store opening: with no endpoint under the home, it opens none)
@@ -54,8 +55,8 @@ def loaded(code: str, home: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("code", "allowed"), [
-    (STREAMS, {"faust", "redis", "clickhouse_connect"}),
-    (COSTS, {"chdb", "clickhouse_connect", "redis", "pandas", "pyarrow"}),
+    (STREAMS, {"faust", "redis", "clickhouse_connect", "prometheus_client"}),
+    (COSTS, {"chdb", "clickhouse_connect", "redis", "pandas", "pyarrow", "prometheus_client"}),
     (EMITTER, set()),
 ], ids=["streams", "costs", "emitter"])
 def test_a_role_loads_only_what_it_uses(code: str, allowed: set[str], tmp_path: Path) -> None:
