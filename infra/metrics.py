@@ -111,6 +111,7 @@ class LagGauge:
 class _Part:
     since: float  # when it last made progress or began to wait
     idle: bool
+    dead: bool = False
 
 
 class Health:
@@ -133,6 +134,10 @@ class Health:
 
     def idle(self, part: str) -> None:
         self._parts[part] = _Part(self.clock(), idle=True)
+
+    def died(self, part: str) -> None:
+        """``part`` ended while the process runs (a supervised thread): failing at once."""
+        self._parts[part] = _Part(self.clock(), idle=False, dead=True)
 
     def forget(self, part: str) -> None:
         """``part`` stopped on purpose (the process is stopping)."""
@@ -160,9 +165,10 @@ class Health:
         for name, part in sorted(self._parts.copy().items()):
             age = round(now - part.since, 3)
             stalled = not part.idle and age > stall_seconds
-            parts[name] = {"state": "stalled" if stalled else "idle" if part.idle else "ok",
-                           "seconds": age}
-        late = [n for n, p in parts.items() if p["state"] == "stalled"]
+            state = "dead" if part.dead else "stalled" if stalled else \
+                "idle" if part.idle else "ok"
+            parts[name] = {"state": state, "seconds": age}
+        late = [n for n, p in parts.items() if p["state"] in ("stalled", "dead")]
         return not late, {"status": "stalled" if late else "ok", "stalled": late,
                              "stall_seconds": stall_seconds, "parts": parts}
 

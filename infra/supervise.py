@@ -24,6 +24,7 @@ from typing import NoReturn
 import structlog
 
 from aipipe.infra.logging import report_exception
+from aipipe.infra.metrics import HEALTH
 from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.supervise")
@@ -126,6 +127,7 @@ class Supervisor:
             first = self.failure is None
             if first:
                 self.failure = (name, exc)
+        HEALTH.died(name)  # /healthz fails at once, naming the thread
         log.error("worker_thread_died", thread=name, error=f"{type(exc).__name__}: {exc}",
                   exit_code=EXIT_THREAD_DIED, exc_info=exc)
         self.report(exc, name)

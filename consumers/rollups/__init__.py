@@ -25,6 +25,7 @@ import structlog
 from aipipe.consumers.costs.rows import to_millis
 from aipipe.consumers.costs.store import database_name
 from aipipe.consumers.sink import FailureKind, classify
+from aipipe.infra.metrics import HEALTH
 from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.rollups")
@@ -120,7 +121,8 @@ class Sealer:
         failures = 0
         while not stop.is_set():
             try:
-                self.seal()
+                with HEALTH.working("rollup-sealer"):  # idle between rounds
+                    self.seal()
                 failures = 0
             except Exception as exc:  # a failed round is retried at the next one
                 failures += 1

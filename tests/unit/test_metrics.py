@@ -48,6 +48,15 @@ def test_a_part_that_stops_beating_is_stalled() -> None:
     assert health.alive(2.0)[0]
 
 
+def test_a_dead_part_fails_at_once() -> None:
+    health = Health(Clock())
+    health.idle("rollup-sealer")
+    health.died("rollup-sealer")
+    ok, body = health.alive(60.0)
+    assert (ok, body["stalled"], body["parts"]["rollup-sealer"]["state"]) == \
+        (False, ["rollup-sealer"], "dead")
+
+
 def test_ready_only_when_every_fact_holds() -> None:
     health = Health(Clock())
     assert health.ready() == (False, {"status": "not_ready",
