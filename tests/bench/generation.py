@@ -40,7 +40,7 @@ from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from aipipe.streams.admission.decide import admitted
-from tests.bench.latency import kafka_latency
+from tests.bench.latency import delete_topics, kafka_latency
 from tests.bench.report import TIMES, Figure
 
 Say = Callable[[str], None]
@@ -141,6 +141,7 @@ def throughput(settings: Settings, say: Say, n: int, cap: int, latency_ms: int) 
     finally:
         seen.close()
         worker.stop()
+        delete_topics(s.kafka_bootstrap, s.topic_prefix)
     done = len(seen.completed)
     ours = done / seconds
     ideal = cap / (latency_ms / 1000)
@@ -192,6 +193,7 @@ def overhead(settings: Settings, say: Say, rate: float, seconds: float) -> list[
     raw_topic = f"{s.topic_prefix}-raw-hop"
     ensure_topics(s.kafka_bootstrap, [raw_topic], partitions=s.partitions)
     raw = sorted(kafka_latency(s.kafka_bootstrap, raw_topic, n, rate))
+    delete_topics(s.kafka_bootstrap, s.topic_prefix)
     extra = [seen.completed[op][0] - at - seen.completed[op][1]
              for op, at in seen.admitted.items() if op in seen.completed]
     extra.sort()
