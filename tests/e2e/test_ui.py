@@ -314,8 +314,20 @@ def test_the_page_shows_the_databases_numbers_and_follows_the_filters(
         ) == ["req-op-05", "req-op-06"]  # the re-delivered op-05 once
         if os.environ.get("AIPIPE_UI_SCREENSHOT"):  # where the README's picture is made
             page.screenshot(path=os.environ["AIPIPE_UI_SCREENSHOT"], full_page=True)
+
+        # a range that ends before it starts: the API's sentence, and the numbers stay
+        page.fill("#from", (D + timedelta(days=1)).isoformat())
+        page.click("#refresh")
+        page.wait_for_function("Number(document.body.dataset.loads) >= 5", timeout=30_000)
+        assert page.locator("#error").inner_text() == (
+            f"'from' ({D + timedelta(days=1)}) is after 'to' ({D}); the range is from..to, "
+            "both days included.")
+        assert page.locator("#status").inner_text() == "Not updated"
+        assert money(page.locator("#total-usd").inner_text()) == Decimal("6.090649567")
         browser.close()
-    assert console == []
+    # the only error in the console: the refused range's answer
+    assert console == ["Failed to load resource: the server responded with a status of 400 "
+                       "(Bad Request)"]
     assert (tmp_path / "ui.png").stat().st_size > 10_000
 
 

@@ -5,7 +5,7 @@
 const COLORS = ["#1f6feb", "#f79009", "#12b76a", "#d92d20", "#7a5af8", "#0e9384", "#ee46bc",
                 "#667085", "#b54708", "#2e90fa"];
 const $ = (id) => document.getElementById(id);
-let loads = 0;
+let loads = 0, asked = 0;  // answers shown; requests made (a late answer to an old one is dropped)
 
 function el(tag, attrs, ...children) {
   const node = tag.startsWith("svg:")
@@ -156,10 +156,11 @@ function showError(message) {
 }
 
 async function load() {
-  const f = filters();
+  const f = filters(), mine = ++asked;
   $("status").textContent = "Loading…";
   try {
     const data = await ask("/api/summary", f);
+    if (mine !== asked) return;
     showError("");
     history.replaceState(null, "", "?" + query(f));
     const select = $("client"), chosen = select.value;
@@ -188,6 +189,7 @@ async function load() {
     if (f.client) await drill(f.client); else clearDrill();
     $("status").textContent = `Updated ${new Date().toISOString().slice(11, 19)} UTC`;
   } catch (err) {
+    if (mine !== asked) return;
     showError(err.message);
     $("status").textContent = "Not updated";
   }
