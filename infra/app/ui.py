@@ -36,6 +36,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -53,6 +54,7 @@ from aipipe.reader import endpoint_client, serving_endpoint
 from aipipe.schemas.errors import AipipeError
 from aipipe.sqlcmd import analyst_client, analyst_session
 
+log = structlog.get_logger("aipipe.ui")
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_DAYS = 366
@@ -393,7 +395,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UiError(f"aipipe ui cannot listen on {host}:{port} ({exc.strerror}); choose "
+        raise UiError(f"The cost page cannot listen on {host}:{port} ({exc.strerror}); choose "
                       "another --port, or 0 for any free one.") from exc
     sock.listen(128)
     sock.set_inheritable(True)
@@ -410,6 +412,9 @@ def serve(settings: Settings, host: str, port: int,
     hosts = None
     if host in LOOPBACK:  # a page on loopback answers loopback names only (DNS rebinding)
         hosts = ["127.0.0.1", "localhost", "[::1]", "::1"]
+    else:
+        log.warning("ui_not_on_loopback", host=host,
+                    hint="the page has no login: whoever reaches this address reads the costs")
     app = create_app(Reads(settings), allowed_hosts=hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            lifespan="off"))
