@@ -21,6 +21,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.rows import COLUMNS, CostRow
 from aipipe.consumers.costs.store import (
@@ -29,7 +30,6 @@ from aipipe.consumers.costs.store import (
     CostStore,
     MemoryCostStore,
     StoreError,
-    open_clickhouse,
 )
 from tests.support.rows import T0
 from tests.support.rows import cost_row as row
