@@ -97,10 +97,9 @@ class Prometheus:
 
     def wait_value(self, promql: str, expected: float, timeout: float = 60) -> None:
         """Wait until ``promql`` is ``expected``, then assert it exactly."""
-        deadline = time.monotonic() + timeout
-        while (seen := self.value(promql)) != expected and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert seen == expected, f"{promql} = {seen}, expected {expected}"
+        wait_for(lambda: self.value(promql) == expected, timeout,
+                 f"{promql} to be {expected}", interval=0.5)
+        assert self.value(promql) == expected
 
     def stop(self) -> None:
         self.proc.terminate()

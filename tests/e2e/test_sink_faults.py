@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -36,6 +35,7 @@ from tests.support.pipeline import (
     store_of,
     wait_recorded,
 )
+from tests.support.rows import totals_of
 
 pytestmark = pytest.mark.e2e
 
@@ -55,14 +55,6 @@ def completed(n: int, client: str, requested_at: datetime | None = None) -> Oper
         price_version="2025-10-01",
         duration_ms=100 + n,
     )
-
-
-def totals_of(events: list[OperationCompleted]) -> dict[str, tuple[int, Decimal]]:
-    totals: dict[str, tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))
-    for e in events:
-        count, cost = totals[e.client_id]
-        totals[e.client_id] = (count + 1, cost + e.cost_usd)
-    return dict(totals)
 
 
 def log_lines(worker: WorkerProcess, event: str) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ same offsets and, with tokens made of offsets alone, the same tokens.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -22,6 +21,7 @@ from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationCompleted, Usage
 from tests.support.pipeline import produce, store_of
+from tests.support.rows import totals_of
 
 pytestmark = pytest.mark.e2e
 
@@ -43,14 +43,6 @@ def completed(n: int, client: str, incarnation: int) -> OperationCompleted:
         price_version="2025-10-01",
         duration_ms=50 + n,
     )
-
-
-def totals_of(events: list[OperationCompleted]) -> dict[str, tuple[int, Decimal]]:
-    totals: dict[str, tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))
-    for e in events:
-        count, cost = totals[e.client_id]
-        totals[e.client_id] = (count + 1, cost + e.cost_usd)
-    return dict(totals)
 
 
 def costs_batches_written(worker: WorkerProcess) -> list[int]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from aipipe.consumers.costs.rows import CostRow
+from aipipe.schemas.events import OperationCompleted
 
 T0 = datetime(2025, 11, 1, tzinfo=UTC)
 
@@ -50,3 +52,12 @@ def cost_row(
         kafka_partition=0,
         kafka_offset=offset,
     )
+
+
+def totals_of(events: list[OperationCompleted]) -> dict[str, tuple[int, Decimal]]:
+    """(operations, cost) per client of ``events``: what their cost rows must add up to."""
+    totals: dict[str, tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))
+    for e in events:
+        count, cost = totals[e.client_id]
+        totals[e.client_id] = (count + 1, cost + e.cost_usd)
+    return dict(totals)
