@@ -81,6 +81,10 @@ CONSUMER_LAG = Gauge(
     "aipipe_consumer_lag_messages",
     "Messages between a partition's high watermark and this consumer's position.",
     ["group", "topic", "partition"])
+COST_USD = Counter(
+    "aipipe_cost_usd_total", "Cost of the operations completed, in US dollars (failed ones "
+    "cost 0), per provider and model; the model has a price, so the label set is the price "
+    "table's.", ["provider", "model"])
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 

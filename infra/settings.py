@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     generation_max_in_flight: int = Field(
         256, ge=1, le=100_000, description="Operations a streams worker runs at once."
     )
+    dedup_horizon_hours: float = Field(
+        168.0, gt=0, le=87_600,
+        description="How long the streams remember a request or operation they handled: "
+        "a redelivery within it is skipped, an older one is handled again (README).",
+    )
     # -- generation: providers, video polling, retries, circuit breaker --
     simulated_failure_rate: float = Field(0.0, ge=0, le=1)
     simulated_video_polls: int = Field(1, ge=1, description="Polls until a simulated video ends.")

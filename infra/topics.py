@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from aipipe.schemas.errors import AipipeError
@@ -45,3 +51,21 @@ def ensure_topics(
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise TopicError(f"Topic {name} could not be created: {exc}.") from exc
+
+
+def set_topic_config(
+    bootstrap: str, topics: Iterable[str], config: dict[str, str], timeout: float = 30.0,
+) -> None:
+    """Set ``config`` on existing topics (incrementally: other settings stay as they are)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    entries = [ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+               for key, value in config.items()]
+    resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)
+                 for name in topics]
+    if not resources:
+        return
+    for resource, future in admin.incremental_alter_configs(resources).items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            raise TopicError(f"Topic {resource.name} could not be configured: {exc}.") from exc

@@ -361,6 +361,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             if isinstance(event, OperationCompleted):
                 metrics.OPERATIONS_COMPLETED.labels(event.operation_type,
                                                     str(event.success).lower()).inc()
+                metrics.COST_USD.labels(event.provider, event.model).inc(float(event.cost_usd))
                 if confirm_completed:  # acked before the final video.polled that follows
                     await sent[-1]
                 log.info("ai_operation", operation_type=event.operation_type, model=event.model,

@@ -16,14 +16,17 @@ import structlog
 from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import end_process
-from aipipe.infra.topics import ensure_topics
+from aipipe.infra.topics import ensure_topics, set_topic_config
+from aipipe.streams.dedup import changelog_config
 
 Role = Literal["all", "streams", "costs"]
 log = structlog.get_logger("aipipe.runner")
 
 
-#: the streams' changelog-backed tables (streams/app.py)
-TABLES = ("seen-requests", "done-operations", "pending-videos", "started-operations")
+#: the streams' changelog-backed tables (streams/app.py); the dedup ones forget after the
+#: horizon (streams/dedup.py)
+DEDUP_TABLES = ("seen-requests", "done-operations", "started-operations")
+TABLES = (*DEDUP_TABLES, "pending-videos")
 
 
 def prepare_topics(settings: Settings) -> None:
@@ -36,13 +39,21 @@ def prepare_topics(settings: Settings) -> None:
     )
     # created here too, not only by faust at start: a table written before the broker's
     # metadata knows its changelog raises PartitionsMismatch, and the worker goes down
-    ensure_topics(
-        settings.kafka_bootstrap,
-        [f"{settings.topic_prefix}-streams-{table}-changelog" for table in TABLES],
-        partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
-        config={"cleanup.policy": "compact"},
-    )
+    def changelogs(*tables: str) -> list[str]:
+        return [f"{settings.topic_prefix}-streams-{table}-changelog" for table in tables]
+
+    dedup_config = changelog_config(settings.dedup_horizon_hours * 3600)
+    for names, config in ((changelogs("pending-videos"), {"cleanup.policy": "compact"}),
+                          (changelogs(*DEDUP_TABLES), dedup_config)):
+        ensure_topics(
+            settings.kafka_bootstrap,
+            names,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            config=config,
+        )
+    # a dedup changelog an older release created (compacted only), or another horizon
+    set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config)
 
 
 def run(settings: Settings, role: Role = "all") -> None:
