@@ -66,6 +66,13 @@ OPERATIONS_COMPLETED = Counter(
     ["operation_type", "success"])
 VIDEO_POLLS_PENDING = Gauge(
     "aipipe_video_polls_pending", "Videos waiting for their next poll on this worker.")
+DEDUP_KEYS = Gauge(
+    "aipipe_dedup_keys", "Keys a streams dedup table holds in this worker's memory, after "
+    "the last purge.", ["table"])
+DEDUP_EXPIRED = Counter(
+    "aipipe_dedup_keys_expired_total",
+    "Dedup keys dropped from memory by the purge, older than AIPIPE_DEDUP_HORIZON_HOURS.",
+    ["table"])
 SINK_BATCHES = Counter(
     "aipipe_sink_batches_total", "Batches a sink wrote and committed.", ["stage"])
 SINK_ROWS = Counter("aipipe_sink_rows_total", "Rows a sink wrote.", ["stage"])

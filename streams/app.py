@@ -53,6 +53,7 @@ from aipipe.schemas.events import (
     encode,
     utcnow,
 )
+from aipipe.streams import dedup
 from aipipe.streams.admission.decide import undecidable
 from aipipe.streams.admission.gate import AdmissionGate, Decided, build_gate
 from aipipe.streams.consumer import use_safe_seek_consumer
@@ -112,11 +113,19 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     requested, admitted = raw_topic(topics.requested), raw_topic(topics.admitted)
     rejected, completed_topic = raw_topic(topics.rejected), raw_topic(topics.completed)
     deadletter = raw_topic(topics.deadletter)
-    seen_requests = app.Table("seen-requests", default=bool, partitions=settings.partitions)
-    done_operations = app.Table("done-operations", default=bool, partitions=settings.partitions)
+    # dedup state, remembered for the horizon (values carry their time: streams/dedup.py)
+    horizon = settings.dedup_horizon_hours * 3600
+
+    def dedup_table(name: str) -> Any:
+        return app.Table(name, default=None, partitions=settings.partitions,
+                         extra_topic_configs=dedup.changelog_config(horizon))
+
+    seen_requests, done_operations = dedup_table("seen-requests"), dedup_table("done-operations")
     # the last attempt of the generation step started per operation (see begin_attempt)
-    started_operations = app.Table("started-operations", default=None,
-                                   partitions=settings.partitions)
+    started_operations = dedup_table("started-operations")
+
+    def remembered(table: Any, key: str) -> bool:
+        return dedup.is_fresh(table.get(key), deps.clock().timestamp(), horizon)
 
     async def emit(topic: Any, event: Event, stage: str) -> Awaitable[Any]:
         """Send ``event``; the returned future resolves when the broker has it."""
@@ -176,7 +185,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         requests, carriers = [], []
         for event in events:
             request = await decoded(event.message, "admission", OperationRequested)
-            if request is None or seen_requests[request.event_id]:
+            if request is None or remembered(seen_requests, request.event_id):
                 acknowledge(event)
             else:
                 requests.append(request)
@@ -202,9 +211,10 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         # and the decision go to different partitions, and a crash between the two must
         # not leave a request marked seen whose decision was lost.
         await asyncio.gather(*sent)
+        marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
             as_current(event)  # the table write goes to this event's changelog partition
-            seen_requests[decision.operation_id] = True
+            seen_requests[decision.operation_id] = marked
             acknowledge(event)
 
     async def admission_loop() -> None:
@@ -234,7 +244,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         the call, which the provider may have billed): it is announced with
         ``operation.interrupted`` before the next attempt starts.
         """
-        before = int(started_operations.get(operation.operation_id) or 0)
+        before = dedup.attempt_of(started_operations.get(operation.operation_id),
+                                  deps.clock().timestamp(), horizon)
         if before:
             log.warning("operation_interrupted", attempt=before, provider=operation.provider,
                         model=operation.model)
@@ -248,10 +259,11 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                        "and billed it, and only the attempt that completes is costed.",
             ), "generation")
         attempt = before + 1
-        started_operations.data[operation.operation_id] = attempt
+        value = dedup.attempt_mark(attempt, deps.clock().timestamp())
+        started_operations.data[operation.operation_id] = value
         # on the broker before the call: a crash during the call must find this record
         await started_operations.send_changelog(
-            event.message.partition, operation.operation_id, attempt)
+            event.message.partition, operation.operation_id, value)
         return attempt
 
     running_operations: dict[str, asyncio.Future[None]] = {}
@@ -267,7 +279,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         operation = await decoded(event.message, "generation", OperationAdmitted)
         if operation is not None and operation.operation_id in running_operations:
             await asyncio.shield(running_operations[operation.operation_id])
-        elif operation is not None and not done_operations[operation.operation_id]:
+        elif operation is not None and not remembered(done_operations, operation.operation_id):
             running = running_operations[operation.operation_id] = \
                 asyncio.get_running_loop().create_future()
             metrics.OPERATIONS_IN_FLIGHT.inc()
@@ -293,7 +305,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             await asyncio.gather(*sent)
         # the generation step is done (for a video: started, never started again)
         as_current(event)
-        done_operations[operation.operation_id] = True
+        done_operations[operation.operation_id] = dedup.mark(deps.clock().timestamp())
 
     async def generation_loop() -> None:
         # up to ``in_flight`` operations at once, from every partition this worker holds:
@@ -319,6 +331,17 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     app.task(supervised("admission", admission_loop))
     app.task(supervised("generation", generation_loop))
+
+    async def purge_dedup() -> None:
+        """Drop the dedup keys older than the horizon from memory (not the changelog)."""
+        for table in (seen_requests, done_operations, started_operations):
+            purged = await dedup.purge(table.data, deps.clock().timestamp(), horizon,
+                                       pause=lambda: asyncio.sleep(0))
+            metrics.DEDUP_KEYS.labels(table.name).set(purged.kept)
+            metrics.DEDUP_EXPIRED.labels(table.name).inc(purged.expired)
+
+    app.timer(interval=dedup.purge_interval(horizon), name="dedup-purge")(
+        supervised("dedup-purge", purge_dedup))
 
     def dump_state() -> None:
         consumer: Any = app.consumer
