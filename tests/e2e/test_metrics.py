@@ -3,13 +3,16 @@
 A streams worker and a costs worker run as ``aipipe run`` processes on a fresh topic
 prefix, each with its own metrics port; a Prometheus server (Debian's ``prometheus``,
 ``make tools``) scrapes both every second, and the test asks it through its HTTP query API
-for totals that must equal what was produced. A fault point that stalls the admission
-task makes ``/healthz`` fail, naming the part, while ``/readyz`` stays ready.
+for totals that must equal what was produced. Every expression of the docker-compose
+dashboard (``infra/grafana``) must select only metrics the two workers' ``/metrics`` have,
+and parse in that Prometheus. A fault point that stalls the admission task makes
+``/healthz`` fail, naming the part, while ``/readyz`` stays ready.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +36,8 @@ from tests.support.pipeline import consume, produce, produce_raw, store_of, wait
 pytestmark = pytest.mark.e2e
 
 COUNT = 40
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+DASHBOARD = INFRA / "grafana" / "dashboards" / "aipipe.json"
 
 
 def free_port() -> int:
@@ -175,7 +180,8 @@ def test_prometheus_scrapes_exact_totals_from_both_workers(
     produce_raw(settings, settings.topics.requested, [(b"client-x", b"{not json"),
                                                        (b"client-x", b"[]")])
     costs = workers["costs"].worker
-    wait_recorded(store_of(settings, costs), COUNT, timeout=120, worker=costs)
+    store = store_of(settings, costs)
+    wait_recorded(store, COUNT, timeout=120, worker=costs)
 
     prometheus.wait_value('sum(up{job=~"costs|streams"})', 2)
     prometheus.wait_value('sum(aipipe_events_consumed_total{stage="admission"})', COUNT + 2)
@@ -190,6 +196,11 @@ def test_prometheus_scrapes_exact_totals_from_both_workers(
     prometheus.wait_value('sum(aipipe_events_consumed_total{stage="generation"})', COUNT)
     prometheus.wait_value('sum(aipipe_operations_completed_total)', COUNT)
     prometheus.wait_value('sum(aipipe_operations_completed_total{success="false"})', failed)
+    # the dashboard's spend: what ClickHouse holds, to a millionth of a dollar
+    spend = float(sum(cost for _, cost in store.totals().values()))
+    assert spend > 0
+    wait_for(lambda: abs((prometheus.value("sum(aipipe_cost_usd_total)") or 0) - spend) < 1e-6,
+             60, f"aipipe_cost_usd_total to be {spend}", interval=0.5)
     prometheus.wait_value('sum(aipipe_provider_calls_total{outcome="ok"})', COUNT)
     prometheus.wait_value('sum(aipipe_provider_call_duration_seconds_count)', COUNT)
     prometheus.wait_value('sum(aipipe_operations_in_flight)', 0)
@@ -215,6 +226,9 @@ def test_prometheus_scrapes_exact_totals_from_both_workers(
         for path in ("/healthz", "/readyz"):
             status, body = get(f"http://127.0.0.1:{scraped.port}{path}")
             assert status == 200, body
+
+    # the same workers serve the docker-compose dashboard's check (no second start-up)
+    assert_dashboard_queries_only_exported_metrics(workers, prometheus)
 
 
 def test_a_stalled_admission_task_fails_healthz_naming_it(settings: Settings) -> None:
@@ -252,3 +266,79 @@ def test_a_stalled_admission_task_fails_healthz_naming_it(settings: Settings) ->
         assert worker.alive()
     finally:
         worker.stop()
+
+
+# -- the docker-compose dashboard (infra/grafana) against what the workers export ------------
+
+#: Grafana's own variables, as Grafana would expand them, so that Prometheus can parse them
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+#: what is not a metric name in PromQL: strings, label matchers, ranges, grouping label lists
+_NOT_NAMES = re.compile(r'"(?:\\.|[^"\\])*"|\{[^}]*\}|\[[^\]]*\]'
+                        r"|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENTIFIER = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")  # not a function's
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on",
+             "ignoring", "group_left", "group_right"}
+#: the sample names of each metric type, from the name its TYPE line gives
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+             "summary": ("", "_sum", "_count"), "gauge": ("",), "untyped": ("",)}
+
+
+def dashboard_expressions(dashboard: dict[str, Any]) -> list[str]:
+    """Every PromQL expression of the dashboard's panels (rows' nested panels included)."""
+    found = []
+    for panel in dashboard["panels"]:
+        found += [target["expr"] for target in panel.get("targets", [])]
+        found += dashboard_expressions({"panels": panel.get("panels", [])})
+    return found
+
+
+def metric_names(promql: str) -> set[str]:
+    """The metric names ``promql`` selects."""
+    bare = _NOT_NAMES.sub(" ", promql)
+    return {name for name in _IDENTIFIER.findall(bare) if name.lower() not in _KEYWORDS}
+
+
+def exported_names(ports: list[int]) -> set[str]:
+    """The sample names each metric family of these workers' /metrics may have (a family
+    with labels shows its TYPE line before its first sample)."""
+    names = set()
+    for port in ports:
+        status, body = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200, body
+        for line in body.decode().splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                base = name.removesuffix("_total") if kind == "counter" else name
+                names |= {base + suffix for suffix in _SUFFIXES[kind]}
+    return names
+
+
+def test_metric_names_are_parsed_from_promql() -> None:
+    assert metric_names(
+        'histogram_quantile(0.95, sum by (le, model) (rate(a_seconds_bucket{x="y(z)"}[5m])))'
+        " / on (model) group_left b_total offset 5m or vector(0)") == {"a_seconds_bucket",
+                                                                        "b_total"}
+
+
+def assert_dashboard_queries_only_exported_metrics(
+    workers: dict[str, Scraped], prometheus: Prometheus
+) -> None:
+    """Every expression of infra/grafana's dashboard selects only metrics these workers'
+    /metrics have, and Prometheus parses it."""
+    expressions = dashboard_expressions(json.loads(DASHBOARD.read_text()))
+    assert len(expressions) == 20
+    exported = exported_names([scraped.port for scraped in workers.values()])
+    assert "aipipe_cost_usd_total" in exported and "aipipe_consumer_lag_messages" in exported
+    for expr in expressions:
+        names = metric_names(expr)
+        assert names, expr
+        assert names <= exported, (expr, names - exported)
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, expr
+        prometheus.query(expr)  # asserts HTTP 200 and status "success": Prometheus parses it
+    # the scrape config docker-compose mounts is one Prometheus accepts
+    check = subprocess.run(["promtool", "check", "config", str(INFRA / "prometheus" /
+                                                                "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
