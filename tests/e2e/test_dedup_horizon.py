@@ -1,0 +1,136 @@
+"""Dedup state expires after the horizon (``AIPIPE_DEDUP_HORIZON_HOURS``), here 20 seconds.
+
+One ``aipipe run`` (streams and cost sink) and one client, so every request, its
+decision and its completion share a partition and a marker request produced after the
+others is handled after them. A redelivery inside the horizon is skipped: exactly one
+decision and one completion per request. Once the horizon has passed the purge empties
+the dedup tables (the worker's ``aipipe_dedup_keys`` gauge), and after a restart (which
+replays the changelogs) a redelivery is handled again: a second decision and completion,
+and the cost table still counts each operation once (``FINAL``), its row re-ingested.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+
+from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
+from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested
+from tests.e2e.test_metrics import free_port, get
+from tests.support.ledger import IMAGE_COST, image_requests, produce_backlog
+from tests.support.pipeline import rows_and_operations, store_of
+
+pytestmark = pytest.mark.e2e
+
+HORIZON = 20.0  # seconds
+COUNT = 10
+CLIENT = "client-0"
+
+
+def marker(name: str) -> OperationRequested:
+    return image_requests(1, 1, prefix=name)[0].model_copy(update={"event_id": name})
+
+
+def per_operation(settings: Settings, topic: str, until: str, timeout: float = 120) -> Counter[str]:
+    """Messages per operation on ``topic``, read from the start until ``until``'s arrived."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-count-{time.monotonic_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    counts: Counter[str] = Counter()
+    deadline = time.monotonic() + timeout
+    try:
+        while until not in counts:
+            assert time.monotonic() < deadline, f"no {until} on {topic}: {counts}"
+            for message in consumer.consume(num_messages=500, timeout=0.5):
+                if message.error() is None:
+                    counts[orjson.loads(message.value())["operation_id"]] += 1
+    finally:
+        consumer.close()
+    return counts
+
+
+def dedup_keys(port: int) -> dict[str, float]:
+    try:
+        status, body = get(f"http://127.0.0.1:{port}/metrics")
+    except OSError:
+        return {}
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^aipipe_dedup_keys\{table="([^"]+)"\} (\S+)$', body.decode(), re.M)} \
+        if status == 200 else {}
+
+
+def ready(port: int, worker: WorkerProcess) -> bool:
+    assert worker.alive(), worker.log_tail()
+    try:
+        return get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_handled_again(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={
+        "dedup_horizon_hours": HORIZON / 3600, "rate_limit": "1000000/1s",
+    })
+    prepare_topics(settings)
+    topics = settings.topics
+    requests = image_requests(COUNT, 1, prefix="h-")
+    ops = [r.event_id for r in requests]
+    port = free_port()
+    worker = WorkerProcess(settings, "all", log_path=settings.home / "all-0.log").start(
+        metrics_port=str(port))
+    try:
+        wait_for(lambda: ready(port, worker), 120, "the worker ready")
+        # -- inside the horizon: the redelivered requests are skipped --
+        started = time.monotonic()  # before any request is marked
+        produce_backlog(settings, requests)
+        per_operation(settings, topics.completed, until=ops[-1])
+        produce_backlog(settings, [*requests, marker("m1")])
+        decisions = per_operation(settings, topics.admitted, until="m1")
+        completions = per_operation(settings, topics.completed, until="m1")
+        inside = time.monotonic() - started
+        assert inside < HORIZON, f"the redelivery took {inside:.1f}s, past the horizon"
+        assert decisions == Counter({**dict.fromkeys(ops, 1), "m1": 1})
+        assert completions == Counter({**dict.fromkeys(ops, 1), "m1": 1})
+
+        # -- past the horizon: the purge empties the tables --
+        wait_for(lambda: dedup_keys(port) == dict.fromkeys(
+            ("seen-requests", "done-operations", "started-operations"), 0.0),
+            HORIZON + 60, f"dedup tables emptied by the purge: {dedup_keys(port)}")
+
+        # -- a restart replays the changelogs; what it brings back is past the horizon --
+        worker.stop()
+        restarted = datetime.now(UTC)
+        worker = WorkerProcess(settings, "all", log_path=settings.home / "all-1.log").start(
+            metrics_port=str(port))
+        produce_backlog(settings, [*requests, marker("m2")])
+        decisions = per_operation(settings, topics.admitted, until="m2")
+        assert decisions == Counter({**dict.fromkeys(ops, 2), "m1": 1, "m2": 1})
+        wait_for(lambda: per_operation(settings, topics.completed, until="m2")
+                 == Counter({**dict.fromkeys(ops, 2), "m1": 1, "m2": 1}),
+                 120, "every redelivered operation completed a second time", interval=1)
+
+        # -- the cost table counts each operation once, its row written again --
+        store = store_of(settings, worker)
+
+        def rewritten() -> int:
+            assert worker.alive(), worker.log_tail()
+            return int(store.client.query(
+                f"SELECT countIf(ingested_at >= {{t:DateTime64(3, 'UTC')}}) FROM {store.table} "
+                "FINAL", parameters={"t": restarted}).result_rows[0][0])
+
+        wait_for(lambda: rewritten() == COUNT + 1, 120, "the re-run operations' rows stored")
+        assert store.totals() == {CLIENT: (COUNT + 2, (COUNT + 2) * IMAGE_COST)}
+        assert rows_and_operations(store) == (COUNT + 2, COUNT + 2)
+    finally:
+        worker.stop()
