@@ -261,6 +261,31 @@ class TestClickHouseCostStore(CostStoreContract):
         raw = self.client.query(f"SELECT count() FROM {store.table}").result_rows
         assert raw == [(50,)]  # without FINAL: the retries never reached the table
 
+    def test_an_operation_re_run_after_its_dedup_horizon_counts_once(self) -> None:
+        """A redelivery older than AIPIPE_DEDUP_HORIZON_HOURS runs the operation again
+        (streams/dedup.py): its completion comes months later, with another event id, at a
+        later offset and under another batch token, after the first row was merged."""
+        store = self.make_store()
+        requested = T0 + timedelta(hours=1)
+        first = row("op-1", "1.5", requested_at=requested, created_at=requested + MS)
+        store.write([first, *(row(f"op-{i}", "1", offset=i) for i in range(2, 50))],
+                    dedup_token="t:0:0-48")
+        self.client.command(f"OPTIMIZE TABLE {store.table} FINAL")  # merged, then re-run
+        rerun = replace(first, event_id="evt-rerun", cost_usd=Decimal("1.75"),
+                        created_at=requested + timedelta(days=95), kafka_offset=10**9)
+        store.write([rerun, row("op-50", "1", offset=10**9 + 1)], dedup_token="t:0:1e9")
+
+        assert store.totals() == {"acme": (50, Decimal("50.75"))}  # FINAL: the re-run's cost
+        by_argmax = self.client.query(
+            f"SELECT count(), sum(cost) FROM (SELECT argMax(cost_usd, ingested_at) AS cost "
+            f"FROM {store.table} GROUP BY client_id, operation_id)").result_rows
+        assert by_argmax == [(50, Decimal("50.75"))]
+        self.client.command(f"OPTIMIZE TABLE {store.table} FINAL")
+        physical = self.client.query(
+            f"SELECT count(), countIf(operation_id = 'op-1'), sum(cost_usd) FROM {store.table}"
+        ).result_rows
+        assert physical == [(50, 1, Decimal("50.75"))]  # without FINAL: merged into one row
+
     def test_rows_read_back_exactly(self) -> None:
         store = self.make_store()
         written = [
