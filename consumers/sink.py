@@ -32,7 +32,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
@@ -449,10 +449,11 @@ class BatchingSink(Generic[Row]):
         clock: Callable[[], float] = time.monotonic,
         consumer: Consumer | None = None,
         deadletters: EventProducer | None = None,
+        kafka_config: Mapping[str, Any] | None = None,
     ) -> None:
         """``report`` hears of every error the sink survives (Sentry, in ``aipipe run``);
         ``consumer`` and ``deadletters`` replace the Kafka clients built from ``bootstrap``
-        (unit tests)."""
+        (unit tests); ``kafka_config`` adds to theirs (the sign-in, for SASL)."""
         self.topics = list(topics)
         self.group_id = group_id
         self._assigned = False  # for /readyz, read from the sink's thread every 5 s
@@ -478,6 +479,7 @@ class BatchingSink(Generic[Row]):
         self._rejected_rows = 0
         self.consumer = consumer or Consumer(
             {
+                **(kafka_config or {}),
                 "bootstrap.servers": bootstrap,
                 "group.id": group_id,
                 "enable.auto.commit": False,
@@ -489,7 +491,7 @@ class BatchingSink(Generic[Row]):
                 "max.poll.interval.ms": max(max_poll_interval_ms, session_timeout_ms),
             }
         )
-        self.deadletters = deadletters or EventProducer(bootstrap)
+        self.deadletters = deadletters or EventProducer(bootstrap, **(kafka_config or {}))
 
     @property
     def stage(self) -> str:

@@ -35,6 +35,7 @@ class ConfigError(AipipeError):
 
 
 REDIS_PASSWORD_FILE = "redis.json"  # <home>/redis.json (0600), written by ``aipipe up``
+KAFKA_USERS_FILE = "kafka-users.json"  # <home>/kafka-users.json (0600): SASL users, ``aipipe up``
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -44,6 +45,15 @@ def home_redis_password(home: Path, host: str, port: int) -> str | None:
         kept = json.loads((home / REDIS_PASSWORD_FILE).read_text())
         same_host = kept["host"] == host or {kept["host"], host} <= set(_LOOPBACK)
         return str(kept["password"]) if same_host and int(kept["port"]) == port else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def home_kafka_password(home: Path, username: str) -> str | None:
+    """The SASL password ``aipipe up`` generated under ``home`` for the Kafka user ``username``."""
+    try:
+        kept = json.loads((home / KAFKA_USERS_FILE).read_text())
+        return str(kept["users"][username]) if username else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -58,6 +68,18 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".aipipe"), description="Where local data, logs and caches live.")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # -- Kafka authentication (README, Authentication and ACLs) --
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SASL_PLAINTEXT: `aipipe up` starts Kafka with SCRAM users and "
+        "ACLs, and every client signs in as AIPIPE_KAFKA_USERNAME.",
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_username: str = Field(
+        "", description="The SASL user: upstream, workers or analysts (admin: `aipipe up`)."
+    )
+    kafka_password: SecretStr = Field(
+        SecretStr(""), description="Empty: the one `aipipe up` generated under AIPIPE_HOME."
+    )
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Without a password: the one `aipipe up` keeps for it under AIPIPE_HOME.",
@@ -356,6 +378,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sasl_needs_a_user(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_username:
+            raise ValueError(
+                f"AIPIPE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs a user: "
+                "set AIPIPE_KAFKA_USERNAME (upstream, workers or analysts)"
+            )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kafka_password(cls, data: Any) -> Any:
+        """No AIPIPE_KAFKA_PASSWORD: the one ``aipipe up`` generated for the user under home."""
+        if not isinstance(data, dict) or reveal(data.get("kafka_password") or ""):
+            return data
+        try:
+            home = Path(data.get("home", cls.model_fields["home"].default)).expanduser().resolve()
+        except (TypeError, ValueError):
+            return data  # the field validator names what is wrong
+        password = home_kafka_password(home, str(data.get("kafka_username") or ""))
+        return data if password is None else {**data, "kafka_password": SecretStr(password)}
+
     @model_validator(mode="before")
     @classmethod
     def _redis_password(cls, data: Any) -> Any:
@@ -434,7 +478,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across settings: its message names them and the fix
+            raise ConfigError(f"{first['msg'].removeprefix('Value error, ')}.") from exc
+        name = str(first["loc"][0])
         var = "SENTRY_DSN" if name == "sentry_dsn" else f"AIPIPE_{name.upper()}"
         raise ConfigError(
             f"{var} is invalid ({first['msg']}); set it to a valid value or unset it "

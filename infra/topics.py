@@ -29,9 +29,11 @@ def ensure_topics(
     replication_factor: int = 1,
     timeout: float = 30.0,
     config: dict[str, str] | None = None,
+    client_config: dict[str, str] | None = None,
 ) -> None:
-    """Create each missing topic; topics that exist already are left as they are."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    """Create each missing topic; topics that exist already are left as they are.
+    ``client_config`` adds to the admin client's config (the sign-in, for SASL)."""
+    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(
@@ -55,9 +57,10 @@ def ensure_topics(
 
 def set_topic_config(
     bootstrap: str, topics: Iterable[str], config: dict[str, str], timeout: float = 30.0,
+    client_config: dict[str, str] | None = None,
 ) -> None:
     """Set ``config`` on existing topics (incrementally: other settings stay as they are)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
     entries = [ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
                for key, value in config.items()]
     resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)

@@ -114,11 +114,13 @@ class ResultClient:
     """Submit requests and await their outcomes; see the module docstring."""
 
     def __init__(self, bootstrap: str, topics: Topics, producer: EventProducer | None = None,
-                 metadata_timeout: float = 10.0, **config: Any) -> None:
+                 metadata_timeout: float = 10.0, auth: dict[str, Any] | None = None,
+                 **config: Any) -> None:
+        """``auth`` signs both clients in (SASL settings); ``config`` is the reader's."""
         self.topics = topics
-        self._producer = producer or EventProducer(bootstrap)
+        self._producer = producer or EventProducer(bootstrap, **(auth or {}))
         self._own_producer = producer is None
-        self._consumer = _reader(bootstrap, config)
+        self._consumer = _reader(bootstrap, {**(auth or {}), **config})
         self._pending: dict[str, concurrent.futures.Future[Outcome]] = {}
         self._requests: Counter[str] = Counter()
         self._lock = threading.Lock()

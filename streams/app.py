@@ -32,6 +32,7 @@ import structlog
 
 from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.infra import metrics
+from aipipe.infra.kafka_auth import broker_credentials
 from aipipe.infra.logging import bound_event, exit_process, report_exception
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.infra.settings import Settings
@@ -93,6 +94,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     app = faust.App(
         group,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=broker_credentials(settings),  # SASL sign-in, or None
         store="memory://",
         web_enabled=False,
         topic_partitions=settings.partitions,

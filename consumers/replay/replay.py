@@ -94,8 +94,10 @@ def _millis(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def replay_consumer(bootstrap: str) -> Consumer:
+def replay_consumer(bootstrap: str, **config: Any) -> Consumer:
+    """A reader of assigned partitions; ``config`` adds to it (the sign-in, for SASL)."""
     return Consumer({
+        **config,
         "bootstrap.servers": bootstrap,
         "group.id": f"aipipe-replay-{uuid.uuid4().hex}",  # never joined: partitions are assigned
         "enable.auto.commit": False,

@@ -29,6 +29,7 @@ from aipipe.consumers.costs.sink import CostSink
 from aipipe.consumers.costs.store import ClickHouseCostStore
 from aipipe.consumers.rollups import Sealer
 from aipipe.consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
+from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.logging import report_exception
 from aipipe.infra.queryserver import Limits, QueryServer
 from aipipe.infra.settings import Settings, reveal
@@ -47,6 +48,7 @@ def sink_options(settings: Settings, name: str) -> dict[str, Any]:
     """What every batching sink of this pipeline shares; ``name`` makes its consumer group."""
     return {
         "bootstrap": settings.kafka_bootstrap,
+        "kafka_config": kafka_config(settings),
         "deadletter_topic": settings.topics.deadletter,
         "group_id": f"{settings.topic_prefix}-{name}",
         "max_rows": settings.sink_batch_size,

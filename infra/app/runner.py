@@ -13,6 +13,7 @@ from typing import Literal
 
 import structlog
 
+from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import end_process
@@ -33,6 +34,7 @@ def prepare_topics(settings: Settings) -> None:
     ensure_topics(
         settings.kafka_bootstrap,
         settings.topics.all(),
+        client_config=kafka_config(settings),
         partitions=settings.partitions,
         retention_ms=settings.topic_retention_ms,
         replication_factor=settings.replication_factor,
@@ -48,12 +50,14 @@ def prepare_topics(settings: Settings) -> None:
         ensure_topics(
             settings.kafka_bootstrap,
             names,
+            client_config=kafka_config(settings),
             partitions=settings.partitions,
             replication_factor=settings.replication_factor,
             config=config,
         )
     # a dedup changelog an older release created (compacted only), or another horizon
-    set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config)
+    set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config,
+                     client_config=kafka_config(settings))
 
 
 def run(settings: Settings, role: Role = "all") -> None:

@@ -26,7 +26,7 @@ import string
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from confluent_kafka.admin import AdminClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from aipipe.infra.kafka_acls import ADMIN, admin_config
 from aipipe.infra.settings import REDIS_PASSWORD_FILE, home_redis_password
 from aipipe.schemas.errors import AipipeError
 
@@ -105,13 +106,16 @@ def ensure_kafka_jars(cache_dir: Path) -> Path:
     return lib
 
 
-def _kafka_probe(host: str, port: int, timeout: float = 2.0) -> str | None:
-    """A one-line description if a broker answers metadata at host:port, else None."""
+def _kafka_probe(host: str, port: int, timeout: float = 2.0,
+                 config: Mapping[str, str] | None = None) -> str | None:
+    """A one-line description if a broker answers metadata at host:port, else None;
+    ``config`` signs in (a SASL broker answers no one else)."""
     try:  # a refused connection answers fast and keeps librdkafka's retry logs quiet
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError:
         return None
-    admin = AdminClient({"bootstrap.servers": f"{host}:{port}", "log_level": 0})
+    admin = AdminClient({**(config or {}), "bootstrap.servers": f"{host}:{port}",
+                         "log_level": 0})
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException:  # e.g. a timeout while the broker is still coming up
@@ -119,24 +123,32 @@ def _kafka_probe(host: str, port: int, timeout: float = 2.0) -> str | None:
     return f"{len(meta.brokers)} broker(s), {len(meta.topics)} topic(s)"
 
 
-def kafka_status(host: str, port: int, home: Path) -> ServiceStatus:
+def kafka_status(host: str, port: int, home: Path,
+                 config: Mapping[str, str] | None = None) -> ServiceStatus:
     """Whether a broker answers metadata at host:port, with the pid from ``home`` if any."""
-    detail = _kafka_probe(host, port)
+    detail = _kafka_probe(host, port, config=config)
     return ServiceStatus("kafka", f"{host}:{port}", detail is not None,
                          _live_pid(home / "kafka" / "kafka.pid", KAFKA_COMM),
                          detail or "no broker answers metadata")
 
 
 def start_kafka(host: str, port: int, home: Path, cache_dir: Path,
-                timeout: float = 90) -> ServiceStatus:
-    """Start a single-node KRaft broker (controller on port+1) unless one already answers."""
-    status = kafka_status(host, port, home)
+                timeout: float = 90, users: Mapping[str, str] | None = None) -> ServiceStatus:
+    """Start a single-node KRaft broker (controller on port+1) unless one already answers.
+
+    With ``users`` (name to password, ``admin`` among them: ``kafka_acls.ensure_kafka_users``)
+    it requires SASL/SCRAM sign-in and enforces ACLs (``kafka/sasl.properties.template``);
+    the users are created when the data dir is formatted, and ``admin`` is its super user.
+    """
+    admin = None if users is None else admin_config(f"{host}:{port}", users)
+    status = kafka_status(host, port, home, admin)
     if status.running:
         return status
     started = time.monotonic()
     kdir = home / "kafka"
     data, props, server_log = kdir / "data", kdir / "server.properties", kdir / "server.log"
     pid_file = kdir / "kafka.pid"
+    _check_sasl_marker(kdir, users is not None)
     pid = _live_pid(pid_file, KAFKA_COMM)
     if pid is None:  # nothing of ours is already starting up: launch a broker
         java_bin = shutil.which("java")
@@ -145,30 +157,62 @@ def start_kafka(host: str, port: int, home: Path, cache_dir: Path,
                                "with `apt-get install -y openjdk-17-jre-headless`.")
         lib = ensure_kafka_jars(cache_dir)
         data.mkdir(parents=True, exist_ok=True)
-        template = string.Template((KAFKA_DIR / "server.properties.template").read_text())
-        props.write_text(template.substitute(host=host, port=port, controller_port=port + 1,
-                                             data_dir=data))
+        text = (KAFKA_DIR / "server.properties.template").read_text()
+        if users is not None:
+            text += (KAFKA_DIR / SASL_TEMPLATE).read_text()
+        template = string.Template(text)
+        _write_private(props, template.substitute(
+            host=host, port=port, controller_port=port + 1, data_dir=data, admin=ADMIN,
+            admin_password=(users or {}).get(ADMIN, "")))
         java = [java_bin, *JVM_FLAGS, f"-Dkafka.logs.dir={kdir}",
                 f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}", "-cp", f"{lib}/*"]
         if not (data / "meta.properties").exists():
-            _format_storage(java, props, kdir)
+            _format_storage(java, props, kdir, _scram_arguments(users or {}))
+            if users is not None:
+                (kdir / SASL_MARKER).write_text("formatted with SASL/SCRAM users\n")
         pid = _spawn([*java, "kafka.Kafka", str(props)], kdir / "stdout.log", pid_file)
-    _wait(lambda: _kafka_probe(host, port) is not None, pid, timeout,
+    _wait(lambda: _kafka_probe(host, port, config=admin) is not None, pid, timeout,
           f"Kafka at {host}:{port}", [server_log, kdir / "stdout.log"])
-    status = kafka_status(host, port, home)
+    status = kafka_status(host, port, home, admin)
     log.info("kafka_started", address=status.address, pid=status.pid,
              seconds=round(time.monotonic() - started, 1))
     return status
 
 
-def _format_storage(java: list[str], props: Path, kdir: Path) -> None:
+SASL_TEMPLATE = "sasl.properties.template"
+SASL_MARKER = "sasl"  # <home>/kafka/sasl: the data dir holds SCRAM users and ACLs
+
+
+def _check_sasl_marker(kdir: Path, sasl: bool) -> None:
+    """A data dir formatted with SASL users is not started open, nor the reverse."""
+    if not (kdir / "data" / "meta.properties").exists() or (kdir / SASL_MARKER).exists() == sasl:
+        return
+    if sasl:
+        raise ServiceError(f"The Kafka data dir {kdir / 'data'} was formatted without SASL "
+                           "users; stop Kafka and delete that directory (its topics go with "
+                           "it), or unset AIPIPE_KAFKA_SECURITY_PROTOCOL.")
+    raise ServiceError(f"The Kafka data dir {kdir / 'data'} was formatted with SASL users and "
+                       "ACLs; set AIPIPE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT, or stop Kafka "
+                       "and delete that directory.")
+
+
+def _scram_arguments(users: Mapping[str, str]) -> list[str]:
+    """StorageTool's ``--add-scram`` for each user, with both SCRAM mechanisms."""
+    return [argument for name, password in sorted(users.items())
+            for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256")
+            for argument in ("--add-scram", f"{mechanism}=[name={name},password={password}]")]
+
+
+def _format_storage(java: list[str], props: Path, kdir: Path,
+                    extra: list[str] | None = None) -> None:
     cluster_id = "-"
     while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     with (kdir / "stdout.log").open("ab") as out:
         code = subprocess.call(
             [*java, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
-             "-c", str(props)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             "-c", str(props), *(extra or [])],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if code != 0:
         raise ServiceError(f"Formatting the Kafka data dir failed (exit {code}); read "
                            f"{kdir / 'stdout.log'}, then delete {kdir / 'data'} and retry.")
