@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from aipipe.infra.settings import ConfigError, Settings, load_settings
+from aipipe.infra.kafka_auth import kafka_config
+from aipipe.infra.settings import ConfigError, Settings, home_kafka_password, load_settings
 from aipipe.schemas.errors import AipipeError
 
 
@@ -58,6 +59,37 @@ def cli() -> None:
 # -- local services --------------------------------------------------------------------
 
 
+def _kafka_users(s: Settings) -> dict[str, str] | None:
+    """With SASL on: the local Kafka's users and passwords (generated once under the home)."""
+    if not s.kafka_security_protocol.startswith("SASL"):
+        return None
+    from aipipe.infra.kafka_acls import ensure_kafka_users  # deferred: loaded per command
+
+    return ensure_kafka_users(s.home)
+
+
+def _kafka_status(s: Settings) -> Any:
+    """The local Kafka's status, probed as the configured user when SASL is on."""
+    from aipipe import services  # deferred: loaded per command
+
+    return services.kafka_status(*s.kafka_host_port, home=s.home, config=kafka_config(s))
+
+
+def _apply_acls(s: Settings, users: dict[str, str] | None) -> None:
+    """Create each principal's ACLs for the prefix: as the local ``admin`` when ``users``
+    (from ``aipipe up``), else as the configured user (one allowed to alter ACLs)."""
+    from aipipe.infra.kafka_acls import (  # deferred: loaded per command
+        admin_config,
+        apply_acls,
+    )
+
+    config = (admin_config(s.kafka_bootstrap, users) if users
+              else {"bootstrap.servers": s.kafka_bootstrap, **kafka_config(s)})
+    count = apply_acls(config, s.topic_prefix)
+    click.echo(f"{'acls':<6} {s.topic_prefix + '.*':<22} {count} bindings for upstream, "
+               "workers and analysts (README, Authentication and ACLs)")
+
+
 @cli.command()
 @pass_ctx
 def up(ctx: _Context) -> None:
@@ -65,11 +97,15 @@ def up(ctx: _Context) -> None:
     from aipipe import services  # deferred: loaded per command
 
     s = ctx.settings
+    users = _kafka_users(s)  # SASL: SCRAM users at format time, then the prefix's ACLs
     for status in (
-        services.start_kafka(*s.kafka_host_port, home=s.home, cache_dir=s.cache_dir),
+        services.start_kafka(*s.kafka_host_port, home=s.home, cache_dir=s.cache_dir,
+                                      users=users),
         services.start_redis(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{status.name:<6} {status.address:<22} up   {status.detail}")
+    if users is not None:
+        _apply_acls(s, users)
 
 
 @cli.command()
@@ -94,13 +130,29 @@ def status(ctx: _Context) -> None:
 
     s = ctx.settings
     for st in (
-        services.kafka_status(*s.kafka_host_port, home=s.home),
+        _kafka_status(s),
         services.redis_status(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{st.name:<6} {st.address:<22} {'up' if st.running else 'down':<5} {st.detail}")
     if s.embedded:
         url = find_endpoint(s.home)
         click.echo(f"{'reads':<6} {url or s.clickhouse_dsn:<22} {'up' if url else 'embedded'}")
+
+
+@cli.command("kafka-acls")
+@pass_ctx
+def kafka_acls(ctx: _Context) -> None:
+    """Create the upstream, workers and analysts principals' ACLs for AIPIPE_TOPIC_PREFIX:
+    as the admin of `aipipe up`'s SASL Kafka, else as AIPIPE_KAFKA_USERNAME."""
+    s = ctx.settings
+    if not s.kafka_security_protocol.startswith("SASL"):
+        raise click.ClickException("Kafka ACLs need a signed-in admin; set "
+                                   "AIPIPE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (README, "
+                                   "Authentication and ACLs).")
+    from aipipe.infra.kafka_acls import ADMIN  # deferred: loaded per command
+
+    users = ({ADMIN: password} if (password := home_kafka_password(s.home, ADMIN)) else None)
+    _apply_acls(s, users)
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -168,7 +220,7 @@ def emit(
         except json.JSONDecodeError:
             parsed[key] = raw
     s = ctx.settings
-    with EventProducer(s.kafka_bootstrap) as producer:
+    with EventProducer(s.kafka_bootstrap, **kafka_config(s)) as producer:
         for _ in range(count):
             event = OperationRequested(
                 request_id=str(uuid.uuid4()),
@@ -203,7 +255,8 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
     )
 
     s = ctx.settings
-    outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0)
+    outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0,
+                           **kafka_config(s))
     if outcome is None:
         hint = "" if wait else "; add --wait to wait for it"
         raise click.ClickException(
@@ -332,7 +385,7 @@ def budget_set(ctx: _Context, client_id: str, amount: str, period: str) -> None:
     s = ctx.settings
     event = BudgetSet(request_id=str(uuid.uuid4()), client_id=client_id,
                       amount_usd=_usd_option(amount, "--amount"), period=period)  # type: ignore[arg-type]
-    with EventProducer(s.kafka_bootstrap) as producer:
+    with EventProducer(s.kafka_bootstrap, **kafka_config(s)) as producer:
         producer.send(s.topics.budgets, event)
     click.echo(
         f"{client_id}: budget ${event.amount_usd} per {period} sent ({event.event_id}); it "

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
@@ -89,7 +90,7 @@ def run_demo(base: Settings, operations: int, clients: int) -> None:
     try:
         with Progress(console=console, transient=False) as progress:
             sent = progress.add_task("produce operation.requested", total=len(events))
-            with EventProducer(settings.kafka_bootstrap) as producer:
+            with EventProducer(settings.kafka_bootstrap, **kafka_config(settings)) as producer:
                 for event in events:
                     producer.send(settings.topics.requested, event)
                     progress.advance(sent)

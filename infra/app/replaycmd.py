@@ -27,6 +27,7 @@ from aipipe.consumers.replay import (
 from aipipe.consumers.replay.asof import budget_report_as_of
 from aipipe.consumers.replay.replay import replay_consumer
 from aipipe.infra.endpoint import find_endpoint
+from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.settings import Settings
 from aipipe.reader import open_reader
 from aipipe.schemas.prices import PriceTable
@@ -91,7 +92,7 @@ def run_replay(settings: Settings, *, into: str, database: str, start: datetime 
             f"{into} database {database} already holds {existing[0][0]} cost rows; replay into "
             "a fresh chDB path or an empty database so the manifest describes all of it."
         )
-    consumer = replay_consumer(settings.kafka_bootstrap)
+    consumer = replay_consumer(settings.kafka_bootstrap, **kafka_config(settings))
     topic = settings.topics.completed
     ranges = plan(consumer, topic, start, end)
     replayer = Replayer(consumer, store, batch_rows=batch_rows, prices=prices,
@@ -166,7 +167,7 @@ def _ranges(manifest: Manifest) -> str:
 def budget_report_at(settings: Settings, client_id: str, as_of: datetime,
                      override: Decimal | None) -> dict[str, Any]:
     """``aipipe budget check --as-of T``: see ``aipipe.consumers.replay.asof``."""
-    consumer = replay_consumer(settings.kafka_bootstrap)
+    consumer = replay_consumer(settings.kafka_bootstrap, **kafka_config(settings))
     try:
         ranges = plan(consumer, settings.topics.completed, None, as_of)
     finally:
