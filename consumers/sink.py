@@ -21,6 +21,10 @@ Order per batch (at-least-once, made exact by idempotent writes):
   4. commit the offsets, only now.
 A crash anywhere repeats at most the batch. A projection says how a message becomes rows
 (``rows``) and how rows are written (``write``).
+
+With tracing on, each message with rows gets a span (``sink <stage>``), the child of the
+span in its headers, from its arrival until its batch is committed; its attributes come
+from its first row (for costs: request and client id, model, cost).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from aipipe.infra import metrics
 from aipipe.infra.metrics import HEALTH, LagGauge
+from aipipe.producers import tracing
 from aipipe.producers.producer import EventProducer
 from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
 from aipipe.schemas.errors import AipipeError, EventDecodeError
@@ -101,6 +106,18 @@ def content_digest(digests: Iterable[tuple[tuple[str, int, int], bytes]]) -> str
     return combined.hexdigest()
 
 
+def end_spans(spans: list[Any], error: str | None = None) -> None:
+    """End the spans of a batch's messages: written and committed, or given up (``error``)."""
+    if not spans:
+        return
+    from opentelemetry.trace import StatusCode  # deferred: OpenTelemetry only when tracing is on
+
+    for span in spans:
+        if error is not None:
+            span.set_status(StatusCode.ERROR, error)
+        span.end()
+
+
 def coordinates(message: Message) -> tuple[str, int, int]:
     """Topic, partition and offset of a consumed (not an error) message."""
     topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -133,6 +150,7 @@ class Batch:
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     digests: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
     started: float = 0.0
+    spans: list[Any] = field(default_factory=list)  # tracing on: a span per entry
 
     def __len__(self) -> int:
         return len(self.entries) + self.dead
@@ -586,6 +604,11 @@ class BatchingSink(Generic[Row]):
             self.batch.dead += 1
             return
         self.batch.entries.append(Entry(topic, partition, offset, message, rows, digest))
+        if tracing.enabled and rows:
+            self.batch.spans.append(tracing.start_consumer(
+                f"sink {self.stage}", message.headers(), rows[0], **{
+                    "messaging.system": "kafka", "messaging.destination.name": topic,
+                    "messaging.kafka.partition": partition, "messaging.kafka.offset": offset}))
 
     def dead_letter(self, message: Message, reason: str, error: str) -> None:
         topic, partition, offset = coordinates(message)
@@ -632,11 +655,13 @@ class BatchingSink(Generic[Row]):
             self.held.clear()  # not committed: these come again from the committed offsets
             log.warning("sink_batch_abandoned", stage=self.stage, reason=str(exc),
                         messages=len(batch), token=batch.dedup_token())
+            end_spans(batch.spans, f"abandoned: {exc}")
             return
         finally:
             self._flushing = False
         self.deadletters.flush()  # every dead letter acknowledged before the offsets move
         self._commit(batch)
+        end_spans(batch.spans)
         dead = batch.dead + self._dead_in_flush
         rows = sum(len(e.rows) for e in batch.entries) - self._rejected_rows
         self.written += rows

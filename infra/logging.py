@@ -1,7 +1,9 @@
 """structlog configured once per process: console on a terminal in development, JSON otherwise.
 
 Context (``request_id``, ``client_id``, ``event_id``) is bound per event through
-contextvars; a processor drops secrets and prompt text before anything is rendered.
+contextvars; with tracing on, every line logged while a span is current carries its
+``trace_id`` and ``span_id``; a processor drops secrets and prompt text before anything is
+rendered.
 Sentry is initialised here when ``SENTRY_DSN`` is set.
 """
 
@@ -17,6 +19,8 @@ from typing import Any
 import structlog
 
 from aipipe.infra.settings import Settings
+from aipipe.infra.tracing import flush_traces
+from aipipe.producers import tracing
 
 _SECRET_KEYS = frozenset({"api_key", "authorization", "password", "prompt", "token", "key"})
 
@@ -26,6 +30,17 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     for name in list(event_dict):
         if name.lower() in _SECRET_KEYS:
             event_dict[name] = "[redacted]"
+    return event_dict
+
+
+def add_trace_ids(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``trace_id`` and ``span_id`` of the current span (tracing on, a span current)."""
+    if tracing.enabled:
+        ids = tracing.current_ids()
+        if ids is not None:
+            event_dict["trace_id"], event_dict["span_id"] = ids
     return event_dict
 
 
@@ -39,6 +54,7 @@ def configure_logging(settings: Settings) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact,
@@ -100,6 +116,7 @@ def exit_process(part: str, exc: BaseException, code: int = EXIT_PART_FAILED) ->
 
         report_exception(exc, part=part)
         sentry_sdk.flush(timeout=2.0)
+        flush_traces(timeout=2.0)
     finally:
         sys.stderr.flush()
         os._exit(code)

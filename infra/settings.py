@@ -34,6 +34,7 @@ class ConfigError(AipipeError):
     """A setting is missing or malformed; the message names the variable and the fix."""
 
 
+TRACE_EXPORTERS = ("otlp", "console", "none")  # OTEL_TRACES_EXPORTER's values here
 REDIS_PASSWORD_FILE = "redis.json"  # <home>/redis.json (0600), written by ``aipipe up``
 KAFKA_USERS_FILE = "kafka-users.json"  # <home>/kafka-users.json (0600): SASL users, ``aipipe up``
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -104,6 +105,14 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = Field(
         None, validation_alias=AliasChoices("SENTRY_DSN", "AIPIPE_SENTRY_DSN")
     )
+    # -- tracing: the standard OpenTelemetry variables (README, Tracing); the SDK reads
+    # the others it knows (OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, ...) itself --
+    otel_traces_exporter: str = Field("", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_exporter_otlp_endpoint: str = Field("", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str = Field(
+        "", validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
+    otel_service_name: str = Field("", validation_alias="OTEL_SERVICE_NAME")
     query_port: int = Field(
         8124, ge=0, le=65535, description="Loopback port of the embedded read endpoint."
     )
@@ -301,6 +310,25 @@ class Settings(BaseSettings):
     webhook_retry_cap_seconds: float = Field(default=30.0, gt=0, description="Longest wait.")
     webhook_concurrency: int = Field(default=32, ge=1, le=1000, description="Deliveries at once.")
 
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACE_EXPORTERS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not an exporter here; use otlp, console or none")
+        return ",".join(names)
+
+    @property
+    def tracing(self) -> bool:
+        """Traces are exported: an exporter or an OTLP endpoint is set, and the SDK is not
+        disabled (``OTEL_SDK_DISABLED``)."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        exporters = set(self.otel_traces_exporter.split(",")) - {"", "none"}
+        return bool(exporters or self.otel_exporter_otlp_endpoint
+                    or self.otel_exporter_otlp_traces_endpoint)
+
     @field_validator("webhook_allowed_urls")
     @classmethod
     def _webhook_urls(cls, value: str) -> str:
@@ -464,6 +492,10 @@ class Settings(BaseSettings):
         for name, value in self.model_dump(exclude_defaults=False).items():
             if value is None or name == "sentry_dsn":
                 continue
+            if name.startswith("otel_"):  # under its own OpenTelemetry name
+                if value not in ("", False):
+                    env[name.upper()] = str(value).lower() if value is True else str(value)
+                continue
             if isinstance(value, SecretStr):  # str() would pass on the mask, not the key
                 value = value.get_secret_value()
             env[f"AIPIPE_{name.upper()}"] = str(value)
@@ -481,7 +513,8 @@ def load_settings(**overrides: object) -> Settings:
         if not first["loc"]:  # a rule across settings: its message names them and the fix
             raise ConfigError(f"{first['msg'].removeprefix('Value error, ')}.") from exc
         name = str(first["loc"][0])
-        var = "SENTRY_DSN" if name == "sentry_dsn" else f"AIPIPE_{name.upper()}"
+        var = ("SENTRY_DSN" if name == "sentry_dsn" else name if name.startswith("OTEL_")
+               else f"AIPIPE_{name.upper()}")
         raise ConfigError(
             f"{var} is invalid ({first['msg']}); set it to a valid value or unset it "
             "to use the default."

@@ -25,6 +25,7 @@ import structlog
 
 from aipipe.infra.logging import report_exception
 from aipipe.infra.metrics import HEALTH
+from aipipe.infra.tracing import flush_traces
 from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.supervise")
@@ -37,10 +38,11 @@ class WorkerThreadStopped(AipipeError):
 
 
 def flush_reports(timeout: float = 5.0) -> None:
-    """Send what Sentry has queued (a no-op without ``SENTRY_DSN``) and flush the logs."""
+    """Send what Sentry and the tracer have queued (no-ops when off) and flush the logs."""
     import sentry_sdk
 
     sentry_sdk.flush(timeout=timeout)
+    flush_traces(timeout)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
 

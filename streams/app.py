@@ -36,6 +36,7 @@ from aipipe.infra.kafka_auth import broker_credentials
 from aipipe.infra.logging import bound_event, exit_process, report_exception
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.infra.settings import Settings
+from aipipe.producers import tracing
 from aipipe.producers.producer import headers_for
 from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
 from aipipe.schemas.errors import EventDecodeError
@@ -54,7 +55,7 @@ from aipipe.schemas.events import (
     encode,
     utcnow,
 )
-from aipipe.streams import dedup
+from aipipe.streams import dedup, spans
 from aipipe.streams.admission.decide import undecidable
 from aipipe.streams.admission.gate import AdmissionGate, Decided, build_gate
 from aipipe.streams.consumer import use_safe_seek_consumer
@@ -129,10 +130,11 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     def remembered(table: Any, key: str) -> bool:
         return dedup.is_fresh(table.get(key), deps.clock().timestamp(), horizon)
 
-    async def emit(topic: Any, event: Event, stage: str) -> Awaitable[Any]:
-        """Send ``event``; the returned future resolves when the broker has it."""
+    async def emit(topic: Any, event: Event, stage: str, span: Any = None) -> Awaitable[Any]:
+        """Send ``event`` (with the trace context of ``span``, or the current span's); the
+        returned future resolves when the broker has it."""
         key, value = event.client_id.encode(), encode(event)
-        sent = await topic.send(key=key, value=value, headers=headers_for(event))
+        sent = await topic.send(key=key, value=value, headers=headers_for(event, span))
         metrics.EVENTS_PRODUCED.labels(stage, getattr(event, "event_type", "")).inc()
         return sent  # type: ignore[no-any-return]
 
@@ -194,6 +196,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 carriers.append(event)
         if not requests:
             return
+        traced = spans.admission(requests, carriers) if tracing.enabled else None
         result = await decide_each_once(gate, requests, deps.clock)
         for notice in result.notices:
             await emit(budgets_topic, notice, "admission")
@@ -201,7 +204,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         sent = []
         for decision in result.decisions:
             out = admitted if isinstance(decision, OperationAdmitted) else rejected
-            sent.append(await emit(out, decision, "admission"))
+            sent.append(await emit(out, decision, "admission",
+                                   traced.get(decision.operation_id) if traced else None))
             metrics.DECISIONS.labels(
                 "admitted" if out is admitted else "rejected",
                 decision.reason if isinstance(decision, OperationRejected) else "admitted",
@@ -213,6 +217,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         # and the decision go to different partitions, and a crash between the two must
         # not leave a request marked seen whose decision was lost.
         await asyncio.gather(*sent)
+        if traced:
+            spans.decided(traced, result.decisions)
         marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
             as_current(event)  # the table write goes to this event's changelog partition
@@ -296,7 +302,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     async def run_operation(event: Any, operation: OperationAdmitted) -> None:
         """One attempt at ``operation``: its events on the broker, then its done mark."""
         with bound_event(request_id=operation.request_id, client_id=operation.client_id,
-                         event_id=operation.event_id):
+                         event_id=operation.event_id), spans.generation(event.message, operation):
             attempt = await begin_attempt(event, operation)
             # never raises for the operation: a failure is a failed completion
             events = [e.model_copy(update={"attempt": attempt})
@@ -384,6 +390,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         for event in events:
             sent.append(await emit(topic_for(event), event, stage))
             if isinstance(event, OperationCompleted):
+                if tracing.enabled:  # model, cost and success on the stage's span
+                    tracing.note(event)
                 metrics.OPERATIONS_COMPLETED.labels(event.operation_type,
                                                     str(event.success).lower()).inc()
                 metrics.COST_USD.labels(event.provider, event.model).inc(float(event.cost_usd))
@@ -409,7 +417,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         elif entry == "delete":
             pending_videos.pop(operation_id, None)
         elif entry is not None:
-            pending_videos[operation_id] = entry
+            pending_videos[operation_id] = (spans.carry(entry, item.message.headers)
+                                            if tracing.enabled else entry)
 
     @app.agent(polls, name="video-polls")
     async def video_polls(stream: Any) -> None:
@@ -421,7 +430,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     async def poll_once(video: VideoStarted, attempt: int) -> None:
         with bound_event(request_id=video.request_id, client_id=video.client_id,
-                         operation_id=video.operation_id, attempt=attempt):
+                         operation_id=video.operation_id, attempt=attempt), \
+                spans.poll(pending_videos, video, attempt):
             try:
                 # never raises for the video: a failure is a failed poll or completion
                 events = await generator.poll(video, attempt)

@@ -219,7 +219,13 @@ def emit(
             parsed[key] = json.loads(raw)
         except json.JSONDecodeError:
             parsed[key] = raw
+    from aipipe.infra.tracing import (  # deferred: loaded per command
+        configure_tracing,
+        flush_traces,
+    )
+
     s = ctx.settings
+    configure_tracing(s, "aipipe-emit")  # a producer span per event when OTEL_* asks for it
     with EventProducer(s.kafka_bootstrap, **kafka_config(s)) as producer:
         for _ in range(count):
             event = OperationRequested(
@@ -233,6 +239,7 @@ def emit(
             )
             producer.send(s.topics.requested, event)
             click.echo(event.event_id)
+    flush_traces()
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import end_process
 from aipipe.infra.topics import ensure_topics, set_topic_config
+from aipipe.infra.tracing import configure_tracing
 from aipipe.streams.dedup import changelog_config
 
 Role = Literal["all", "streams", "costs"]
@@ -66,6 +67,7 @@ def run(settings: Settings, role: Role = "all") -> None:
     A process that owns ClickHouse ends with ``end_process(0)`` once everything is
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
+    configure_tracing(settings, f"aipipe-{role}")  # OTEL_* (README, Tracing); off: nothing
     prepare_topics(settings)
     serve_metrics(settings)  # /metrics, /healthz, /readyz of this process, until it exits
     if role == "streams":

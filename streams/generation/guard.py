@@ -8,7 +8,8 @@ the circuit alone. Anything else the call raises (a bug, a bad value, a cancella
 a rebalance) says nothing about the provider's health: it is not retried and propagates,
 and a half-open circuit's trial is released on the way, so every exit of a trial call
 settles it. The state lives in the worker; the transitions are returned so the caller can
-emit them as events. Clock, sleep and randomness are injected.
+emit them as events. Clock, sleep and randomness are injected. With tracing on, each
+attempt is a ``provider_call`` span (``aipipe.streams.spans``).
 
 While a model's circuit is open, ``fallbacks`` names the models an operation may run on
 instead (from the limits file, see ``streams/admission/limits.py``); ``service.Generation``
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from aipipe.infra import metrics
+from aipipe.streams import spans
 from aipipe.streams.generation.backoff import retry_delay
 from aipipe.streams.generation.breaker import (
     CLOSED,
@@ -140,7 +142,8 @@ class ProviderGuard:
             started = time.monotonic()
             try:
                 try:
-                    out.value = await fn()
+                    with spans.provider_call(provider, model, attempt):
+                        out.value = await fn()
                 finally:
                     metrics.PROVIDER_LATENCY.labels(provider, model).observe(
                         time.monotonic() - started)

@@ -4,6 +4,7 @@
 (budgets are read through a ClickHouse server or the owner's read endpoint); ``aipipe run
 costs`` loads no faust or matplotlib; an emitter (``aipipe.producers``, ``aipipe.schemas``)
 loads none of faust, chDB, clickhouse-connect, redis, matplotlib, pandas or prometheus-client.
+An emitter loads no OpenTelemetry while tracing is off (a worker's redis client imports it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("faust", "chdb", "clickhouse_connect", "redis", "matplotlib", "pandas", "pyarrow",
-         "prometheus_client")
+         "prometheus_client", "opentelemetry")  # OpenTelemetry: only when OTEL_* asks for traces
 
 # what `aipipe run ROLE` imports before its worker runs, and for streams the app it builds
 # (and a budget lookup's store opening: with no endpoint under the home, it opens none)
@@ -55,8 +56,10 @@ def loaded(code: str, home: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("code", "allowed"), [
-    (STREAMS, {"faust", "redis", "clickhouse_connect", "prometheus_client"}),
-    (COSTS, {"chdb", "clickhouse_connect", "redis", "pandas", "pyarrow", "prometheus_client"}),
+    # redis (8.x) imports OpenTelemetry's SDK for its own observability when it is installed
+    (STREAMS, {"faust", "redis", "clickhouse_connect", "prometheus_client", "opentelemetry"}),
+    (COSTS, {"chdb", "clickhouse_connect", "redis", "pandas", "pyarrow", "prometheus_client",
+             "opentelemetry"}),
     (EMITTER, set()),
 ], ids=["streams", "costs", "emitter"])
 def test_a_role_loads_only_what_it_uses(code: str, allowed: set[str], tmp_path: Path) -> None:

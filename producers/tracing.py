@@ -1,0 +1,165 @@
+"""Trace context across Kafka hops: W3C ``traceparent``/``tracestate`` headers, OpenTelemetry spans.
+
+Off unless something turns it on, and then free: ``enabled`` is a module flag that every
+call site checks first, and nothing of OpenTelemetry is imported while it is False. It
+turns on when
+
+- ``aipipe`` sets up the OpenTelemetry SDK from the ``OTEL_*`` variables
+  (``aipipe.infra.tracing``), in a worker or ``aipipe emit``; or
+- an ``EventProducer`` is built in a process that has set a tracer provider of its own (an
+  upstream service with its own OpenTelemetry SDK), read from ``sys.modules`` without
+  importing anything.
+
+The producer starts a span per event (the current span's child, or a new trace) and puts
+its context in the event's headers; each stage starts its span as the child of the context
+in the headers it consumed, and the events it emits carry that span's context onward
+(``inject``, called by ``headers_for``). Span attributes carry the event's ids:
+``aipipe.request_id``, ``aipipe.client_id``, ``aipipe.model`` and, on a completion,
+``aipipe.cost_usd``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, SpanKind, Tracer
+
+#: True once tracing is on in this process; every call site checks it before anything else
+enabled = False
+_tracer: Tracer | None = None
+TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
+_NOTHING: AbstractContextManager[None] = nullcontext()
+
+# the fields of an event (or a cost row) that become span attributes, under ``aipipe.``
+_FIELDS = ("request_id", "client_id", "operation_id", "event_type", "operation_type",
+           "provider", "model", "attempt")
+
+
+def enable() -> None:
+    """Turn tracing on, with the global tracer provider (set it first)."""
+    global enabled, _tracer
+    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+    _tracer = trace.get_tracer("aipipe")
+    enabled = True
+
+
+def disable() -> None:
+    global enabled, _tracer
+    enabled, _tracer = False, None
+
+
+def detect() -> bool:
+    """Turn tracing on when this process has set a tracer provider of its own."""
+    if not enabled:
+        module = sys.modules.get("opentelemetry.trace")
+        if module is not None and getattr(module, "_TRACER_PROVIDER", None) is not None:
+            enable()
+    return enabled
+
+
+def tracer() -> Tracer:
+    assert _tracer is not None, "tracing is off: check tracing.enabled first"
+    return _tracer
+
+
+def attributes(source: Any) -> dict[str, Any]:
+    """Span attributes from an event's (or a cost row's) fields: ids, model, cost."""
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = getattr(source, name, None)
+        if value is not None:
+            out[f"aipipe.{name}"] = value
+    cost = getattr(source, "cost_usd", None)
+    if cost is not None:
+        out["aipipe.cost_usd"] = float(cost)
+    success = getattr(source, "success", None)
+    if success is not None:
+        out["aipipe.success"] = bool(success)
+    return out
+
+
+def inject(headers: list[Any], as_bytes: bool = True, span: Span | None = None) -> None:
+    """Append the W3C headers of ``span`` (or the current span) to ``headers``."""
+    if span is None:
+        from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+        span = trace.get_current_span()
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return
+    parent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+    state = sc.trace_state.to_header() if sc.trace_state else ""
+    headers.append((TRACEPARENT, parent.encode() if as_bytes else parent))
+    if state:
+        headers.append((TRACESTATE, state.encode() if as_bytes else state))
+
+
+def carried(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> dict[str, str]:
+    """The trace headers among ``headers`` (a Kafka message's list of pairs, or a mapping)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name in (TRACEPARENT, TRACESTATE) and value is not None:
+            out[name] = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return out
+
+
+def parent_of(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> Context | None:
+    """The context in a message's trace headers (None: a new trace starts)."""
+    found = carried(headers)
+    if not found:
+        return None
+    from opentelemetry.trace.propagation.tracecontext import (  # deferred: tracing on only
+        TraceContextTextMapPropagator,
+    )
+
+    return TraceContextTextMapPropagator().extract(found)
+
+
+def consumer_kind() -> SpanKind:
+    from opentelemetry.trace import SpanKind  # deferred: OpenTelemetry only when tracing is on
+
+    return SpanKind.CONSUMER
+
+
+def start_consumer(name: str, headers: Any, source: Any, **extra: Any) -> Span:
+    """A span for a stage that consumed a message: the child of the span in its headers."""
+    return tracer().start_span(name, context=parent_of(headers), kind=consumer_kind(),
+                               attributes={**attributes(source), **extra})
+
+
+@contextmanager
+def _within(span: Span, end: bool) -> Iterator[None]:
+    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+    with trace.use_span(span, end_on_exit=end):
+        yield
+
+
+def within(span: Span | None, end: bool = False) -> AbstractContextManager[None]:
+    """``span`` as the current span in the block (ended after it when ``end``); a shared
+    no-op block when ``span`` is None (tracing off)."""
+    return _NOTHING if span is None else _within(span, end)
+
+
+def note(source: Any) -> None:
+    """Add the attributes of ``source`` (a completion: model, cost) to the current span."""
+    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+    trace.get_current_span().set_attributes(attributes(source))
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The current span's trace and span id in hex, for log lines; None with no span."""
+    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+    sc = trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return None
+    return f"{sc.trace_id:032x}", f"{sc.span_id:016x}"

@@ -1,0 +1,229 @@
+"""One trace per request across real processes, exported over OTLP/HTTP by every stage.
+
+``aipipe emit`` (the producer), a streams worker (admission, generation, provider calls,
+video polls) and a costs worker (the cost sink) run as separate processes with the
+standard ``OTEL_*`` variables pointing at a small OTLP/HTTP receiver in the test, which
+decodes each protobuf ``ExportTraceServiceRequest``. Every request's spans share one trace
+id, each stage's span is the child of the previous hop's (through the ``traceparent``
+header), the ids, model and cost are attributes (the cost equal to the row in
+ClickHouse), and the workers' log lines logged within a span carry its ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from aipipe.infra.settings import Settings
+from aipipe.processes import WorkerProcess, wait_for
+from aipipe.runner import prepare_topics
+from tests.support.pipeline import store_of, wait_recorded
+
+pytestmark = pytest.mark.e2e
+
+IMAGES, VIDEOS = 3, 1
+POLLS = 2  # the simulated video is done at its second poll
+
+
+@dataclass(frozen=True)
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    start: int
+    attributes: dict[str, Any]
+
+
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver on loopback: ``POST /v1/traces`` (protobuf)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                receiver.add(request)
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def add(self, request: ExportTraceServiceRequest) -> None:
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(Span(
+                        service=str(resource.get("service.name")), name=span.name,
+                        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
+                        parent_id=span.parent_span_id.hex(), start=span.start_time_unix_nano,
+                        attributes={kv.key: _value(kv.value) for kv in span.attributes}))
+        with self.lock:
+            self.spans += spans
+
+    def traces(self) -> dict[str, list[Span]]:
+        by_trace: dict[str, list[Span]] = defaultdict(list)
+        with self.lock:
+            for span in self.spans:
+                by_trace[span.trace_id].append(span)
+        return by_trace
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """The receiver, and the OTEL_* variables every process started here inherits."""
+    server = Receiver()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export every 0.2 s, not 5 s
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    yield server
+    server.stop()
+
+
+def emit(settings: Settings, *args: str) -> list[str]:
+    """``aipipe emit`` in its own process; the event ids it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPIPE_")}
+    env.update(settings.to_env())
+    done = subprocess.run([sys.executable, "-m", "aipipe", "emit", "--client", "acme",
+                           "--param", "prompt=a lamp", *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def one(spans: list[Span], name: str) -> Span:
+    found = [span for span in spans if span.name == name]
+    assert len(found) == 1, f"{name}: {found}"
+    return found[0]
+
+
+def test_one_trace_per_request_from_emit_to_cost_row(
+    settings: Settings, receiver: Receiver
+) -> None:
+    settings = settings.model_copy(update={
+        "simulated_video_polls": POLLS, "video_poll_base_seconds": 0.2})
+    prepare_topics(settings)
+    workers = [WorkerProcess(settings, role).start() for role in ("costs", "streams")]
+    try:
+        emitted = emit(settings, "--type", "image_generation", "--model",
+                       "gemini-2.5-flash-image", "--count", str(IMAGES))
+        emitted += emit(settings, "--type", "video_generation", "--model",
+                        "veo-3.0-fast-generate-001", "--param", "duration_seconds=4")
+        assert len(emitted) == IMAGES + VIDEOS
+        costs = workers[0]
+        store = store_of(settings, costs)
+        wait_recorded(store, IMAGES + VIDEOS, timeout=120, worker=costs)
+        rows = store.client.query(
+            f"SELECT request_id, operation_type, model, cost_usd FROM {store.table} FINAL"
+        ).result_rows
+        assert len(rows) == IMAGES + VIDEOS
+
+        def complete() -> bool:
+            sinks = [s for s in receiver.spans if s.name == "sink costs"]
+            return len(sinks) == IMAGES + VIDEOS and all(
+                any(s.name == "sink costs" for s in spans)
+                for spans in receiver.traces().values())
+
+        wait_for(complete, 60, "a cost sink span in every trace")
+    finally:
+        for worker in reversed(workers):
+            worker.stop()
+
+    traces = receiver.traces()
+    assert len(traces) == IMAGES + VIDEOS  # one trace per request, nothing else
+    by_request = {one(spans, "sink costs").attributes["aipipe.request_id"]: spans
+                  for spans in traces.values()}
+    assert set(by_request) == {row[0] for row in rows}
+    for request_id, operation_type, model, cost in rows:
+        spans = by_request[request_id]
+        send = one(spans, f"send {settings.topics.requested}")
+        admission = one(spans, "admission")
+        generation = one(spans, "generation")
+        sink = one(spans, "sink costs")
+        # each hop's span is the child of the one before it
+        assert (send.service, send.parent_id) == ("aipipe-emit", "")
+        assert (admission.service, admission.parent_id) == ("aipipe-streams", send.span_id)
+        assert generation.parent_id == admission.span_id
+        assert sink.service == "aipipe-costs"
+        calls = [s for s in spans if s.name == "provider_call"]
+        if operation_type == "video_generation":
+            polls = sorted((s for s in spans if s.name == "video_poll"), key=lambda s: s.start)
+            assert [p.attributes["aipipe.poll_attempt"] for p in polls] == [1, 2]
+            assert [p.parent_id for p in polls] == [generation.span_id, polls[0].span_id]
+            assert sink.parent_id == polls[-1].span_id
+            assert sorted(c.parent_id for c in calls) == sorted(
+                [generation.span_id, *(p.span_id for p in polls)])
+            finished = polls[-1]
+        else:
+            assert sink.parent_id == generation.span_id
+            assert [c.parent_id for c in calls] == [generation.span_id]
+            finished = generation
+        for span in (send, admission, generation, sink):
+            assert span.attributes["aipipe.request_id"] == request_id
+            assert span.attributes["aipipe.client_id"] == "acme"
+            assert span.attributes["aipipe.model"] == model
+        assert admission.attributes["aipipe.decision"] == "admitted"
+        assert [c.attributes["aipipe.model"] for c in calls] == [model] * len(calls)
+        # the completion's cost on the span that completed it and on the sink's
+        for span in (finished, sink):
+            assert Decimal(str(span.attributes["aipipe.cost_usd"])) == Decimal(cost)
+            assert span.attributes["aipipe.success"] is True
+
+    # a log line written within a span carries its trace and span id
+    logged = [json.loads(line) for line in workers[1].log_path.read_text().splitlines()
+              if line.startswith("{") and '"ai_operation"' in line]
+    assert len(logged) == IMAGES + VIDEOS
+    spans_by_id = {s.span_id: s for spans in traces.values() for s in spans}
+    for line in logged:
+        span = spans_by_id[line["span_id"]]
+        assert span.trace_id == line["trace_id"]
+        assert span.attributes["aipipe.request_id"] == line["request_id"]

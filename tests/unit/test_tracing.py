@@ -1,0 +1,149 @@
+"""Trace context in Kafka headers, the spans' parents and attributes, and ids in log lines.
+
+Spans are recorded by the SDK's in-memory exporter through a tracer handed to
+``aipipe.producers.tracing`` (the global tracer provider stays unset in the test process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from aipipe.infra.logging import add_trace_ids
+from aipipe.infra.settings import ConfigError, load_settings
+from aipipe.producers import tracing
+from aipipe.producers.producer import _producer_span, headers_for
+from aipipe.schemas.events import OperationRequested
+
+OTEL = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME")
+
+
+def request() -> OperationRequested:
+    return OperationRequested(request_id="req-1", client_id="acme",
+                              operation_type="image_generation",
+                              model="gemini-2.5-flash-image", params={"prompt": "a lamp"})
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enabled, tracing._tracer = True, provider.get_tracer("test")
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+
+
+@pytest.mark.parametrize(("env", "on"), [
+    ({}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+    ({"OTEL_TRACES_EXPORTER": "console"}, True),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+    ({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+])
+def test_tracing_is_on_when_the_otel_variables_ask_for_traces(
+    env: dict[str, str], on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in OTEL:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.tracing is on
+    assert {k: v for k, v in settings.to_env().items() if k.startswith("OTEL_")} == {
+        k: v for k, v in env.items() if k != "OTEL_SDK_DISABLED"} | (
+        {"OTEL_SDK_DISABLED": "true"} if "OTEL_SDK_DISABLED" in env else {})
+
+
+def test_an_unknown_exporter_is_one_sentence_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaeger")
+    with pytest.raises(ConfigError, match=r"^OTEL_TRACES_EXPORTER is invalid .*'jaeger' is not "
+                                          r"an exporter here; use otlp, console or none"):
+        load_settings()
+
+
+def test_off_the_headers_carry_no_trace_context() -> None:
+    assert not tracing.enabled
+    assert [name for name, _ in headers_for(request())] == ["request_id", "event_type"]
+
+
+def test_a_send_starts_a_trace_and_puts_its_span_in_the_headers(
+    spans: InMemorySpanExporter,
+) -> None:
+    headers: list[Any] = [("request_id", "req-1")]
+    _producer_span("requested", request(), headers).end()
+    [sent] = spans.get_finished_spans()
+    assert sent.parent is None and sent.kind is SpanKind.PRODUCER
+    assert sent.name == "send requested"
+    context = sent.get_span_context()
+    assert headers[1] == ("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-"
+                                         f"{int(context.trace_flags):02x}")
+    assert sent.attributes is not None
+    assert {k: sent.attributes[k] for k in ("aipipe.request_id", "aipipe.client_id",
+                                            "aipipe.model")} == {
+        "aipipe.request_id": "req-1", "aipipe.client_id": "acme",
+        "aipipe.model": "gemini-2.5-flash-image"}
+
+
+def test_a_send_within_a_span_continues_its_trace(spans: InMemorySpanExporter) -> None:
+    outer = tracing.tracer().start_span("upstream handler")
+    with tracing.within(outer, end=True):
+        _producer_span("requested", request(), []).end()
+    sent, handler = spans.get_finished_spans()
+    assert sent.parent is not None
+    assert sent.parent.span_id == handler.get_span_context().span_id
+    assert sent.get_span_context().trace_id == handler.get_span_context().trace_id
+
+
+def test_each_hop_is_the_child_of_the_span_in_the_headers_it_consumed(
+    spans: InMemorySpanExporter,
+) -> None:
+    event = request()
+    produced: list[Any] = []
+    _producer_span("requested", event, produced).end()
+    as_kafka = [(name, value.encode()) for name, value in produced]  # what a consumer reads
+    stage = tracing.start_consumer("admission", as_kafka, event)
+    emitted = headers_for(event, stage)  # the next hop's headers
+    stage.end()
+    following = tracing.start_consumer("generation", dict(tracing.carried(emitted)), event)
+    following.end()
+    sent, admission, generation = spans.get_finished_spans()
+    assert admission.kind is SpanKind.CONSUMER
+    assert admission.parent is not None and generation.parent is not None
+    assert admission.parent.span_id == sent.get_span_context().span_id
+    assert generation.parent.span_id == admission.get_span_context().span_id
+    assert len({s.get_span_context().trace_id for s in (sent, admission, generation)}) == 1
+
+
+def test_tracestate_travels_with_the_traceparent(spans: InMemorySpanExporter) -> None:
+    parent = [("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+              ("tracestate", b"vendor=opaque")]
+    stage = tracing.start_consumer("admission", parent, request())
+    assert headers_for(request(), stage)[2:] == [
+        ("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-"
+                        f"{stage.get_span_context().span_id:016x}-01".encode()),
+        ("tracestate", b"vendor=opaque")]
+    stage.end()
+
+
+def test_a_log_line_within_a_span_carries_its_ids(spans: InMemorySpanExporter) -> None:
+    assert add_trace_ids(None, "info", {"event": "outside"}) == {"event": "outside"}
+    span = tracing.tracer().start_span("generation")
+    with tracing.within(span, end=True):
+        line = add_trace_ids(None, "info", {"event": "ai_operation"})
+    context = span.get_span_context()
+    assert line == {"event": "ai_operation", "trace_id": f"{context.trace_id:032x}",
+                    "span_id": f"{context.span_id:016x}"}
