@@ -50,7 +50,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from aipipe.infra import metrics
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.producers import tracing
-from aipipe.producers.producer import EventProducer
+from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
 from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 
@@ -502,6 +502,7 @@ class BatchingSink(Generic[Row]):
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "logger": LIBRDKAFKA_LOGGER,
                 # a sink that died is replaced after this, not librdkafka's default 45 s
                 "session.timeout.ms": session_timeout_ms,
                 "heartbeat.interval.ms": min(3000, session_timeout_ms // 5),

@@ -1,5 +1,11 @@
 """structlog configured once per process: console on a terminal in development, JSON otherwise.
 
+The standard library's loggers go through the same renderer, so in production every line a
+worker writes is one JSON object: faust's and mode's (``stdlib_logging_config`` is also the
+faust Worker's ``logging_config``), aiokafka's, librdkafka's (the confluent-kafka clients
+log through ``aipipe.producers.producer.LIBRDKAFKA_LOGGER``), Python warnings, and uncaught
+exceptions in any thread; a traceback is the ``exception`` field of its line, never loose text.
+
 Context (``request_id``, ``client_id``, ``event_id``) is bound per event through
 contextvars; with tracing on, every line logged while a span is current carries its
 ``trace_id`` and ``span_id``; a processor drops secrets and prompt text before anything is
@@ -10,8 +16,10 @@ Sentry is initialised here when ``SENTRY_DSN`` is set.
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import sys
+import threading
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -44,13 +52,77 @@ def add_trace_ids(
     return event_dict
 
 
+def _pretty(settings: Settings) -> bool:
+    return settings.env == "development" and sys.stderr.isatty()
+
+
+def _renderer(settings: Settings) -> Any:
+    if _pretty(settings):
+        return structlog.dev.ConsoleRenderer()
+    return structlog.processors.JSONRenderer()
+
+
+def stdlib_logging_config(settings: Settings) -> dict[str, Any]:
+    """``logging.config.dictConfig`` of the standard library's loggers: one handler on the
+    root logger, rendering each record as structlog renders its own lines (``logger`` is
+    the record's logger name). Their level is WARNING, or DEBUG when ``AIPIPE_LOG_LEVEL``
+    is debug: the libraries' info lines are noise.
+
+    faust's Worker takes it as ``logging_config``: mode's ``setup_logging`` replaces the
+    root handlers at worker start with what this says, not with its coloured text handler.
+    """
+    level = getattr(logging, settings.log_level.upper())
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"structlog": {
+            "()": structlog.stdlib.ProcessorFormatter,
+            "foreign_pre_chain": [
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact,
+            ],
+            "processors": [
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _renderer(settings),
+            ],
+        }},
+        # the stream now: mode later swaps sys.stderr for a proxy that logs what is written
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": sys.stderr,
+                                "formatter": "structlog"}},
+        "root": {"level": logging.DEBUG if level <= logging.DEBUG else max(level, logging.WARNING),
+                 "handlers": ["stderr"]},
+    }
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    structlog.get_logger("aipipe").critical(
+        "uncaught_exception", error=f"{kind.__name__}: {exc}", exc_info=(kind, exc, tb))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as the default hook: a thread that exits on purpose
+    structlog.get_logger("aipipe").error(
+        "thread_exception", thread=args.thread.name if args.thread else None,
+        error=f"{args.exc_type.__name__}: {args.exc_value}",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(args: Any) -> None:  # sys.UnraisableHookArgs
+    structlog.get_logger("aipipe").warning(
+        "unraisable_exception", message=args.err_msg or "Exception ignored in",
+        object=repr(args.object), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper())
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(message)s")
-    pretty = settings.env == "development" and sys.stderr.isatty()
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()
-    )
+    logging.config.dictConfig(stdlib_logging_config(settings))
+    pretty = _pretty(settings)
+    renderer = _renderer(settings)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -65,6 +137,11 @@ def configure_logging(settings: Settings) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    if not pretty:  # the interpreter's own tracebacks, as JSON lines too
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_thread_exception
+        sys.unraisablehook = _log_unraisable
+    logging.captureWarnings(True)  # warnings.warn -> logger py.warnings -> the root handler
     if settings.sentry_dsn is not None:
         import sentry_sdk
 

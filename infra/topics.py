@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
@@ -14,11 +15,17 @@ from confluent_kafka.admin import (
 )
 from confluent_kafka.cimpl import NewTopic
 
+from aipipe.producers.producer import LIBRDKAFKA_LOGGER
 from aipipe.schemas.errors import AipipeError
 
 
 class TopicError(AipipeError):
     """A topic could not be created."""
+
+
+def _admin(config: dict[str, Any]) -> AdminClient:
+    """An admin client whose log lines go to Python logging (JSON in a worker), not stderr."""
+    return AdminClient({**config, "logger": LIBRDKAFKA_LOGGER})
 
 
 def ensure_topics(
@@ -33,7 +40,7 @@ def ensure_topics(
 ) -> None:
     """Create each missing topic; topics that exist already are left as they are.
     ``client_config`` adds to the admin client's config (the sign-in, for SASL)."""
-    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
+    admin = _admin({**(client_config or {}), "bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(
@@ -60,7 +67,7 @@ def set_topic_config(
     client_config: dict[str, str] | None = None,
 ) -> None:
     """Set ``config`` on existing topics (incrementally: other settings stay as they are)."""
-    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
+    admin = _admin({**(client_config or {}), "bootstrap.servers": bootstrap})
     entries = [ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
                for key, value in config.items()]
     resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)

@@ -20,6 +20,7 @@ span's. With tracing off both cost one check of a module flag.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,6 +52,9 @@ _TYPE_HEADERS: dict[type[Event], tuple[str, bytes]] = {
     cls: ("event_type", name.encode()) for name, cls in EVENT_TYPES.items()
 }
 POLL_EVERY = 1000  # sends between two polls for delivery reports
+#: where the confluent-kafka clients' own log lines go (their ``logger`` setting), served by
+#: their poll() and flush(): Python logging, not librdkafka's lines on stderr
+LIBRDKAFKA_LOGGER = logging.getLogger("aipipe.librdkafka")
 
 
 def headers_for(event: Event, span: Any = None) -> Headers:
@@ -96,6 +100,7 @@ class EventProducer:
                 **PRODUCER_DEFAULTS,
                 "delivery.report.only.error": True,
                 "on_delivery": self._on_delivery,
+                "logger": LIBRDKAFKA_LOGGER,
                 **config,
             }
         )

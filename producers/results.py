@@ -31,7 +31,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from aipipe.producers.producer import EventProducer
+from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 from aipipe.schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
 from aipipe.schemas.topics import Topics
@@ -55,6 +55,7 @@ def _reader(bootstrap: str, config: dict[str, Any]) -> Consumer:
         "group.id": f"aipipe-results-{uuid.uuid4()}",  # never committed: offsets are ours
         "enable.auto.commit": False,
         "enable.partition.eof": False,
+        "logger": LIBRDKAFKA_LOGGER,
         **config,
     })
 

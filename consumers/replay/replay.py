@@ -30,6 +30,7 @@ from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
 from aipipe.consumers.replay.pricefile import price_table_json
 from aipipe.consumers.replay.reprice import RepriceReport, reprice
 from aipipe.consumers.sink import Batch, Entry, coordinates, message_digest
+from aipipe.producers.producer import LIBRDKAFKA_LOGGER
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 from aipipe.schemas.events import OperationCompleted, decode
 from aipipe.schemas.prices import PriceTable
@@ -100,6 +101,7 @@ def replay_consumer(bootstrap: str, **config: Any) -> Consumer:
         **config,
         "bootstrap.servers": bootstrap,
         "group.id": f"aipipe-replay-{uuid.uuid4().hex}",  # never joined: partitions are assigned
+        "logger": LIBRDKAFKA_LOGGER,
         "enable.auto.commit": False,
         "enable.partition.eof": False,
         "auto.offset.reset": "earliest",

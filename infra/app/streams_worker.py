@@ -11,6 +11,7 @@ from typing import Any
 
 from faust import Worker
 
+from aipipe.infra.logging import stdlib_logging_config
 from aipipe.infra.settings import Settings
 from aipipe.reader import budget_store_opener
 from aipipe.streams.app import create_app, default_deps
@@ -24,7 +25,9 @@ def run_streams(settings: Settings, alongside: AbstractContextManager[Any] | Non
     """Run the faust worker until it stops; with ``alongside`` (the costs role's threads,
     for ``aipipe run all``), inside that context."""
     app = create_app(settings, default_deps(settings, budget_store_opener(settings)))
-    worker = Worker(app, loglevel=settings.log_level if settings.log_level != "info" else "warning")
+    # faust (mode) sets logging up again at start: with our handler, so its lines are JSON too
+    worker = Worker(app, loglevel=settings.log_level if settings.log_level != "info" else "warning",
+                    logging_config=stdlib_logging_config(settings))
     # faust's progress spinner sets the root logger to DEBUG so that it turns on every
     # record: every aiokafka send then builds a debug record (~8 % of a busy worker)
     worker.spinner = None
