@@ -16,7 +16,9 @@ endpoint against chDB in-process: ``tests/bench/endpoint.py``), ``generation``
 (completions/s and in-flight calls at 2 s provider latency, and the per-operation
 overhead: ``tests/bench/generation.py``) and ``burst`` (``--burst-count`` pre-produced
 requests, 100,000 by default, through the whole pipeline next to a bare faust copy
-agent: ``tests/bench/burst.py``).
+agent: ``tests/bench/burst.py``). ``dedup`` (not in the default run: it takes long) is a
+streams worker's memory and restart-recovery time with ``--dedup-keys`` requests' worth of
+dedup keys, before and after the dedup horizon (``tests/bench/dedup_state.py``).
 
 Each side runs best of ``--rounds`` (default 5) in rotating order after a warm-up. The
 CPU ratio column compares items per process-CPU-second, which moves less than wall time
@@ -54,6 +56,7 @@ from tests.bench.admission import admission_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.burst import bench_burst
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
+from tests.bench.dedup_state import bench_dedup_state
 from tests.bench.endpoint import DEFAULT_ROWS as ENDPOINT_ROWS
 from tests.bench.endpoint import bench_endpoint
 from tests.bench.generation import bench_generation
@@ -79,7 +82,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=["pipeline", "admission", "latency", "analytics", "endpoint", "generation",
                  "burst"],
         choices=["pipeline", "producer", "admission", "latency", "analytics", "endpoint",
-                 "generation", "burst"],
+                 "generation", "burst", "dedup"],
         help="which parts to run (pipeline: producer, ClickHouse store and sink)",
     )
     parser.add_argument("--endpoint-rows", type=int, default=ENDPOINT_ROWS,
@@ -90,6 +93,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="AIPIPE_GENERATION_MAX_IN_FLIGHT for the throughput part")
     parser.add_argument("--burst-count", type=int, default=100_000,
                         help="requests through the whole pipeline in the burst part")
+    parser.add_argument("--dedup-keys", type=int, default=1_000_000,
+                        help="requests' worth of dedup keys in the dedup part")
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--latency-rate", type=float, default=50.0)
     parser.add_argument(
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                         args.generation_cap)
         if "burst" in args.only:
             figures += bench_burst(settings, say, args.burst_count)
+        if "dedup" in args.only:
+            figures += bench_dedup_state(settings, say, args.dedup_keys)
         if "endpoint" in args.only:
             figures += bench_endpoint(open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"),
                                       say, rows=args.endpoint_rows, rounds=args.rounds)
