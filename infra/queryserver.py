@@ -19,11 +19,15 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
   produces blocks; a client that disconnects has its query killed. Budget lookups from
   admission (``quota_key=aipipe-admission``) have their own slots, so an analyst's
   queries never hold them up.
-- **Protocol**: ``query`` parameter and body (gzip/deflate ``Content-Encoding``),
-  ``database``/``X-ClickHouse-Database``, ``default_format``/``X-ClickHouse-Format``,
-  ``param_*``, ``query_id``, ``enable_http_compression`` with ``Accept-Encoding: gzip``
-  or ``deflate``, ``wait_end_of_query``, ``/ping``; replies carry ``X-ClickHouse-Format``,
-  ``-Query-Id``, ``-Timezone``, ``-Summary``, ``-Server-Display-Name``, and errors are
+- **Protocol**: ``query`` parameter and body (gzip/deflate ``Content-Encoding``), or a
+  ``multipart/form-data`` body of fields as ClickHouse reads one (``aipipe.infra.formdata``):
+  the URL's ``query`` followed by each ``query`` field, ``param_*`` fields after the URL's
+  (the first value wins), other fields ignored (settings come from the URL only); a part
+  with a filename (external data) is refused. ``database``/``X-ClickHouse-Database``,
+  ``default_format``/``X-ClickHouse-Format``, ``param_*``, ``query_id``,
+  ``enable_http_compression`` with ``Accept-Encoding: gzip`` or ``deflate``,
+  ``wait_end_of_query``, ``/ping``; replies carry ``X-ClickHouse-Format``, ``-Query-Id``,
+  ``-Timezone``, ``-Summary``, ``-Server-Display-Name``, and errors are
   ``Code: N. DB::Exception: ...`` with ``X-ClickHouse-Exception-Code``. Sessions
   (``session_id``) and ``client_protocol_version`` are accepted and ignored: every
   request is stateless, and Native output is chDB's own. ``compress=1`` sends the reply
@@ -63,6 +67,7 @@ from aipipe.infra.endpoint import (
     publish_endpoint,
     withdraw_endpoint,
 )
+from aipipe.infra.formdata import LIMIT_EXCEEDED, parse_form
 from aipipe.infra.readonly import (
     ABORTED,
     ACCESS_DENIED,
@@ -103,6 +108,7 @@ _HTTP_STATUS = {
     NOT_IMPLEMENTED: 501,
     _TOO_MANY: 503,
     _TOO_MANY_BYTES: 413,
+    LIMIT_EXCEEDED: 413,
     159: 408,  # TIMEOUT_EXCEEDED
 }
 # Names chDB's Python layer turns into Python objects instead of engine output.
@@ -160,6 +166,10 @@ class Limits:
     max_concurrent: int = 4
     admission_concurrent: int = 2
     queue_seconds: float = 2.0
+    # a multipart/form-data body: ClickHouse's http_max_field_value_size (128 KiB, one byte
+    # more let through, which clickhouse-connect sizes its form query to); fields far fewer
+    max_form_fields: int = 1000
+    max_form_field_bytes: int = 128 * 1024 + 1
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
@@ -506,18 +516,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _query(self, params: dict[str, str], body: bytes, query_id: str) -> None:
-        if params.get("query") and body:  # INSERT ... FORMAT X in the URL, data in the body
-            try:
-                self.engine.classify(params["query"])
-            except QueryError as exc:
-                if exc.code == READONLY:
-                    raise
-        sql = "\n".join(
-            part for part in (params.get("query", ""), body.decode("utf-8", "replace")) if part)
-        if self.headers.get_content_type().startswith("multipart/"):
-            raise QueryError(NOT_IMPLEMENTED, "External data (multipart) is not supported.")
-        settings = effective_settings(self.engine.limits, params, self.engine.settings)
         binds = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
+        if self.headers.get_content_type().startswith("multipart/"):
+            sql = self._form(params.get("query", ""), body, binds)
+        else:
+            if params.get("query") and body:  # INSERT ... FORMAT X in the URL, data in the body
+                try:
+                    self.engine.classify(params["query"])
+                except QueryError as exc:
+                    if exc.code == READONLY:
+                        raise
+            sql = "\n".join(
+                part for part in (params.get("query", ""), body.decode("utf-8", "replace"))
+                if part)
+        settings = effective_settings(self.engine.limits, params, self.engine.settings)
         verdict = self.engine.classify(sql, binds)
         fmt = (verdict.format or self.headers.get("X-ClickHouse-Format")
                or params.get("default_format") or "TabSeparated")
@@ -548,6 +560,28 @@ class _Handler(BaseHTTPRequestHandler):
                                         int(float(settings["max_result_bytes"])))
             with _watch(self.connection, lambda: self.engine.kill(tag)) as gone:
                 self._stream(running, headers, gzip, gone, native)
+
+    def _form(self, query: str, body: bytes, binds: dict[str, str]) -> str:
+        """The query of a ``multipart/form-data`` body, as ClickHouse reads one: the URL's
+        ``query`` and each ``query`` field, joined as they are; ``param_*`` fields go into
+        ``binds`` after the URL's (the first value of a name wins); other fields are ignored."""
+        content_type = self.headers.get("Content-Type", "")
+        if self.headers.get_content_type() != "multipart/form-data":
+            raise QueryError(NOT_IMPLEMENTED, f"A {self.headers.get_content_type()} body is not "
+                             "supported; send the query as the body, or multipart/form-data "
+                             "fields.")
+        limits = self.engine.limits
+        form = parse_form(content_type, body, max_fields=limits.max_form_fields,
+                          max_field_bytes=limits.max_form_field_bytes)
+        if form.files:
+            raise QueryError(NOT_IMPLEMENTED, "External data (multipart) is not supported.")
+        for name, value in form.fields:
+            text = value.decode("utf-8", "replace")
+            if name == "query":
+                query += text
+            elif name.startswith("param_"):
+                binds.setdefault(name[6:], text)
+        return query
 
     def _stream(self, running: _Running, headers: dict[str, str], encoding: str | None,
                 gone: threading.Event, native: bool = False) -> None:
