@@ -9,7 +9,7 @@ With the default ``PLAINTEXT`` both are empty and the clients are as they were.
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aipipe.infra.settings import ConfigError, Settings, reveal
 
@@ -28,11 +28,6 @@ def kafka_config(settings: Settings) -> dict[str, str]:
         "sasl.username": settings.kafka_username,
         "sasl.password": reveal(settings.kafka_password),
     }
-
-
-def client_config(settings: Settings, **config: Any) -> dict[str, Any]:
-    """``bootstrap.servers`` and the sign-in, then ``config``: a whole client config."""
-    return {"bootstrap.servers": settings.kafka_bootstrap, **kafka_config(settings), **config}
 
 
 def _password(settings: Settings) -> str:

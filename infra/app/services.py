@@ -208,7 +208,11 @@ def _format_storage(java: list[str], props: Path, kdir: Path,
     cluster_id = "-"
     while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    with (kdir / "stdout.log").open("ab") as out:
+    # this user's only: the format prints what it writes, the SCRAM users' salted keys too
+    out_path = kdir / "stdout.log"
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.chmod(out_path, 0o600)
+    with os.fdopen(fd, "ab") as out:
         code = subprocess.call(
             [*java, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
              "-c", str(props), *(extra or [])],

@@ -71,10 +71,11 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     users = ensure_kafka_users(home)
     assert (home / "kafka-users.json").stat().st_mode & 0o777 == 0o600
     port = _free_port_pair()
-    services.start_kafka(HOST, port, home, load_settings().cache_dir, timeout=120,
+    services.start_kafka(HOST, port, home, load_settings().cache_dir, timeout=240,
                          users=users)
     try:
-        assert (home / "kafka" / "server.properties").stat().st_mode & 0o777 == 0o600
+        for private in ("server.properties", "stdout.log"):  # admin password, SCRAM keys
+            assert (home / "kafka" / private).stat().st_mode & 0o777 == 0o600, private
         yield SecureKafka(f"{HOST}:{port}", users)
     finally:
         services.stop_kafka(home)
