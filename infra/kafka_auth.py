@@ -9,7 +9,7 @@ With the default ``PLAINTEXT`` both are empty and the clients are as they were.
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aipipe.infra.settings import ConfigError, Settings, reveal
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from faust.auth import SASLCredentials
 
 
-def kafka_config(settings: Settings) -> dict[str, str]:
+def kafka_config(settings: Settings) -> dict[str, Any]:
     """The confluent-kafka (librdkafka) settings that sign in as the configured user."""
     if not settings.kafka_security_protocol.startswith("SASL"):
         return {}
