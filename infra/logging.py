@@ -62,6 +62,11 @@ def _renderer(settings: Settings) -> Any:
     return structlog.processors.JSONRenderer()
 
 
+def renders_json(settings: Settings) -> bool:
+    """Whether this process's lines are JSON: in production, or when stderr is no terminal."""
+    return not _pretty(settings)
+
+
 def stdlib_logging_config(settings: Settings) -> dict[str, Any]:
     """``logging.config.dictConfig`` of the standard library's loggers: one handler on the
     root logger, rendering each record as structlog renders its own lines (``logger`` is
@@ -79,6 +84,7 @@ def stdlib_logging_config(settings: Settings) -> dict[str, Any]:
             "()": structlog.stdlib.ProcessorFormatter,
             "foreign_pre_chain": [
                 structlog.contextvars.merge_contextvars,
+                add_trace_ids,
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -23,7 +23,8 @@ class TopicError(AipipeError):
 
 def _admin(config: dict[str, Any]) -> AdminClient:
     """An admin client whose log lines go to Python logging (JSON in a worker), not stderr."""
-    return AdminClient({**config, "logger": LIBRDKAFKA_LOGGER})
+    with_logger: dict[str, Any] = {**config, "logger": LIBRDKAFKA_LOGGER}
+    return AdminClient(with_logger)
 
 
 def ensure_topics(

@@ -163,9 +163,20 @@ def kafka_acls(ctx: _Context) -> None:
 @pass_ctx
 def run(ctx: _Context, role: str) -> None:
     """Run the pipeline: all of it in one process, or only the streams or the cost sink."""
+    from aipipe.infra.logging import renders_json  # deferred: loaded per command
     from aipipe.runner import run as run_role  # deferred: loaded per command
 
-    run_role(ctx.settings, role)  # type: ignore[arg-type]
+    settings = ctx.settings
+    try:
+        run_role(settings, role)  # type: ignore[arg-type]
+    except AipipeError as exc:
+        if not renders_json(settings):
+            raise  # main() says it in one sentence
+        import structlog  # deferred: loaded per command
+
+        # a worker's every line is JSON, its last one too
+        structlog.get_logger("aipipe").error("worker_failed", role=role, error=str(exc))
+        sys.exit(2)
 
 
 @cli.command()

@@ -117,3 +117,16 @@ def test_librdkafka_lines_go_to_python_logging(caplog: pytest.LogCaptureFixture)
     assert first.levelno == logging.ERROR
     assert "FAIL [rdkafka#producer-" in first.getMessage()
     assert f"127.0.0.1:{closed}" in first.getMessage() and "refused" in first.getMessage()
+
+
+def test_a_worker_that_cannot_start_says_so_in_json(settings: Settings) -> None:
+    with socket.socket() as taken:  # its metrics port is held by someone else
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = WorkerProcess(settings, "costs").start(metrics_port=str(port),
+                                                        metrics_host="127.0.0.1")
+        assert worker.wait_exit(120) == 2, worker.log_tail()
+    [failed] = [r for r in records(worker.log_path) if r["event"] == "worker_failed"]
+    assert failed["role"] == "costs" and failed["level"] == "error"
+    assert failed["error"].startswith(f"AIPIPE_METRICS_PORT={port} cannot be served")
