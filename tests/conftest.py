@@ -10,6 +10,7 @@ and reads ClickHouse through the worker's read endpoint, never by opening the pa
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,8 +34,14 @@ def _local_services() -> Services:
     from aipipe import services
 
     base = load_settings()
-    services.start_kafka(*base.kafka_host_port, home=base.home, cache_dir=base.cache_dir)
-    services.start_redis(*base.redis_host_port, home=base.home, password=base.redis_password)
+    base.home.mkdir(parents=True, exist_ok=True)
+    # one starter at a time: with pytest-xdist each worker process runs this fixture, and
+    # two that both find Kafka down must not both start it on the same data dir
+    with (base.home / "test-services.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        services.start_kafka(*base.kafka_host_port, home=base.home, cache_dir=base.cache_dir)
+        services.start_redis(*base.redis_host_port, home=base.home,
+                             password=base.redis_password)
     # read again: a Redis started just now keeps its password under the home
     return Services(base.kafka_bootstrap, load_settings().redis_dsn, "")
 
