@@ -68,7 +68,7 @@ from aipipe.streams.generation.registry import (
     poll_schedule,
     providers_from_settings,
 )
-from aipipe.streams.intake import Intake, acknowledge, as_current
+from aipipe.streams.intake import Intake, acknowledge
 
 log = structlog.get_logger("aipipe.streams")
 
@@ -89,6 +89,22 @@ def default_deps(
                       open_budget_store=open_budget_store)
 
 
+async def remember(table: Any, event: Any, key: str, value: Any) -> Awaitable[Any]:
+    """Set ``key`` in ``table``, its changelog record sent on ``event``'s partition.
+
+    faust sends a table write's changelog record through its producer buffer, one
+    message at a time for every table of the worker; with hundreds of operations in
+    flight, the generation stage waited there for seconds per operation. This hands the
+    record straight to the producer. The returned future resolves when the broker has
+    the record; faust flushes the producer before it commits an offset, so a write whose
+    future is not awaited is as durable as faust's own.
+    """
+    table.data[key] = value
+    return await table.changelog_topic.send(  # type: ignore[no-any-return]
+        key=key, value=value, partition=event.message.partition,
+        key_serializer=table.key_serializer, value_serializer=table.value_serializer)
+
+
 def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     topics = settings.topics
     group = f"{settings.topic_prefix}-streams"
@@ -103,6 +119,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger=0.005,  # batch a decision batch's sends (faust's default: 0)
+        producer_max_batch_size=1_048_576,  # per partition (aiokafka's default: 16 kB)
         # a worker that died is replaced after this, not faust's default of 60 s
         broker_session_timeout=settings.worker_session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, settings.worker_session_timeout_seconds / 5),
@@ -221,8 +238,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             spans.decided(traced, result.decisions)
         marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
-            as_current(event)  # the table write goes to this event's changelog partition
-            seen_requests[decision.operation_id] = marked
+            await remember(seen_requests, event, decision.operation_id, marked)
             acknowledge(event)
 
     async def admission_loop() -> None:
@@ -268,10 +284,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             ), "generation")
         attempt = before + 1
         value = dedup.attempt_mark(attempt, deps.clock().timestamp())
-        started_operations.data[operation.operation_id] = value
         # on the broker before the call: a crash during the call must find this record
-        await started_operations.send_changelog(
-            event.message.partition, operation.operation_id, value)
+        await (await remember(started_operations, event, operation.operation_id, value))
         return attempt
 
     running_operations: dict[str, asyncio.Future[None]] = {}
@@ -312,8 +326,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             # done only once the broker has its events (see admit)
             await asyncio.gather(*sent)
         # the generation step is done (for a video: started, never started again)
-        as_current(event)
-        done_operations[operation.operation_id] = dedup.mark(deps.clock().timestamp())
+        await remember(done_operations, event, operation.operation_id,
+                       dedup.mark(deps.clock().timestamp()))
 
     async def generation_loop() -> None:
         # up to ``in_flight`` operations at once, from every partition this worker holds:

@@ -9,19 +9,16 @@ event itself once the events it caused are sent (faust flushes the producer befo
 commits). A task that fails takes the process down (``aipipe.streams.fatal``) with nothing
 acknowledged, so after the restart the same events are decided again, idempotently.
 
-Before a table write, the task points faust's task-local current event at the event
-being handled, so the write goes to the changelog partition of that event's partition.
+Table writes name the changelog partition themselves (``aipipe.streams.app.remember``): the
+partition of the event being handled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
-
-from faust.streams import _current_event as current_event_var
 
 from aipipe.infra.metrics import HEALTH
 
@@ -68,8 +65,3 @@ class Intake:
 def acknowledge(event: Any) -> None:
     """Mark ``event`` handled: faust may commit past it once everything before it is too."""
     event.ack()
-
-
-def as_current(event: Any) -> None:
-    """Make ``event`` the task's current event, so table writes follow its partition."""
-    current_event_var.set(weakref.ref(event))
