@@ -9,7 +9,7 @@ Readers (admission, the CLI) ask ``BudgetStore`` through any read-only client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,6 +28,9 @@ from aipipe.schemas.prices import COST_QUANTUM
 
 TABLE = "client_budgets"
 log = structlog.get_logger("aipipe.budgets")
+# clickhouse-connect sends long bind parameters as form fields, which ClickHouse (and the
+# embedded read endpoint) cap at 128 KiB each: clients are asked for in lists well below it
+CLIENTS_PER_QUERY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,22 @@ def _param_time(moment: datetime) -> str:
     return to_millis(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+def client_chunks(clients: Sequence[str],
+                  max_bytes: int = CLIENTS_PER_QUERY_BYTES) -> Iterator[list[str]]:
+    """``clients`` in order, in lists whose bound array literal stays within ``max_bytes``."""
+    chunk: list[str] = []
+    size = 0
+    for client in clients:
+        cost = 2 * len(client.encode()) + 4  # quoted, every byte escaped at worst, ", "
+        if chunk and size + cost > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(client)
+        size += cost
+    if chunk:
+        yield chunk
+
+
 class BudgetStore:
     """Budgets set per client and spend per client, read from ClickHouse (``FINAL``)."""
 
@@ -112,14 +131,14 @@ class BudgetStore:
 
     def budgets(self, client_ids: Iterable[str] | None = None) -> dict[str, Budget]:
         """The latest budget set for each client (only ``client_ids`` if given)."""
-        where, params = "", {}
-        if client_ids is not None:
-            where, params = "WHERE client_id IN {clients:Array(String)}", {
-                "clients": sorted(set(client_ids))}
-        rows = self._query(
-            f"SELECT client_id, argMax(amount_usd, set_at), argMax(period, set_at) "
-            f"FROM `{self.database}`.{TABLE} FINAL {where} GROUP BY client_id",
-            "read the client budgets", **params)
+        select = (f"SELECT client_id, argMax(amount_usd, set_at), argMax(period, set_at) "
+                  f"FROM `{self.database}`.{TABLE} FINAL")
+        if client_ids is None:
+            rows = self._query(f"{select} GROUP BY client_id", "read the client budgets")
+        else:
+            rows = [row for chunk in client_chunks(sorted(set(client_ids))) for row in self._query(
+                f"{select} WHERE client_id IN {{clients:Array(String)}} GROUP BY client_id",
+                "read the client budgets", clients=chunk)]
         return {c: Budget(Decimal(a).quantize(COST_QUANTUM), p, "table") for c, a, p in rows}
 
     def spend(
@@ -127,15 +146,13 @@ class BudgetStore:
     ) -> dict[str, Decimal]:
         """Spend per client over ``[start, end)`` of ``created_at``; 0 for no rows."""
         clients = sorted(set(client_ids))
-        if not clients:
-            return {}
-        rows = self._query(
+        rows = [row for chunk in client_chunks(clients) for row in self._query(
             f"SELECT client_id, sum(cost_usd) FROM `{self.database}`.ai_cost_tracking FINAL "
             "WHERE client_id IN {clients:Array(String)} "
             "AND created_at >= {start:DateTime64(3, 'UTC')} "
             "AND created_at < {end:DateTime64(3, 'UTC')} GROUP BY client_id",
-            "sum the spend per client", clients=clients, start=_param_time(start),
-            end=_param_time(end))
+            "sum the spend per client", clients=chunk, start=_param_time(start),
+            end=_param_time(end))]
         found = {c: Decimal(s).quantize(COST_QUANTUM) for c, s in rows}
         return {c: found.get(c, Decimal(0).quantize(COST_QUANTUM)) for c in clients}
 

@@ -29,7 +29,7 @@ from urllib3 import encode_multipart_formdata
 from aipipe.consumers.costs.budgets import Budget, BudgetStore
 from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.store import ClickHouseCostStore
-from aipipe.infra.queryserver import QueryServer
+from aipipe.infra.queryserver import Limits, QueryServer
 from aipipe.schemas.events import BudgetSet
 from tests.support.rows import cost_row
 
@@ -42,6 +42,11 @@ CLIENTS = [f"client-{i:04d}" for i in range(600)]
 BUDGETS = {c: Budget(Decimal(f"{i}.5").quantize(Decimal("0.000000001")), "month", "table")
            for i, c in enumerate(CLIENTS) if i % 7 == 0}
 SPEND = {c: Decimal(f"0.{i:09d}") for i, c in enumerate(CLIENTS) if i % 5 == 0}
+# 700 ids of the longest kind (200 characters): one list of them is past a form field's limit
+LONG = [f"{i:04d}-" + "l" * 195 for i in range(700)]
+LONG_BUDGETS = {c: Budget(Decimal(i).quantize(Decimal("0.000000001")), "month", "table")
+                for i, c in enumerate(LONG) if i % 100 == 99}
+LONG_SPEND = {c: Decimal(f"1.{i:09d}") for i, c in enumerate(LONG) if i % 70 == 69}
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +55,13 @@ def database(chdb_client: Client) -> str:
     migrate(chdb_client, name)
     budgets = BudgetStore(chdb_client, name)
     budgets.write([
-        BudgetSet(client_id=c, request_id=f"budget-{c}-{n}", amount_usd=amount, period=period,
+        BudgetSet(client_id=c, request_id=f"budget-{c[:12]}-{n}", amount_usd=amount, period=period,
                   occurred_at=START + timedelta(hours=n))
-        for c, b in BUDGETS.items()
+        for c, b in {**BUDGETS, **LONG_BUDGETS}.items()
         for n, (amount, period) in enumerate([(Decimal(999), "day"), (b.amount_usd, "month")])])
-    rows = [cost_row(f"op-{c}", cost, client_id=c, created_at=START + timedelta(minutes=i))
-            for i, (c, cost) in enumerate(SPEND.items())]
+    rows = [cost_row(f"op-{i}", cost, client_id=c,
+                     created_at=START + timedelta(minutes=i))
+            for i, (c, cost) in enumerate({**SPEND, **LONG_SPEND}.items())]
     # outside [START, END): not spend of the month
     rows += [cost_row(f"late-{c}", "7", client_id=c, created_at=END) for c in CLIENTS[:50]]
     ClickHouseCostStore(chdb_client, name).write(rows, dedup_token="form-rows")
@@ -110,6 +116,18 @@ def test_budget_lookups_for_600_clients_answer_exactly_through_the_endpoint(
                                 in_process.spend(CLIENTS, START, END))
 
 
+def test_lookups_past_a_form_fields_limit_are_asked_in_parts(
+    http: Client, database: str
+) -> None:
+    assert len(str(LONG)) > Limits().max_form_field_bytes
+
+    store = BudgetStore(http, database)
+
+    assert store.budgets(LONG) == LONG_BUDGETS
+    assert store.spend(LONG, START, END) == {
+        c: LONG_SPEND.get(c, Decimal(0)).quantize(Decimal("0.000000001")) for c in LONG}
+
+
 def test_form_fields_are_read_as_clickhouse_reads_them(
     server: QueryServer, database: str
 ) -> None:
@@ -148,7 +166,7 @@ def test_a_write_in_a_form_query_field_is_refused(
     assert b"in readonly mode" in body
     assert chdb_client.query(
         "SELECT countIf(client_id = 'smuggled'), uniqExact(client_id) "
-        f"FROM `{database}`.client_budgets").result_rows == [(0, len(BUDGETS))]
+        f"FROM `{database}`.client_budgets").result_rows == [(0, len(BUDGETS) + len(LONG_BUDGETS))]
 
 
 def test_a_file_part_is_external_data_and_refused(server: QueryServer, database: str) -> None:
