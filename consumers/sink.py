@@ -444,7 +444,13 @@ def _no_report(exc: BaseException) -> None:
 # deduplicated, and the consumer rejoins on its next poll
 _COMMIT_RETRIABLE = frozenset({KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
                                KafkaError.UNKNOWN_MEMBER_ID, KafkaError._STATE,
-                               KafkaError._NO_OFFSET})
+                               KafkaError._NO_OFFSET,
+                               # the group's coordinator broker died or moved (a cluster
+                               # lost a broker): the next batch's commit covers this one
+                               KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                               KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                               KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT,
+                               KafkaError._TRANSPORT, KafkaError._WAIT_COORD})
 
 
 class BatchingSink(Generic[Row]):

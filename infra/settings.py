@@ -98,7 +98,14 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = Field("aipipe", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(4, ge=1, le=1000)
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int | None = Field(
+        None, ge=1, description="Of the topics aipipe creates; unset: three on a cluster of "
+        "three or more brokers (min.insync.replicas=2), else one (README, Kafka cluster).",
+    )
+    kafka_brokers: int = Field(
+        1, ge=1, le=9, description="Nodes of the local Kafka that `aipipe up` starts (3: a "
+        "replicated cluster on the bootstrap port and the ports after it).",
+    )
     topic_retention_ms: int = Field(-1, ge=-1)
     env: Literal["development", "production"] = "development"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -41,12 +41,16 @@ def ensure_topics(
     ``client_config`` adds to the admin client's config (the sign-in, for SASL)."""
     admin = _admin({**(client_config or {}), "bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
+    configs = config or {"retention.ms": str(retention_ms)}
+    if replication_factor >= 3:  # acks=all waits for two replicas: one broker may be lost
+        configs = {"min.insync.replicas": str(min_insync_replicas(replication_factor)),
+                   **configs}
     wanted = [
         NewTopic(
             name,
             num_partitions=partitions,
             replication_factor=replication_factor,
-            config=config or {"retention.ms": str(retention_ms)},
+            config=configs,
         )
         for name in topics
         if name not in existing
@@ -59,6 +63,32 @@ def ensure_topics(
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise TopicError(f"Topic {name} could not be created: {exc}.") from exc
+
+
+def min_insync_replicas(replication_factor: int) -> int:
+    """Replicas that must have a write before an ``acks=all`` producer hears it is done:
+    2 of 3 or more, so that one broker may be lost without refusing writes; else 1."""
+    return 2 if replication_factor >= 3 else 1
+
+
+def replication_factor_for(
+    bootstrap: str, probe_topic: str, wanted: int | None = None, timeout: float = 30.0,
+    client_config: dict[str, str] | None = None,
+) -> int:
+    """The replication factor of the topics aipipe creates.
+
+    ``wanted`` (AIPIPE_REPLICATION_FACTOR) when set; else that of ``probe_topic`` when it
+    exists, so that topics created while a broker is down match the first ones; else
+    three on a cluster of three or more brokers, else the number of brokers.
+    """
+    if wanted is not None:
+        return wanted
+    meta = _admin({**(client_config or {}), "bootstrap.servers": bootstrap}).list_topics(
+        timeout=timeout)
+    probe = meta.topics.get(probe_topic)
+    if probe is not None and probe.error is None and probe.partitions:
+        return max(len(p.replicas) for p in probe.partitions.values())
+    return max(1, min(3, len(meta.brokers)))
 
 
 def set_topic_config(

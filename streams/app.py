@@ -115,6 +115,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         store="memory://",
         web_enabled=False,
         topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor or 1,  # runner: the cluster's
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,

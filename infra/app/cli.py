@@ -91,21 +91,34 @@ def _apply_acls(s: Settings, users: dict[str, str] | None) -> None:
 
 
 @cli.command()
+@click.option("--brokers", type=click.IntRange(1, 9), default=None,
+              help="Kafka nodes: 3 starts a replicated cluster on the bootstrap port and the "
+              "five after it.  [default: AIPIPE_KAFKA_BROKERS, 1]")
 @pass_ctx
-def up(ctx: _Context) -> None:
+def up(ctx: _Context, brokers: int | None) -> None:
     """Start the local Kafka (KRaft) and Redis on loopback; wait until they answer."""
     from aipipe import services  # deferred: loaded per command
 
     s = ctx.settings
     users = _kafka_users(s)  # SASL: SCRAM users at format time, then the prefix's ACLs
+    brokers = brokers or s.kafka_brokers
+    if brokers > 1:
+        kafka = services.start_kafka_cluster(*s.kafka_host_port, brokers, home=s.home,
+                                             cache_dir=s.cache_dir)
+    else:
+        kafka = [services.start_kafka(*s.kafka_host_port, home=s.home, cache_dir=s.cache_dir,
+                                      users=users)]
     for status in (
-        services.start_kafka(*s.kafka_host_port, home=s.home, cache_dir=s.cache_dir,
-                                      users=users),
+        *kafka,
         services.start_redis(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{status.name:<6} {status.address:<22} up   {status.detail}")
     if users is not None:
         _apply_acls(s, users)
+    if brokers > 1:
+        nodes = services.cluster_nodes(*s.kafka_host_port, brokers, s.home)
+        click.echo(f"export AIPIPE_KAFKA_BOOTSTRAP={services.cluster_bootstrap(nodes)} "
+                   f"AIPIPE_KAFKA_BROKERS={brokers}")
 
 
 @cli.command()
@@ -115,7 +128,8 @@ def down(ctx: _Context) -> None:
     from aipipe import services  # deferred: loaded per command
 
     for name, stopped in (
-        ("kafka", services.stop_kafka(ctx.settings.home)),
+        ("kafka", services.stop_kafka(ctx.settings.home)
+                  | bool(services.stop_kafka_cluster(ctx.settings.home))),
         ("redis", services.stop_redis(ctx.settings.home)),
     ):
         click.echo(f"{name:<6} {'stopped' if stopped else 'was not running'}")
@@ -129,8 +143,10 @@ def status(ctx: _Context) -> None:
     from aipipe.infra.endpoint import find_endpoint  # deferred: loaded per command
 
     s = ctx.settings
+    kafka = (services.kafka_cluster_status(*s.kafka_host_port, s.kafka_brokers, s.home)
+             if s.kafka_brokers > 1 else [_kafka_status(s)])
     for st in (
-        _kafka_status(s),
+        *kafka,
         services.redis_status(*s.redis_host_port, home=s.home, password=s.redis_password),
     ):
         click.echo(f"{st.name:<6} {st.address:<22} {'up' if st.running else 'down':<5} {st.detail}")

@@ -17,7 +17,7 @@ from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import end_process
-from aipipe.infra.topics import ensure_topics, set_topic_config
+from aipipe.infra.topics import ensure_topics, replication_factor_for, set_topic_config
 from aipipe.infra.tracing import configure_tracing
 from aipipe.streams.dedup import changelog_config
 
@@ -31,14 +31,19 @@ DEDUP_TABLES = ("seen-requests", "done-operations", "started-operations")
 TABLES = (*DEDUP_TABLES, "pending-videos")
 
 
-def prepare_topics(settings: Settings) -> None:
+def prepare_topics(settings: Settings) -> int:
+    """Create the pipeline's topics and the streams' changelogs; return their replication
+    factor (``replication_factor_for``: three on a cluster of three or more brokers)."""
+    replicas = replication_factor_for(
+        settings.kafka_bootstrap, settings.topics.requested, settings.replication_factor,
+        client_config=kafka_config(settings))
     ensure_topics(
         settings.kafka_bootstrap,
         settings.topics.all(),
         client_config=kafka_config(settings),
         partitions=settings.partitions,
         retention_ms=settings.topic_retention_ms,
-        replication_factor=settings.replication_factor,
+        replication_factor=replicas,
     )
     # created here too, not only by faust at start: a table written before the broker's
     # metadata knows its changelog raises PartitionsMismatch, and the worker goes down
@@ -53,12 +58,13 @@ def prepare_topics(settings: Settings) -> None:
             names,
             client_config=kafka_config(settings),
             partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
+            replication_factor=replicas,
             config=config,
         )
     # a dedup changelog an older release created (compacted only), or another horizon
     set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config,
                      client_config=kafka_config(settings))
+    return replicas
 
 
 def run(settings: Settings, role: Role = "all") -> None:
@@ -68,7 +74,8 @@ def run(settings: Settings, role: Role = "all") -> None:
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
     configure_tracing(settings, f"aipipe-{role}")  # OTEL_* (README, Tracing); off: nothing
-    prepare_topics(settings)
+    # faust's own topics (its partition assignor's) get the same replication factor
+    settings = settings.model_copy(update={"replication_factor": prepare_topics(settings)})
     serve_metrics(settings)  # /metrics, /healthz, /readyz of this process, until it exits
     if role == "streams":
         from aipipe.streams_worker import run_streams  # deferred: role-only (no chDB in streams)

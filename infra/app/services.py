@@ -39,6 +39,7 @@ from redis.retry import Retry
 
 from aipipe.infra.kafka_acls import ADMIN, admin_config
 from aipipe.infra.settings import REDIS_PASSWORD_FILE, home_redis_password
+from aipipe.infra.topics import min_insync_replicas
 from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger(__name__)
@@ -230,6 +231,196 @@ def stop_kafka(home: Path, timeout: float = 30) -> bool:
 def kill_kafka(home: Path, sig: signal.Signals = signal.SIGKILL) -> bool:
     """Send ``sig`` to the broker started under ``home``; see :func:`kill_redis`."""
     return _kill(home / "kafka" / "kafka.pid", KAFKA_COMM, sig)
+
+
+# --- Kafka: a local multi-node cluster ----------------------------------------------
+# ``aipipe up --brokers 3``: every node is broker and controller (a static quorum of all
+# of them), from the same jars, under ``<home>/kafka-cluster/node-<id>``. Node k listens
+# on the base port + 2(k-1) and its controller on the port after that.
+
+CLUSTER_DIR = "kafka-cluster"
+CLUSTER_TEMPLATE = "cluster.properties.template"
+# each node: a small heap, and the quick C1 compiler only: three JVMs share a small
+# machine, and a restarted node answers sooner when it does not wait on C2's compiles
+CLUSTER_HEAP = ["-Xmx384m", "-Xms128m", "-XX:TieredStopAtLevel=1"]
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+    path: Path  # its directory: server.properties, data/, logs, pid file
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "kafka.pid"
+
+
+def cluster_nodes(host: str, port: int, brokers: int, home: Path) -> list[KafkaNode]:
+    """The nodes of a ``brokers``-node local cluster whose first node listens at host:port."""
+    return [KafkaNode(k, host, port + 2 * (k - 1), port + 2 * (k - 1) + 1,
+                      home / CLUSTER_DIR / f"node-{k}") for k in range(1, brokers + 1)]
+
+
+def cluster_bootstrap(nodes: list[KafkaNode]) -> str:
+    """What AIPIPE_KAFKA_BOOTSTRAP should be for the cluster: every node's address."""
+    return ",".join(node.address for node in nodes)
+
+
+def kafka_cluster_status(host: str, port: int, brokers: int, home: Path) -> list[ServiceStatus]:
+    """One status per node: running when that node answers metadata itself."""
+    return [ServiceStatus(f"kafka{n.node_id}", n.address, (detail := _kafka_probe(
+        n.host, n.port)) is not None, _live_pid(n.pid_file, KAFKA_COMM),
+        detail or "no broker answers metadata")
+        for n in cluster_nodes(host, port, brokers, home)]
+
+
+def kafka_node_answers(node: KafkaNode) -> bool:
+    """Whether ``node`` answers metadata itself."""
+    return _kafka_probe(node.host, node.port) is not None
+
+
+def _cluster_ready(nodes: list[KafkaNode]) -> bool:
+    """Every node answers metadata, and each sees all of them as brokers."""
+    for node in nodes:
+        detail = _kafka_probe(node.host, node.port)
+        if detail is None or not detail.startswith(f"{len(nodes)} broker(s)"):
+            return False
+    return True
+
+
+def start_kafka_cluster(host: str, port: int, brokers: int, home: Path, cache_dir: Path,
+                        timeout: float = 180) -> list[ServiceStatus]:
+    """Start a ``brokers``-node KRaft cluster on ``host`` unless it answers already.
+
+    Ready when every node answers metadata and sees every other as a broker. Nodes
+    that run already are left as they are, so this also brings back a stopped node.
+    """
+    if brokers < 1:
+        raise ServiceError(f"A cluster needs at least one broker, not {brokers}; pass "
+                           "--brokers 1 or more.")
+    if host not in LOOPBACK:
+        raise ServiceError(f"aipipe starts Kafka on loopback only, not on {host}; point "
+                           "AIPIPE_KAFKA_BOOTSTRAP at 127.0.0.1.")
+    nodes = cluster_nodes(host, port, brokers, home)
+    started = time.monotonic()
+    if not _cluster_ready(nodes):
+        for node in nodes:
+            if _kafka_probe(node.host, node.port) is None:
+                start_kafka_node(node, nodes, cache_dir, wait=False)
+        pids = [_live_pid(n.pid_file, KAFKA_COMM) for n in nodes]
+        first = next((pid for pid in pids if pid is not None), None)
+        if first is None:
+            raise ServiceError(f"No Kafka node of the cluster under {home / CLUSTER_DIR} "
+                               "is running; read the nodes' server.log and start again.")
+        _wait(lambda: _cluster_ready(nodes) or not all(
+                  _live_pid(n.pid_file, KAFKA_COMM) for n in nodes),
+              first, timeout, f"the Kafka cluster at {cluster_bootstrap(nodes)}",
+              [nodes[0].path / "server.log", nodes[0].path / "stdout.log"])
+        dead = [n for n in nodes if _live_pid(n.pid_file, KAFKA_COMM) is None]
+        if dead:
+            node_log = dead[0].path / "server.log"
+            raise ServiceError(f"Kafka node {dead[0].node_id} exited while starting; read "
+                               f"{node_log}, fix what it reports (often a port in use) and "
+                               f"start again:\n{_tail(node_log)}")
+    statuses = kafka_cluster_status(host, port, brokers, home)
+    log.info("kafka_cluster_started", bootstrap=cluster_bootstrap(nodes),
+             pids=[s.pid for s in statuses], seconds=round(time.monotonic() - started, 1))
+    return statuses
+
+
+def start_kafka_node(node: KafkaNode, nodes: list[KafkaNode], cache_dir: Path,
+                     wait: bool = True, timeout: float = 120) -> int:
+    """Start one node of the cluster ``nodes`` (formatting its data dir the first time);
+    with ``wait``, until it answers metadata. Returns its pid."""
+    pid = _live_pid(node.pid_file, KAFKA_COMM)
+    if pid is None:
+        java_bin = shutil.which("java")
+        if java_bin is None:
+            raise ServiceError("Java (17+) is not on PATH, so Kafka cannot start; install it "
+                               "with `apt-get install -y openjdk-17-jre-headless`.")
+        lib = ensure_kafka_jars(cache_dir)
+        data, props = node.path / "data", node.path / "server.properties"
+        data.mkdir(parents=True, exist_ok=True)
+        props.write_text(cluster_properties(node, nodes))
+        flags = [f for f in JVM_FLAGS if not f.startswith(("-Xmx", "-Xms"))]
+        java = [java_bin, *CLUSTER_HEAP, *flags, f"-Dkafka.logs.dir={node.path}",
+                f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}", "-cp", f"{lib}/*"]
+        if not (data / "meta.properties").exists():
+            _format_node(java, props, node, _cluster_id(node.path.parent))
+        pid = _spawn([*java, "kafka.Kafka", str(props)], node.path / "stdout.log",
+                     node.pid_file)
+    if wait:
+        _wait(lambda: _kafka_probe(node.host, node.port) is not None, pid, timeout,
+              f"Kafka node {node.node_id} at {node.address}",
+              [node.path / "server.log", node.path / "stdout.log"])
+    return pid
+
+
+def cluster_properties(node: KafkaNode, nodes: list[KafkaNode]) -> str:
+    """The server.properties of ``node`` in the cluster ``nodes``."""
+    replicas = min(3, len(nodes))
+    template = string.Template((KAFKA_DIR / CLUSTER_TEMPLATE).read_text())
+    return template.substitute(
+        node_id=node.node_id, host=node.host, port=node.port,
+        controller_port=node.controller_port, data_dir=node.path / "data",
+        voters=",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in nodes),
+        replication_factor=replicas, min_insync_replicas=min_insync_replicas(replicas))
+
+
+def _cluster_id(cluster_dir: Path) -> str:
+    """The cluster's id, made once and kept in ``<cluster_dir>/cluster.id``."""
+    kept = cluster_dir / "cluster.id"
+    if kept.exists():
+        return kept.read_text().strip()
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_dir.mkdir(parents=True, exist_ok=True)
+    kept.write_text(f"{cluster_id}\n")
+    return cluster_id
+
+
+def _format_node(java: list[str], props: Path, node: KafkaNode, cluster_id: str) -> None:
+    with (node.path / "stdout.log").open("ab") as out:
+        code = subprocess.call(
+            [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if code != 0:
+        raise ServiceError(f"Formatting Kafka node {node.node_id}'s data dir failed (exit "
+                           f"{code}); read {node.path / 'stdout.log'}, then delete "
+                           f"{node.path / 'data'} and retry.")
+
+
+def kill_kafka_node(node: KafkaNode, sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send ``sig`` to one node of the cluster; see :func:`kill_redis`."""
+    return _kill(node.pid_file, KAFKA_COMM, sig)
+
+
+def stop_kafka_cluster(home: Path, timeout: float = 30) -> int:
+    """SIGTERM every node started under ``home`` at once (SIGKILL after ``timeout``), so
+    that the last ones do not wait on a quorum already gone; returns how many ran."""
+    pids = []
+    for pid_file in sorted((home / CLUSTER_DIR).glob("node-*/kafka.pid")):
+        pid = _live_pid(pid_file, KAFKA_COMM)
+        if pid is not None:
+            _signal(pid, signal.SIGCONT)
+            _signal(pid, signal.SIGTERM)
+            pids.append(pid)
+        pid_file.unlink(missing_ok=True)
+    for pid in pids:
+        if not _wait_gone(pid, timeout):
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+    if pids:
+        log.info("kafka_cluster_stopped", pids=pids)
+    return len(pids)
 
 
 # --- Redis -------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 from aipipe.consumers.costs.connect import open_clickhouse
-from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
 from tests.bench.admission import admission_figures
 from tests.bench.analytics import bench_analytics
@@ -63,6 +63,7 @@ from tests.bench.generation import bench_generation
 from tests.bench.latency import bench_latency
 from tests.bench.producer import bench_producer, profile_ours
 from tests.bench.report import Figure, Steps, render, write_json
+from tests.bench.settings import bench_settings
 from tests.bench.workloads import completed_events, cost_rows, requested_events
 
 
@@ -134,7 +135,7 @@ def _delete_topics(bootstrap: str, names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     console = Console(width=max(Console().width, 100))
-    settings = load_settings()
+    settings = bench_settings()
     bootstrap = settings.kafka_bootstrap
     if not _kafka_up(settings):
         console.print(f"No Kafka answers at {bootstrap}; start it with `make up` (aipipe up).")

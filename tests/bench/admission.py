@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
-from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
 from aipipe.processes import WorkerProcess
 from aipipe.producers import EventProducer
@@ -44,6 +44,7 @@ from aipipe.streams.admission.gate import build_gate
 from aipipe.streams.admission.limiter import RedisRateLimitStore, redis_client
 from aipipe.streams.admission.window import Check
 from tests.bench.report import Figure, Sample, Steps, best_of, compare, render
+from tests.bench.settings import bench_settings
 from tests.bench.workloads import CLIENTS, requested_events
 
 Say = Callable[[str], None]
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 100))
     steps = Steps(console)
-    figures = admission_figures(load_settings(), steps.say, decisions=args.decisions,
+    figures = admission_figures(bench_settings(), steps.say, decisions=args.decisions,
                                 depth=args.depth, events=args.events, rounds=args.rounds)
     render(figures, console, title="aipipe bench — admission")
     for f in figures:

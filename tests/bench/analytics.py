@@ -40,6 +40,7 @@ from aipipe.consumers.costs.migrations import migrate
 from aipipe.consumers.costs.store import ClickHouseCostStore
 from aipipe.consumers.replay.replay import Replayer, plan, replay_consumer
 from tests.bench.report import Figure
+from tests.bench.settings import bench_settings
 
 DEFAULT_ROWS = 10_000_000
 CLIENTS = 100
@@ -217,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     import clickhouse_connect
     from rich.console import Console
 
-    from aipipe.infra.settings import load_settings
     from tests.bench.__main__ import _kafka_up, _quiet_logs
     from tests.bench.report import render
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="0 skips the replay line (no Kafka needed)")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 100))
-    settings = load_settings()
+    settings = bench_settings()
     bootstrap = settings.kafka_bootstrap if args.replay_events and _kafka_up(settings) else None
     _quiet_logs()
     directory = tempfile.mkdtemp(prefix="aipipe-bench-analytics-")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 
-from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess
 from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
@@ -36,6 +36,7 @@ from tests.bench.admission import _faust_passthrough_round, _round_settings
 from tests.bench.generation import cpu_seconds
 from tests.bench.latency import delete_topics
 from tests.bench.report import TIMES, Figure
+from tests.bench.settings import bench_settings
 from tests.support.pipeline import rows_and_operations, store_of
 
 Say = Callable[[str], None]
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.burst")
     parser.add_argument("--count", type=int, default=100_000)
     args = parser.parse_args(argv)
-    for f in bench_burst(load_settings(), print, args.count):
+    for f in bench_burst(bench_settings(), print, args.count):
         print(f"{f.metric}: {f.ours:,.0f} {f.unit} vs {f.baseline:,.0f} ({f.ratio:.2f}x)")
     return 0
 

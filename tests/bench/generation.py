@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
@@ -42,6 +42,7 @@ from aipipe.schemas.events import OperationRequested
 from aipipe.streams.admission.decide import admitted
 from tests.bench.latency import delete_topics, kafka_latency
 from tests.bench.report import TIMES, Figure
+from tests.bench.settings import bench_settings
 
 Say = Callable[[str], None]
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="overhead: operations/s")
     parser.add_argument("--seconds", type=float, default=10.0, help="overhead: for how long")
     args = parser.parse_args(argv)
-    for f in bench_generation(load_settings(), print, args.count, args.cap, args.rate,
+    for f in bench_generation(bench_settings(), print, args.count, args.cap, args.rate,
                               args.seconds):
         print(f"{f.metric}: {f.ours:,.1f} {f.unit} vs {f.baseline:,.1f} ({f.ratio:.2f}x) "
               f"{f.notes}")

@@ -33,13 +33,14 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from aipipe.infra.settings import Settings, load_settings
+from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from tests.bench.report import Figure
+from tests.bench.settings import bench_settings
 from tests.support.pipeline import store_of
 
 Say = Callable[[str], None]
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
     parser.add_argument("--sink-batch-seconds", type=float, default=None)
     args = parser.parse_args(argv)
-    figures = bench_latency(load_settings(), print, args.count, args.rate,
+    figures = bench_latency(bench_settings(), print, args.count, args.rate,
                             args.sink_batch_seconds)
     for f in figures:
         print(f"{f.metric}: pipeline {f.ours:.1f} ms, kafka {f.baseline:.1f} ms "

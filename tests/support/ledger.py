@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 
 import orjson
-from confluent_kafka import Consumer, Message
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from aipipe.infra.settings import Settings
 from aipipe.producers import EventProducer
@@ -54,7 +54,9 @@ def produce_backlog(settings: Settings, events: Iterable[OperationRequested]) ->
 class Ledger:
     """Decisions and completions per operation id, read from the topics as they arrive."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, in_group: bool = True) -> None:
+        """``in_group=False``: read every partition without joining a group, so that the
+        ledger never waits on a group coordinator (a test that kills brokers)."""
         t = settings.topics
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -62,7 +64,13 @@ class Ledger:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
         })
-        self.consumer.subscribe([t.admitted, t.rejected, t.completed])
+        topics = [t.admitted, t.rejected, t.completed]
+        if in_group:
+            self.consumer.subscribe(topics)
+        else:
+            meta = self.consumer.list_topics(timeout=30)
+            self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for topic in topics
+                                  for p in meta.topics[topic].partitions])
         self.decision_ids: dict[str, set[str]] = {}  # operation -> distinct decision event ids
         self.completion_ids: dict[str, set[str]] = {}
         self.reasons: Counter[str] = Counter()
