@@ -15,11 +15,11 @@ Scenarios, each on its own topics:
 - ``before``: the code before the horizon (``--before`` revision, run from a ``git
   archive`` of it), values ``true`` / a bare attempt, as it wrote them: every key is
   replayed and kept, however old;
-- ``after, inside the horizon``: values stamped an hour ago, horizon 7 days: every key is
-  replayed and kept (the worst case: N requests within the horizon);
-- ``after, past the horizon, recovered``: the same topics, horizon 2 minutes: the keys
-  come back from the changelog (the broker has not dropped them yet) and the first
-  purge (30 s) drops them; RSS after that purge too;
+- ``after, inside the horizon``: values stamped two hours ago, horizon 7 days: every key
+  is replayed and kept (the worst case: N requests within the horizon);
+- ``after, past the horizon, recovered``: the same topics, horizon 1 hour: the keys come
+  back from the changelog (their records are younger than the retention) and the purge
+  (every 5 minutes) drops them; RSS after that purge too;
 - ``after, past the horizon``: records and values 8 days old, horizon 7 days, once the
   broker's retention (``retention.ms`` = the horizon; it checks every
   ``log.retention.check.interval.ms``, 5 min by default) has deleted them: nothing is
@@ -151,9 +151,10 @@ def _free_port() -> int:
 
 
 def run_worker(
-    settings: Settings, tree: Path | None, wait_purge: bool = False, timeout: float = 1200,
+    settings: Settings, tree: Path | None, wait_purge: int = 0, timeout: float = 1200,
 ) -> dict[str, float]:
-    """Start ``aipipe run streams`` (from ``tree`` when given), measure, stop it."""
+    """Start ``aipipe run streams`` (from ``tree`` when given), measure, stop it; with
+    ``wait_purge``, also once the purge has dropped that many keys."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIPIPE_")}
     env.update(settings.to_env())
@@ -180,16 +181,19 @@ def run_worker(
         ready = time.monotonic() - began
         out_figures = {"ready_seconds": ready, **{k.lower(): v / MB
                                                   for k, v in _status(proc.pid).items()}}
-        if wait_purge:
-            while "aipipe_dedup_keys_expired_total" not in _get(
-                    f"http://127.0.0.1:{port}/metrics")[1]:
+        if wait_purge:  # until the purge dropped every key (the first may run mid-recovery)
+            def expired() -> float:
+                return sum(float(m[1]) for m in re.finditer(
+                    r"^aipipe_dedup_keys_expired_total\{[^}]*\} (\S+)$",
+                    _get(f"http://127.0.0.1:{port}/metrics")[1], re.M))
+
+            while expired() < wait_purge:
                 if proc.poll() is not None or time.monotonic() - began > timeout:
-                    raise RuntimeError("no purge")
-                time.sleep(0.2)
-            metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
+                    raise RuntimeError(f"the purge dropped {expired()} of {wait_purge} keys")
+                time.sleep(0.5)
+            out_figures["purged_after_seconds"] = time.monotonic() - began
             out_figures["rss_after_purge_mb"] = _status(proc.pid)["VmRSS"] / MB
-            out_figures["expired"] = sum(float(m[1]) for m in re.finditer(
-                r"^aipipe_dedup_keys_expired_total\{[^}]*\} (\S+)$", metrics, re.M))
+            out_figures["expired"] = expired()
         return out_figures
     finally:
         proc.terminate()
@@ -253,13 +257,16 @@ def bench_dedup_state(
             say(f"  before ({before}): {results['before']}")
         if "inside" in scenarios or "recovered" in scenarios:
             prepare_topics(inside)
-            write_keys(inside, keys, now - 3600, None)
+            write_keys(inside, keys, now - 2 * 3600, None)
         if "inside" in scenarios:
             results["inside"] = run_worker(inside, None, timeout=timeout)
             say(f"  after, inside the horizon: {results['inside']}")
         if "recovered" in scenarios:
-            recovered = inside.model_copy(update={"dedup_horizon_hours": 2 / 60})
-            results["recovered"] = run_worker(recovered, None, wait_purge=True, timeout=timeout)
+            # horizon 1 h: the keys (2 h old) are past it, their records (written now) stay
+            # on the broker for that hour; the purge runs after 5 minutes
+            recovered = inside.model_copy(update={"dedup_horizon_hours": 1.0})
+            results["recovered"] = run_worker(recovered, None, wait_purge=3 * keys,
+                                            timeout=timeout)
             say(f"  after, past the horizon, recovered then purged: {results['recovered']}")
     finally:
         for settings in (empty, legacy, inside, aged):
