@@ -59,8 +59,14 @@ tools:
 	the Go producer in producers/examples/go needs it" >&2; exit 1; }
 	cd producers/examples/go && GOTOOLCHAIN=local GOFLAGS=-mod=mod $(GO) mod download
 
+# The suite in two processes (pytest-xdist; a file's tests stay in one, so a module's
+# fixtures start once): one test's waits on worker start-ups, Kafka and deadlines overlap
+# another's work. Then the tests marked `alone`, by themselves: they bound time or
+# throughput, which another test's load on the cores would change. Each part lists its
+# slowest tests.
 test: up tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not alone" --durations=20
+	$(BIN)/python -m pytest -m alone --durations=5
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

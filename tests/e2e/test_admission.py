@@ -136,6 +136,7 @@ def limits_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.alone  # admitted per window >= the limit: a throughput floor
 def test_workers_share_the_model_limit_and_keys_always_expire(
     settings: Settings, limits_file: Path
 ) -> None:
@@ -342,6 +343,7 @@ def test_budgets_reject_over_budget_and_thresholds_fire_once(settings: Settings)
         sink.stop()
 
 
+@pytest.mark.alone  # the new limit within reload_seconds + 2 s
 def test_a_limits_file_change_applies_without_a_restart(
     settings: Settings, limits_file: Path
 ) -> None:

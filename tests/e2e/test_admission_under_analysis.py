@@ -170,6 +170,7 @@ class AnalystQuery:
             self.ended = time.time()
 
 
+@pytest.mark.alone  # compares the phases' latency: other load must not come and go
 def test_admission_keeps_deciding_while_an_analysts_heavy_query_runs(settings: Settings) -> None:
     settings = settings.model_copy(update={
         "budget_usd": Decimal(1000), "budget_cache_seconds": 0.0, "rate_limit": "100000/1s",

@@ -76,6 +76,7 @@ def ready(port: int, worker: WorkerProcess) -> bool:
         return False
 
 
+@pytest.mark.alone  # the redelivery must be handled within the 20 s horizon
 def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_handled_again(
     settings: Settings,
 ) -> None:
