@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +64,28 @@ def ensure_topics(
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise TopicError(f"Topic {name} could not be created: {exc}.") from exc
+    _wait_led(admin, [t.topic for t in wanted], partitions, timeout)
+
+
+def _wait_led(admin: AdminClient, names: list[str], partitions: int, timeout: float) -> None:
+    """Return once the metadata shows each of ``names`` with all its partitions led.
+
+    A client that starts right after creation may otherwise ask a broker that does not
+    know the topic yet: faust raises ``PartitionsMismatch`` on a changelog it sees with
+    0 partitions (on a three-broker cluster), and the worker goes down.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        waiting = [n for n in names if n not in topics or topics[n].error is not None
+                   or len(topics[n].partitions) != partitions
+                   or any(p.leader < 0 for p in topics[n].partitions.values())]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TopicError(f"Topic {waiting[0]} was created but its partitions have no "
+                             f"leader after {timeout:.0f}s; check that the brokers are up.")
+        time.sleep(0.1)
 
 
 def min_insync_replicas(replication_factor: int) -> int:

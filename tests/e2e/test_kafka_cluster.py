@@ -237,3 +237,58 @@ def test_brokers_killed_under_load_lose_nothing(
         ledger.close()
         for worker in (streams, costs):
             worker.stop()
+
+
+def test_streams_scaled_from_one_to_three_and_back_lose_nothing(
+    on_cluster: Settings, cluster: Cluster
+) -> None:
+    """On the same cluster: one streams worker, then three, then one again, under load."""
+    settings = on_cluster
+    prepare_topics(settings)
+    requests = image_requests(REQUESTS, CLIENTS)
+    home = settings.home
+    costs = WorkerProcess(settings, "costs", log_path=home / "costs.log").start()
+    streams = [WorkerProcess(settings, "streams", log_path=home / "streams-0.log").start()]
+    ledger = Ledger(settings, in_group=False)
+    watch = Watch(ledger, [costs, streams[0]])
+    load = Load(settings, requests[WARM_UP:], RATE)
+    timeline: list[str] = []
+    t0 = time.monotonic()
+
+    def note(what: str) -> None:
+        timeline.append(f"{time.monotonic() - t0:6.1f}s {ledger.completed():5d} done, "
+                        f"{load.sent:5d} sent: {what}")
+
+    try:
+        produce_backlog(settings, requests[:WARM_UP])
+        watch.until(WARM_UP, 180, "the warm-up's completions")
+        load.start()
+        wait_for(lambda: watch.poll() >= 0 and load.sent >= REQUESTS // 5, 180,
+                 "a fifth of the load")
+        note("two more streams workers")
+        streams += [WorkerProcess(settings, "streams", log_path=home / f"streams-{k}.log").start()
+                    for k in (1, 2)]
+        watch.workers += streams[1:]
+        watch.until(ledger.completed() + 2 * MOVED, 180, "completions with three workers")
+        note("back to one streams worker")
+        watch.workers = [costs, streams[0]]
+        for worker in streams[1:]:
+            worker.stop()
+        watch.until(REQUESTS, 300, f"{REQUESTS} completions")
+        note("all completed")
+        load.join(30)
+        assert load.error is None, load.error
+        deadline = time.monotonic() + 5  # duplicates that are still on their way
+        while time.monotonic() < deadline:
+            ledger.poll()
+        assert ledger.problems(r.event_id for r in requests) == []
+        assert sum(ledger.reasons.values()) == 0
+        streams[0].stop()
+        costs_settled(settings, costs, requests=REQUESTS, clients=CLIENTS)
+    finally:
+        print("\n".join([*timeline, "stalls over 2 s (at s, for s): "
+                         f"{[(round(at - t0, 1), d) for at, d in watch.stalls]}",
+                         f"worker restarts: {watch.restarts}"]))
+        ledger.close()
+        for worker in [*streams, costs]:
+            worker.stop()
