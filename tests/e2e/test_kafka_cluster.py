@@ -36,7 +36,7 @@ from tests.support.ledger import Ledger, image_requests, produce_backlog
 
 pytestmark = pytest.mark.e2e
 
-REQUESTS, RATE, CLIENTS = 6000, 150.0, 20  # 40 s of load
+REQUESTS, RATE, CLIENTS = 4000, 150.0, 20  # 27 s of load
 WARM_UP = 20
 MOVED = 200  # completions that show the pipeline goes on with a broker down
 STALL_SECONDS = 120  # no completion for this long (with requests waiting): the test fails
