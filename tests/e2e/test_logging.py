@@ -5,7 +5,8 @@ A real ``aipipe run all`` process (faust and the cost sink in one process) runs 
 level, so faust, mode and aiokafka log plenty while starting. A ``sitecustomize`` on its
 ``PYTHONPATH`` makes the interpreter warn, and a thread raise, right after the worker's
 logging is set up; ``AIPIPE_FAULT=sink_raise@2`` makes the cost sink's thread raise, which
-takes the process down with exit 70. Then every line of its output must parse.
+takes the process down with exit 70 (the events reach it once faust has begun to log).
+Then every line of its output must parse.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from aipipe.infra.settings import Settings
 from aipipe.infra.supervise import EXIT_THREAD_DIED
-from aipipe.processes import WorkerProcess
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers.producer import DeliveryError, EventProducer
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationCompleted, Usage
@@ -82,10 +83,17 @@ def test_every_line_a_worker_writes_is_json(
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
     settings = settings.model_copy(update={"sink_batch_size": 5, "sink_batch_seconds": 0.2})
     prepare_topics(settings)
-    produce(settings, settings.topics.completed, [completed(n) for n in range(20)])
 
     worker = WorkerProcess(settings, "all").start(log_level="debug", fault="sink_raise@2")
     try:
+        def libraries_logged() -> bool:
+            assert worker.alive(), worker.log_tail()
+            text = worker.log_path.read_text(errors="replace")
+            return all(f'"logger": "{name}.' in text for name in ("faust", "mode", "aiokafka"))
+
+        wait_for(libraries_logged, 120, "faust's, mode's and aiokafka's first lines")
+        # only now: the sink would otherwise die on them before faust has said anything
+        produce(settings, settings.topics.completed, [completed(n) for n in range(20)])
         assert worker.wait_exit(120) == EXIT_THREAD_DIED, worker.log_tail()
     finally:
         worker.kill()
