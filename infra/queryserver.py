@@ -267,7 +267,7 @@ class ReadEngine:
         self._closed = False
         import chdb  # the embedded engine's extra (aipipe[embedded]); a server needs none
 
-        self._owner: Any = chdb.connect(self.path)  # type: ignore[no-untyped-call]
+        self._owner: Any = chdb.connect(self.path)
         self._classifier = Classifier(self._connect(
             {"max_execution_time": "10", "max_memory_usage": "200000000", "max_threads": "1"}))
         self.version, self.timezone = (
@@ -287,7 +287,7 @@ class ReadEngine:
         params["readonly"] = "1"  # last: after it, nothing can be changed
         import chdb
 
-        return chdb.connect(f"{self._base}?{urlencode(params)}")  # type: ignore[no-untyped-call]
+        return chdb.connect(f"{self._base}?{urlencode(params)}")
 
     def classify(self, sql: str, params: Mapping[str, str] | None = None) -> Verdict:
         return self._classifier.classify(sql, params)

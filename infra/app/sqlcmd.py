@@ -42,12 +42,12 @@ def _engine_connection() -> Any:
     import chdb
 
     try:
-        return chdb.connect(":memory:?readonly=1")  # type: ignore[no-untyped-call]
+        return chdb.connect(":memory:?readonly=1")
     except Exception as exc:  # this process already runs the engine on a path: use it
         found = _OPEN_PATH.search(str(exc))
         if found is None:
             raise
-        return chdb.connect(  # type: ignore[no-untyped-call]
+        return chdb.connect(
             f"file:{found.group(1)}?readonly=1")
 
 
