@@ -11,12 +11,20 @@ so it transfers across machines where absolute rates do not:
 3. (informational) the full cost sink path, Kafka -> ``CostSink`` -> ClickHouse, against
    the raw insert rate of 2.
 
-``--only`` also picks ``admission``, ``latency``, ``analytics``, ``endpoint`` (the read
+``--only`` also picks ``admission`` (the limiter, and an ``aipipe run streams`` worker vs
+a confluent-kafka loop with the same gate, under the default limit and with every
+request admitted), ``admission-scaling`` (``--scaling-count`` requests decided by two
+streams workers vs one, same run), ``latency``, ``analytics``, ``endpoint`` (the read
 endpoint against chDB in-process: ``tests/bench/endpoint.py``), ``generation``
 (completions/s and in-flight calls at 2 s provider latency, and the per-operation
 overhead: ``tests/bench/generation.py``) and ``burst`` (``--burst-count`` pre-produced
 requests, 100,000 by default, through the whole pipeline next to a bare faust copy
-agent: ``tests/bench/burst.py``). ``dedup`` (not in the default run: it takes long) is a
+agent: ``tests/bench/burst.py``), ``observability`` (``--observability-count`` requests
+end to end with traces and metrics on vs off, same run: ``tests/bench/observability.py``),
+``ui`` (with ``analytics``: the cost page's first render in Chromium over the same 10M
+rows: ``tests/bench/ui.py``), ``cluster`` (``--cluster-count`` requests end to end
+on a three-broker local cluster vs the one broker, same run: ``tests/bench/cluster.py``).
+``dedup`` (not in the default run: it takes long) is a
 streams worker's memory and restart-recovery time with ``--dedup-keys`` requests' worth of
 dedup keys, before and after the dedup horizon (``tests/bench/dedup_state.py``).
 
@@ -52,15 +60,17 @@ from rich.console import Console
 from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
-from tests.bench.admission import admission_figures
+from tests.bench.admission import admission_figures, scaling_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.burst import bench_burst
 from tests.bench.clickhouse import bench_sink, bench_store, produce_completed
+from tests.bench.cluster import bench_cluster
 from tests.bench.dedup_state import bench_dedup_state
 from tests.bench.endpoint import DEFAULT_ROWS as ENDPOINT_ROWS
 from tests.bench.endpoint import bench_endpoint
 from tests.bench.generation import bench_generation
 from tests.bench.latency import bench_latency
+from tests.bench.observability import bench_observability
 from tests.bench.producer import bench_producer, profile_ours
 from tests.bench.report import Figure, Steps, render, write_json
 from tests.bench.settings import bench_settings
@@ -80,10 +90,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sink", action="store_true", help="skip the full sink path line")
     parser.add_argument(
         "--only", nargs="+",
-        default=["pipeline", "admission", "latency", "analytics", "endpoint", "generation",
-                 "burst"],
-        choices=["pipeline", "producer", "admission", "latency", "analytics", "endpoint",
-                 "generation", "burst", "dedup"],
+        default=["pipeline", "admission", "admission-scaling", "latency", "analytics", "ui",
+                 "endpoint", "generation", "burst", "observability", "cluster"],
+        choices=["pipeline", "producer", "admission", "admission-scaling", "latency",
+                 "analytics", "ui", "endpoint", "generation", "burst", "observability",
+                 "cluster", "dedup"],
         help="which parts to run (pipeline: producer, ClickHouse store and sink)",
     )
     parser.add_argument("--endpoint-rows", type=int, default=ENDPOINT_ROWS,
@@ -92,6 +103,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="operations of 2 s in the generation throughput part")
     parser.add_argument("--generation-cap", type=int, default=2000,
                         help="AIPIPE_GENERATION_MAX_IN_FLIGHT for the throughput part")
+    parser.add_argument("--scaling-count", type=int, default=10_000,
+                        help="pre-produced requests per side in the admission-scaling part")
+    parser.add_argument("--observability-count", type=int, default=10_000,
+                        help="requests end to end per side in the observability part")
+    parser.add_argument("--cluster-count", type=int, default=10_000,
+                        help="requests end to end on 3 brokers and on 1 in the cluster part")
     parser.add_argument("--burst-count", type=int, default=100_000,
                         help="requests through the whole pipeline in the burst part")
     parser.add_argument("--dedup-keys", type=int, default=1_000_000,
@@ -186,18 +203,24 @@ def main(argv: list[str] | None = None) -> int:
                                           store_figure, say))
         if "admission" in args.only:
             figures += admission_figures(settings, say, rounds=max(args.rounds - 2, 1))
+        if "admission-scaling" in args.only:
+            figures += scaling_figures(settings, say, events=args.scaling_count, rounds=1)
         if "latency" in args.only:
             figures += bench_latency(settings, say, args.latency_count, args.latency_rate)
-        if "analytics" in args.only:
+        if "analytics" in args.only or "ui" in args.only:
             figures += bench_analytics(
                 open_clickhouse(f"chdb://{chdb_dir}/chdb", "bench_setup"), bootstrap, say,
-                rows=args.analytics_rows, rounds=7,
+                rows=args.analytics_rows, rounds=7, ui="ui" in args.only,
             )
         if "generation" in args.only:
             figures += bench_generation(settings, say, args.generation_count,
                                         args.generation_cap)
         if "burst" in args.only:
             figures += bench_burst(settings, say, args.burst_count)
+        if "observability" in args.only:
+            figures += bench_observability(settings, say, args.observability_count)
+        if "cluster" in args.only:
+            figures += bench_cluster(settings, say, args.cluster_count)
         if "dedup" in args.only:
             figures += bench_dedup_state(settings, say, args.dedup_keys)
         if "endpoint" in args.only:

@@ -9,8 +9,18 @@ consume→produce loop. Each pair is measured in the same run on the same machin
    produced before it started, against a plain confluent-kafka loop with the same logic
    (decode, ``AdmissionGate.decide`` per batch on the same Redis, encode, produce to the
    admitted or rejected topic). Rates come from the output records' timestamps (first
-   to last), so start-up is not counted. Goal at least 0.25 times. A bare copy loop (no
-   decoding, no logic) is reported in the notes for scale.
+   to last), so start-up is not counted. Goal at least 0.25 times. Two workloads, each
+   its own figure: the default limit (most of the 20,000 requests from 50 clients are
+   rejected: cheap decisions, and the worker generates little) and full admit (limit
+   raised so every request is admitted: every decision writes both sliding logs, and
+   the worker also runs generation for each one). The same logic on aiokafka (the
+   client under faust), a faust agent that only copies records and a bare copy loop
+   (no decoding, no logic) are printed and kept in the notes for scale, each under its
+   own name.
+3. Admission scaling: the same backlog (full admit) decided by one and by two ``aipipe
+   run streams`` workers, in the same run, over at least two partitions; the backlog is
+   produced at once when every worker holds partitions, so a rebalance is not measured
+   (``--only admission-scaling``).
 
 Run alone with ``python -m tests.bench.admission`` (needs ``aipipe up``), or call
 ``admission_figures`` from ``tests.bench.__main__``.
@@ -28,7 +38,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, ConsumerGroupState, Producer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
@@ -150,17 +160,68 @@ def _drop_topics(settings: Settings) -> None:
         list(settings.topics.all()))
 
 
-def _faust_round(settings: Settings, requests: list[OperationRequested]) -> float:
+def _faust_round(settings: Settings, requests: list[OperationRequested],
+                 workers: int = 1) -> float:
+    """``workers`` ``aipipe run streams`` processes on a backlog produced before they start."""
     with EventProducer(settings.kafka_bootstrap) as producer:
         producer.send_many(settings.topics.requested, requests)
-    worker = WorkerProcess(settings, "streams").start()
+    started = [WorkerProcess(settings, "streams",
+                             log_path=settings.home / f"streams-{k}.log").start()
+               for k in range(workers)]
     try:
         t = settings.topics
         return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
                             300)
     finally:
-        worker.stop()
+        for worker in started:
+            worker.stop()
         _drop_topics(settings)
+
+
+def _settled_round(settings: Settings, requests: list[OperationRequested],
+                   workers: int) -> float:
+    """``workers`` streams processes, started first; the backlog goes in once every one
+    holds partitions of the requests topic (a join mid-backlog would measure faust's
+    rebalance, not the workers' rate)."""
+    started = [WorkerProcess(settings, "streams",
+                             log_path=settings.home / f"streams-{k}.log").start()
+               for k in range(workers)]
+    try:
+        deadline = time.monotonic() + 300
+        while _group_members(settings) < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{workers} streams workers did not all join within 300 s")
+            time.sleep(0.5)
+        with EventProducer(settings.kafka_bootstrap) as producer:
+            producer.send_many(settings.topics.requested, requests)
+        t = settings.topics
+        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
+                            300)
+    finally:
+        for worker in started:
+            worker.stop()
+        _drop_topics(settings)
+
+
+def _group_members(settings: Settings) -> int:
+    """Members of the streams group holding partitions of the requests topic (0 while the
+    group rebalances)."""
+    group = f"{settings.topic_prefix}-streams"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    except Exception:  # the group does not exist yet
+        return 0
+    if description.state != ConsumerGroupState.STABLE:
+        return 0
+    return sum(1 for m in description.members
+               if any(tp.topic == settings.topics.requested
+                      for tp in m.assignment.topic_partitions))
+
+
+def full_admit(settings: Settings, events: int) -> Settings:
+    """The settings with a default limit no client of ``events`` requests can reach."""
+    return settings.model_copy(update={"rate_limit": f"{max(events, 1) * 10}/60s"})
 
 
 def _raw_round(settings: Settings, requests: list[OperationRequested], logic: bool) -> float:
@@ -302,7 +363,9 @@ def _faust_passthrough_round(settings: Settings, requests: list[OperationRequest
         _drop_topics(settings)
 
 
-def bench_admission(settings: Settings, events: int, rounds: int, say: Say) -> Figure:
+def bench_admission(settings: Settings, events: int, rounds: int, say: Say,
+                    workload: str = "default limit") -> Figure:
+    """One workload: ``settings`` carries its limit (see ``full_admit``)."""
     home = Path(tempfile.mkdtemp(prefix="aipipe-bench-admission-"))
     partitions = settings.partitions
     requests = simulated_requests(events)
@@ -310,11 +373,11 @@ def bench_admission(settings: Settings, events: int, rounds: int, say: Say) -> F
         samples = best_of(rounds, {
             "faust admission": lambda r: _rate_sample(
                 _faust_round(_round_settings(settings, home, partitions), requests)),
-            "aiokafka loop": lambda r: _rate_sample(
-                _aiokafka_round(_round_settings(settings, home, partitions), requests)),
+            "confluent-kafka loop": lambda r: _rate_sample(
+                _raw_round(_round_settings(settings, home, partitions), requests, logic=True)),
         }, say, "events/s")
-        confluent = _raw_round(_round_settings(settings, home, partitions), requests, logic=True)
-        say(f"    confluent-kafka loop        {confluent:>12,.0f} events/s")
+        aiokafka = _aiokafka_round(_round_settings(settings, home, partitions), requests)
+        say(f"    aiokafka loop (same logic)  {aiokafka:>12,.0f} events/s")
         passthrough = _faust_passthrough_round(_round_settings(settings, home, partitions),
                                                requests, home)
         say(f"    faust copy agent            {passthrough:>12,.0f} events/s")
@@ -322,17 +385,46 @@ def bench_admission(settings: Settings, events: int, rounds: int, say: Say) -> F
         say(f"    bare copy loop (no logic)   {bare:>12,.0f} events/s")
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    best_faust = max(s.per_second for s in samples["faust admission"])
+    say(f"    faust admission / aiokafka loop = {best_faust / aiokafka:.2f}x (info)")
     return compare(
-        "admission events/s", "/s", 0.25,
+        f"admission events/s, {workload}", "/s", 0.25,
         f"an `aipipe run streams` worker deciding {events:,} pre-produced requests (50 "
-        f"clients, default limit {settings.rate_limit}, Redis limiter, batches of "
+        f"clients, {workload}: limit {settings.rate_limit}, Redis limiter, batches of "
         f"{settings.admission_batch_size}; the worker also runs generation for what it "
         "admits) vs a confluent-kafka consume→decide→produce loop with the same gate; "
         f"{partitions} partitions; rates from output record timestamps",
-        samples["faust admission"], samples["aiokafka loop"],
-        {"events": events, "partitions": partitions, "bare_copy_per_second": round(bare),
-         "confluent_loop_per_second": round(confluent),
+        samples["faust admission"], samples["confluent-kafka loop"],
+        {"events": events, "partitions": partitions, "workload": workload,
+         "rate_limit": settings.rate_limit, "bare_copy_per_second": round(bare),
+         "aiokafka_loop_per_second": round(aiokafka),
          "faust_passthrough_per_second": round(passthrough)},
+    )
+
+
+def bench_admission_scaling(settings: Settings, events: int, rounds: int, say: Say) -> Figure:
+    """Full admit, one vs two ``aipipe run streams`` workers on the same backlog."""
+    home = Path(tempfile.mkdtemp(prefix="aipipe-bench-scaling-"))
+    partitions = max(settings.partitions, 2)
+    settings = full_admit(settings, events)
+    requests = simulated_requests(events)
+    try:
+        samples = best_of(rounds, {
+            "2 workers": lambda r: _rate_sample(
+                _settled_round(_round_settings(settings, home, partitions), requests, 2)),
+            "1 worker": lambda r: _rate_sample(
+                _settled_round(_round_settings(settings, home, partitions), requests, 1)),
+        }, say, "events/s")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return compare(
+        "admission events/s, 2 streams workers vs 1", "/s", None,
+        f"{events:,} pre-produced requests (full admit: limit {settings.rate_limit}), "
+        f"{partitions} partitions, decided by two `aipipe run streams` processes vs one, "
+        "same run, rotating order; the backlog is produced once every worker holds "
+        "partitions (stable group); rates from output record timestamps",
+        samples["2 workers"], samples["1 worker"],
+        {"events": events, "partitions": partitions},
     )
 
 
@@ -342,12 +434,22 @@ def _rate_sample(rate: float) -> Sample:
 
 def admission_figures(settings: Settings, say: Say, *, decisions: int = 100_000,
                       depth: int = 100, events: int = 20_000, rounds: int = 3) -> list[Figure]:
-    """Both admission figures, for ``tests.bench.__main__``."""
-    say(f"[bold]admission 1/2 limiter[/bold]: {decisions:,} decisions, depth {depth}")
+    """The admission figures, for ``tests.bench.__main__``: limiter, then both workloads."""
+    say(f"[bold]admission 1/3 limiter[/bold]: {decisions:,} decisions, depth {depth}")
     figures = [bench_limiter(settings.redis_dsn, decisions, depth, rounds, say)]
-    say(f"[bold]admission 2/2 faust[/bold]: {events:,} requests per round")
+    say(f"[bold]admission 2/3 faust, default limit[/bold]: {events:,} requests per round")
     figures.append(bench_admission(settings, events, max(rounds - 1, 1), say))
+    say(f"[bold]admission 3/3 faust, full admit[/bold]: {events:,} requests per round")
+    figures.append(bench_admission(full_admit(settings, events), events, max(rounds - 1, 1),
+                                   say, "full admit"))
     return figures
+
+
+def scaling_figures(settings: Settings, say: Say, *, events: int = 20_000,
+                    rounds: int = 2) -> list[Figure]:
+    """One vs two streams workers, for ``tests.bench.__main__ --only admission-scaling``."""
+    say(f"[bold]admission scaling[/bold]: {events:,} requests, 1 vs 2 streams workers")
+    return [bench_admission_scaling(settings, events, rounds, say)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,11 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scaling", action="store_true",
+                        help="only the 1 vs 2 streams workers figure")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 100))
     steps = Steps(console)
-    figures = admission_figures(bench_settings(), steps.say, decisions=args.decisions,
-                                depth=args.depth, events=args.events, rounds=args.rounds)
+    if args.scaling:
+        figures = scaling_figures(bench_settings(), steps.say, events=args.events,
+                                  rounds=max(args.rounds - 1, 1))
+    else:
+        figures = admission_figures(bench_settings(), steps.say, decisions=args.decisions,
+                                    depth=args.depth, events=args.events, rounds=args.rounds)
     render(figures, console, title="aipipe bench — admission")
     for f in figures:
         console.print(f"  [dim]{f.metric}: {f.method}[/dim]", highlight=False, soft_wrap=True)

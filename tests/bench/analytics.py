@@ -195,7 +195,7 @@ def bench_replay(client: Client, bootstrap: str, events: int, batch: int,
 
 def bench_analytics(client: Client, bootstrap: str | None, say: Callable[[str], None], *,
                     rows: int, rounds: int = 7, replay_events: int = 100_000,
-                    batch: int = 10_000) -> list[Figure]:
+                    batch: int = 10_000, ui: bool = False) -> list[Figure]:
     database = f"bench_analytics_{uuid.uuid4().hex[:8]}"
     say(f"[bold]analytics[/bold]: generating {rows:,} cost rows (+~0.1 % duplicates) in chDB")
     seconds = generate(client, database, rows)
@@ -207,6 +207,10 @@ def bench_analytics(client: Client, bootstrap: str | None, say: Callable[[str], 
                    f"now64(3) FROM `{database}`.ai_cost_tracking WHERE client_id = 'client-7' "
                    "AND toDate(requested_at) = '2026-10-20' LIMIT 5")
     figures = bench_queries(client, database, rows, rounds, say)
+    if ui:  # the cost page's first render over the same rows
+        from tests.bench.ui import bench_ui
+
+        figures += bench_ui(client, database, rows, say)
     client.command(f"DROP DATABASE IF EXISTS `{database}`")
     if bootstrap is not None and replay_events:
         say(f"[bold]replay[/bold]: {replay_events:,} completed events, sink vs replay")
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--replay-events", type=int, default=100_000,
                         help="0 skips the replay line (no Kafka needed)")
+    parser.add_argument("--ui", action="store_true",
+                        help="also the cost page's render in Chromium (tests/bench/ui.py)")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 100))
     settings = bench_settings()
@@ -237,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = clickhouse_connect.get_client(dsn=f"chdb://{directory}/chdb")
         figures = bench_analytics(client, bootstrap, console.print, rows=args.rows,
-                                  rounds=args.rounds, replay_events=args.replay_events)
+                                  rounds=args.rounds, replay_events=args.replay_events,
+                                  ui=args.ui)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     render(figures, console, title=f"aipipe analytics bench — {os.cpu_count()} cores, "

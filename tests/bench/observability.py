@@ -1,0 +1,159 @@
+"""The cost of observability: the burst end to end with traces and metrics on vs off.
+
+The burst's pipeline run (``tests.bench.burst.pipeline_burst``: ``N`` pre-produced
+requests, one ``aipipe run all`` worker, 0 ms simulated provider, chDB, exact row count
+checked) twice per round, in alternating order:
+
+- **on**: ``OTEL_TRACES_EXPORTER=otlp`` to an OTLP/HTTP receiver in this process (a span
+  per hop of every request, batched and exported as in production), and Prometheus
+  metrics served on a port (``AIPIPE_METRICS_PORT``);
+- **off**: no ``OTEL_*`` and ``AIPIPE_METRICS_PORT=0``.
+
+The figure is end-to-end operations/s on against off (goal at least 0.9 times); the receiver's span
+count shows that tracing was on (the worker exports the spans of every stage).
+
+Run alone: ``python -m tests.bench.observability --count 10000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from aipipe.infra.settings import Settings
+from tests.bench.burst import pipeline_burst
+from tests.bench.report import Figure, Sample, best_of, compare
+from tests.bench.settings import bench_settings
+
+Say = Callable[[str], None]
+
+
+class SpanCounter:
+    """An OTLP/HTTP traces endpoint that counts the spans it is sent."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        lock = threading.Lock()
+        counter = self
+        reply = ExportTraceServiceResponse().SerializeToString()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                spans = sum(len(scope.spans) for resource in request.resource_spans
+                            for scope in resource.scope_spans)
+                with lock:
+                    counter.spans += spans
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @contextmanager
+    def running(self) -> Iterator[SpanCounter]:
+        self.thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def observed(settings: Settings, endpoint: str) -> Settings:
+    """Traces exported over OTLP/HTTP to ``endpoint`` and metrics served on a free port."""
+    return settings.model_copy(update={
+        "otel_traces_exporter": "otlp", "otel_exporter_otlp_endpoint": endpoint,
+        "otel_sdk_disabled": False, "metrics_port": free_port()})
+
+
+def unobserved(settings: Settings) -> Settings:
+    return settings.model_copy(update={
+        "otel_traces_exporter": "none", "otel_exporter_otlp_endpoint": "",
+        "otel_exporter_otlp_traces_endpoint": "", "metrics_port": 0})
+
+
+def bench_observability(settings: Settings, say: Say, count: int = 10_000,
+                        rounds: int = 2) -> list[Figure]:
+    say(f"[bold]observability[/bold]: {count:,} requests end to end, traces and metrics "
+        f"on vs off, {rounds} round(s) each")
+    counter = SpanCounter()
+    spans_per_round: list[int] = []
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+
+    def run(side: str, target: Settings) -> Sample:
+        before = counter.spans
+        rates = pipeline_burst(target, count, say)
+        cpu[side].append(rates["cpu_ms_per_operation"])
+        if side == "on":
+            spans_per_round.append(counter.spans - before)
+        say(f"    {side:<3} end to end {rates['end_to_end']:>8,.0f} /s, worker CPU "
+            f"{rates['cpu_ms_per_operation']:.2f} ms per operation")
+        return Sample(rates["end_to_end"], 0.0)
+
+    with counter.running():
+        samples = best_of(rounds, {
+            "on": lambda r: run("on", observed(settings, counter.endpoint)),
+            "off": lambda r: run("off", unobserved(settings)),
+        }, say, "ops/s")
+    if not spans_per_round or min(spans_per_round) < count:
+        raise AssertionError(f"tracing was not on: spans received per round {spans_per_round} "
+                             f"for {count:,} requests")
+    say(f"    spans received per traced round: {', '.join(f'{n:,}' for n in spans_per_round)}")
+    return [compare(
+        "end to end operations/s, traces + metrics on vs off", "ops/s", 0.9,
+        f"{count:,} requests produced before one `aipipe run all` worker starts (the burst's "
+        "run: every request admitted, 0 ms provider, chDB, exact rows checked); on: "
+        "OTEL_TRACES_EXPORTER=otlp to an OTLP/HTTP receiver in the bench process and "
+        "/metrics served; off: no exporter, AIPIPE_METRICS_PORT=0; same run, rotating "
+        "order, best round of each",
+        samples["on"], samples["off"],
+        {"count": count, "spans_per_traced_round": spans_per_round,
+         "worker_cpu_ms_per_operation_on": [round(c, 2) for c in cpu["on"]],
+         "worker_cpu_ms_per_operation_off": [round(c, 2) for c in cpu["off"]]},
+    )]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.observability")
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    for f in bench_observability(bench_settings(), print, args.count, args.rounds):
+        print(f"{f.metric}: {f.ours:,.0f} {f.unit} vs {f.baseline:,.0f} ({f.ratio:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
