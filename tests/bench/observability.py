@@ -9,8 +9,13 @@ checked) twice per round, in alternating order:
   metrics served on a port (``AIPIPE_METRICS_PORT``);
 - **off**: no ``OTEL_*`` and ``AIPIPE_METRICS_PORT=0``.
 
-The figure is end-to-end operations/s on against off (goal at least 0.9 times); the receiver's span
-count shows that tracing was on (the worker exports the spans of every stage).
+- **on, sampled**: as on, with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` and
+  ``OTEL_TRACES_SAMPLER_ARG`` (``--ratio``, 0.1 by default): what a busy deployment
+  would run; every request still carries its trace context, a tenth are recorded.
+
+The figures are end-to-end operations/s on (and on, sampled) against off (goal at least
+0.9 times); the receiver's span count shows that tracing was on (the worker exports the
+spans of every stage).
 
 Run alone: ``python -m tests.bench.observability --count 10000``.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import socket
 import sys
 import threading
@@ -104,53 +110,81 @@ def unobserved(settings: Settings) -> Settings:
         "otel_exporter_otlp_traces_endpoint": "", "metrics_port": 0})
 
 
-def bench_observability(settings: Settings, say: Say, count: int = 10_000,
-                        rounds: int = 2) -> list[Figure]:
-    say(f"[bold]observability[/bold]: {count:,} requests end to end, traces and metrics "
-        f"on vs off, {rounds} round(s) each")
-    counter = SpanCounter()
-    spans_per_round: list[int] = []
-    cpu: dict[str, list[float]] = {"on": [], "off": []}
+@contextmanager
+def sampled(ratio: float | None) -> Iterator[None]:
+    """The workers started in the block sample ``ratio`` of new traces (the SDK's variables,
+    which the workers inherit from this process's environment)."""
+    names = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
+    saved = {name: os.environ.get(name) for name in names}
+    if ratio is not None:
+        os.environ.update({names[0]: "parentbased_traceidratio", names[1]: str(ratio)})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
-    def run(side: str, target: Settings) -> Sample:
+
+def bench_observability(settings: Settings, say: Say, count: int = 10_000,
+                        rounds: int = 2, ratio: float = 0.1) -> list[Figure]:
+    say(f"[bold]observability[/bold]: {count:,} requests end to end, traces and metrics "
+        f"on (every trace, and {ratio:g} of them) vs off, {rounds} round(s) each")
+    counter = SpanCounter()
+    spans: dict[str, list[int]] = {"on": [], "on, sampled": []}
+    cpu: dict[str, list[float]] = {"on": [], "on, sampled": [], "off": []}
+
+    def run(side: str, target: Settings, sampling: float | None = None) -> Sample:
         before = counter.spans
-        rates = pipeline_burst(target, count, say)
+        with sampled(sampling):
+            rates = pipeline_burst(target, count, say)
         cpu[side].append(rates["cpu_ms_per_operation"])
-        if side == "on":
-            spans_per_round.append(counter.spans - before)
-        say(f"    {side:<3} end to end {rates['end_to_end']:>8,.0f} /s, worker CPU "
+        if side in spans:
+            spans[side].append(counter.spans - before)
+        say(f"    {side:<11} end to end {rates['end_to_end']:>8,.0f} /s, worker CPU "
             f"{rates['cpu_ms_per_operation']:.2f} ms per operation")
         return Sample(rates["end_to_end"], 0.0)
 
     with counter.running():
         samples = best_of(rounds, {
             "on": lambda r: run("on", observed(settings, counter.endpoint)),
+            "on, sampled": lambda r: run("on, sampled", observed(settings, counter.endpoint),
+                                         ratio),
             "off": lambda r: run("off", unobserved(settings)),
         }, say, "ops/s")
-    if not spans_per_round or min(spans_per_round) < count:
-        raise AssertionError(f"tracing was not on: spans received per round {spans_per_round} "
-                             f"for {count:,} requests")
-    say(f"    spans received per traced round: {', '.join(f'{n:,}' for n in spans_per_round)}")
-    return [compare(
-        "end to end operations/s, traces + metrics on vs off", "ops/s", 0.9,
-        f"{count:,} requests produced before one `aipipe run all` worker starts (the burst's "
-        "run: every request admitted, 0 ms provider, chDB, exact rows checked); on: "
-        "OTEL_TRACES_EXPORTER=otlp to an OTLP/HTTP receiver in the bench process and "
-        "/metrics served; off: no exporter, AIPIPE_METRICS_PORT=0; same run, rotating "
-        "order, best round of each",
-        samples["on"], samples["off"],
-        {"count": count, "spans_per_traced_round": spans_per_round,
-         "worker_cpu_ms_per_operation_on": [round(c, 2) for c in cpu["on"]],
-         "worker_cpu_ms_per_operation_off": [round(c, 2) for c in cpu["off"]]},
-    )]
+    # a span per hop of every request when every trace is recorded; about the ratio of
+    # them when sampled (the exporter may still hold the last batch when the worker stops)
+    if min(spans["on"]) < count or min(spans["on, sampled"]) < 1:
+        raise AssertionError(f"tracing was not on: spans received per round {spans} for "
+                             f"{count:,} requests")
+    say(f"    spans received per traced round: {spans}")
+    method = (f"{count:,} requests produced before one `aipipe run all` worker starts (the "
+              "burst's run: every request admitted, 0 ms provider, chDB, exact rows "
+              "checked); on: OTEL_TRACES_EXPORTER=otlp to an OTLP/HTTP receiver in the bench "
+              "process and /metrics served; off: no exporter, AIPIPE_METRICS_PORT=0; same "
+              "run, rotating order, best round of each")
+    notes = {"count": count, "sampler_ratio": ratio, "spans_per_traced_round": spans,
+             **{f"worker_cpu_ms_per_operation_{side.replace(', ', '_')}":
+                [round(c, 2) for c in values] for side, values in cpu.items()}}
+    return [
+        compare("end to end operations/s, traces (every one) + metrics on vs off", "ops/s",
+                0.9, method, samples["on"], samples["off"], notes),
+        compare(f"end to end operations/s, traces ({ratio:g} sampled) + metrics on vs off",
+                "ops/s", 0.9, method + f"; on, sampled: OTEL_TRACES_SAMPLER="
+                f"parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG={ratio:g}",
+                samples["on, sampled"], samples["off"], notes),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.observability")
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ratio", type=float, default=0.1)
     args = parser.parse_args(argv)
-    for f in bench_observability(bench_settings(), print, args.count, args.rounds):
+    for f in bench_observability(bench_settings(), print, args.count, args.rounds, args.ratio):
         print(f"{f.metric}: {f.ours:,.0f} {f.unit} vs {f.baseline:,.0f} ({f.ratio:.2f}x)")
     return 0
 
