@@ -81,6 +81,10 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
             return False
         return bool(super().ack(message))
 
+    async def _seek_now(self, tp: Any, offset: int) -> None:
+        """aiokafka's seek, for ``call_thread``: run in the consumer's thread only."""
+        self._thread.seek(tp, offset)
+
     async def seek_to_committed(self) -> Mapping[Any, int]:
         committed: Mapping[Any, int] = await super().seek_to_committed()
         unsought = [tp for tp, offset in committed.items()
@@ -94,8 +98,11 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
             for tp in unsought:
                 if tp in beginnings:
                     # a position at once: a lazy reset leaves it unset for a while, and
-                    # faust's livelock check asserts on an unset position
-                    self._thread.seek(tp, beginnings[tp])
+                    # faust's livelock check asserts on an unset position. In the consumer's
+                    # own thread: aiokafka's seek drops the partition's fetched records,
+                    # and called from this one it raced the fetcher (KeyError in
+                    # fetched_records, faust's Fetcher crashed and the worker with it)
+                    await self._thread.call_thread(self._seek_now, tp, beginnings[tp])
                 else:
                     await self._thread.seek_to_beginning(tp)
         for tp, offset in committed.items():
