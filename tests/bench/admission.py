@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from confluent_kafka import Consumer, ConsumerGroupState, Producer
@@ -44,7 +45,7 @@ from rich.console import Console
 
 from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
-from aipipe.processes import WorkerProcess
+from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers import EventProducer
 from aipipe.producers.producer import PRODUCER_DEFAULTS, headers_for
 from aipipe.reader import budget_store_opener
@@ -165,17 +166,27 @@ def _faust_round(settings: Settings, requests: list[OperationRequested],
     """``workers`` ``aipipe run streams`` processes on a backlog produced before they start."""
     with EventProducer(settings.kafka_bootstrap) as producer:
         producer.send_many(settings.topics.requested, requests)
+    with _streams_workers(settings, workers):
+        return _decision_rate(settings, len(requests))
+
+
+@contextlib.contextmanager
+def _streams_workers(settings: Settings, workers: int) -> Iterator[None]:
+    """``workers`` ``aipipe run streams`` processes in the block; the topics dropped after."""
     started = [WorkerProcess(settings, "streams",
                              log_path=settings.home / f"streams-{k}.log").start()
                for k in range(workers)]
     try:
-        t = settings.topics
-        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
-                            300)
+        yield
     finally:
         for worker in started:
             worker.stop()
         _drop_topics(settings)
+
+
+def _decision_rate(settings: Settings, count: int) -> float:
+    t = settings.topics
+    return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], count, 300)
 
 
 def _settled_round(settings: Settings, requests: list[OperationRequested],
@@ -183,24 +194,13 @@ def _settled_round(settings: Settings, requests: list[OperationRequested],
     """``workers`` streams processes, started first; the backlog goes in once every one
     holds partitions of the requests topic (a join mid-backlog would measure faust's
     rebalance, not the workers' rate)."""
-    started = [WorkerProcess(settings, "streams",
-                             log_path=settings.home / f"streams-{k}.log").start()
-               for k in range(workers)]
-    try:
-        deadline = time.monotonic() + 300
-        while _group_members(settings) < workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{workers} streams workers did not all join within 300 s")
-            time.sleep(0.5)
+    with _streams_workers(settings, workers):
+        wait_for(lambda: _group_members(settings) >= workers, 300,
+                 f"{workers} streams workers holding partitions of the requests topic",
+                 interval=0.5)
         with EventProducer(settings.kafka_bootstrap) as producer:
             producer.send_many(settings.topics.requested, requests)
-        t = settings.topics
-        return _output_rate(settings.kafka_bootstrap, [t.admitted, t.rejected], len(requests),
-                            300)
-    finally:
-        for worker in started:
-            worker.stop()
-        _drop_topics(settings)
+        return _decision_rate(settings, len(requests))
 
 
 def _group_members(settings: Settings) -> int:

@@ -15,13 +15,10 @@ Run alone: ``python -m tests.bench.cluster --count 5000``.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 
 from aipipe import services
@@ -29,28 +26,15 @@ from aipipe.infra.settings import Settings
 from tests.bench.burst import pipeline_burst
 from tests.bench.report import Figure
 from tests.bench.settings import bench_settings
+from tests.support.ports import free_base_port
 
 Say = Callable[[str], None]
 BROKERS = 3
 
 
-def free_base_port(host: str = "127.0.0.1", count: int = 2 * BROKERS) -> int:
-    """A port such that it and the ``count - 1`` after it are free now."""
-    for _ in range(200):
-        base = random.randrange(20_000, 60_000, 2)
-        with ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind((host, port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no free run of loopback ports found")
-
-
 def bench_cluster(settings: Settings, say: Say, count: int = 10_000) -> list[Figure]:
     home = Path(tempfile.mkdtemp(prefix="aipipe-bench-cluster-"))
-    nodes = services.cluster_nodes("127.0.0.1", free_base_port(), BROKERS, home)
+    nodes = services.cluster_nodes("127.0.0.1", free_base_port(count=2 * BROKERS), BROKERS, home)
     say(f"[bold]cluster[/bold]: starting a {BROKERS}-broker KRaft cluster in {home}")
     try:
         services.start_kafka_cluster("127.0.0.1", nodes[0].port, BROKERS, home,

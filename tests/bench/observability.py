@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -42,6 +41,8 @@ from aipipe.infra.settings import Settings
 from tests.bench.burst import pipeline_burst
 from tests.bench.report import Figure, Sample, best_of, compare
 from tests.bench.settings import bench_settings
+from tests.e2e.test_metrics import free_port
+from tests.support.loopback import LoopbackServer
 
 Say = Callable[[str], None]
 
@@ -74,27 +75,11 @@ class SpanCounter:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = LoopbackServer(Handler)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    @contextmanager
-    def running(self) -> Iterator[SpanCounter]:
-        self.thread.start()
-        try:
-            yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        return f"http://{self.server.address}"
 
 
 def observed(settings: Settings, endpoint: str) -> Settings:
@@ -147,7 +132,7 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
             f"{rates['cpu_ms_per_operation']:.2f} ms per operation")
         return Sample(rates["end_to_end"], 0.0)
 
-    with counter.running():
+    with counter.server:
         samples = best_of(rounds, {
             "on": lambda r: run("on", observed(settings, counter.endpoint)),
             "on, sampled": lambda r: run("on, sampled", observed(settings, counter.endpoint),

@@ -13,12 +13,9 @@ operation with per-client totals equal to the produced sum.
 
 from __future__ import annotations
 
-import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
 from tests.e2e.test_scaling import costs_settled
 from tests.support.ledger import Ledger, image_requests, produce_backlog
+from tests.support.ports import free_base_port
 
 pytestmark = pytest.mark.e2e
 
@@ -61,25 +59,11 @@ class Cluster:
                  f"node {node.node_id} to answer again")
 
 
-def _free_base_port(host: str = "127.0.0.1", count: int = 6) -> int:
-    """A port such that it and the ``count - 1`` after it are free now."""
-    for _ in range(200):
-        base = random.randrange(20_000, 60_000, 2)
-        with ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind((host, port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no free run of loopback ports found")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("kafka-cluster")
     cache_dir = load_settings().cache_dir
-    nodes = services.cluster_nodes("127.0.0.1", _free_base_port(), 3, home)
+    nodes = services.cluster_nodes("127.0.0.1", free_base_port(), 3, home)
     try:
         services.start_kafka_cluster("127.0.0.1", nodes[0].port, 3, home, cache_dir)
         yield Cluster(nodes, cache_dir)
