@@ -417,6 +417,11 @@ class FaultPoints:
 
 
 class Projection(Protocol[Row]):
+    """A sink's rows and store. A projection whose class sets ``traced = True`` gets a span
+    per message with rows, the child of the message's trace context (the cost rows and the
+    webhook deliveries: the ends of a request's trace); the others (the archive, budgets)
+    are not traced, which keeps a traced worker's spans to the hops a trace is read for."""
+
     stage: str
 
     def rows(self, message: Message) -> list[Row]:
@@ -485,6 +490,7 @@ class BatchingSink(Generic[Row]):
         self._lag_at = 0.0
         self.deadletter_topic = deadletter_topic
         self.projection = projection
+        self.traced = bool(getattr(projection, "traced", False))
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.retry_base_seconds = retry_base_seconds
@@ -611,7 +617,7 @@ class BatchingSink(Generic[Row]):
             self.batch.dead += 1
             return
         self.batch.entries.append(Entry(topic, partition, offset, message, rows, digest))
-        if tracing.enabled and rows:
+        if rows and self.traced and tracing.enabled:
             self.batch.spans.append(tracing.start_consumer(
                 f"sink {self.stage}", message.headers(), rows[0], **{
                     "messaging.system": "kafka", "messaging.destination.name": topic,

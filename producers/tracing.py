@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 #: True once tracing is on in this process; every call site checks it before anything else
 enabled = False
 _tracer: Tracer | None = None
+# True when the sampler follows a remote parent's decision (the SDK's parent-based samplers,
+# as ``aipipe``'s workers set them up): a stage whose input is not sampled then passes the
+# input's context on instead of building a span the sampler would drop
+_follows_parent = False
+_propagator: Any = None  # the W3C propagator, built on first use
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 _NOTHING: AbstractContextManager[None] = nullcontext()
 
@@ -40,18 +45,20 @@ _FIELDS = ("request_id", "client_id", "operation_id", "event_type", "operation_t
            "provider", "model", "attempt")
 
 
-def enable() -> None:
-    """Turn tracing on, with the global tracer provider (set it first)."""
-    global enabled, _tracer
+def enable(follows_parent: bool = False) -> None:
+    """Turn tracing on, with the global tracer provider (set it first); ``follows_parent``:
+    its sampler drops every span whose remote parent was not sampled."""
+    global enabled, _tracer, _follows_parent
     from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
 
     _tracer = trace.get_tracer("aipipe")
+    _follows_parent = follows_parent
     enabled = True
 
 
 def disable() -> None:
-    global enabled, _tracer
-    enabled, _tracer = False, None
+    global enabled, _tracer, _follows_parent
+    enabled, _tracer, _follows_parent = False, None, False
 
 
 def detect() -> bool:
@@ -112,14 +119,18 @@ def carried(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> di
 
 def parent_of(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> Context | None:
     """The context in a message's trace headers (None: a new trace starts)."""
+    global _propagator
     found = carried(headers)
     if not found:
         return None
-    from opentelemetry.trace.propagation.tracecontext import (  # deferred: tracing on only
-        TraceContextTextMapPropagator,
-    )
+    if _propagator is None:
+        from opentelemetry.trace.propagation.tracecontext import (  # deferred: tracing on only
+            TraceContextTextMapPropagator,
+        )
 
-    return TraceContextTextMapPropagator().extract(found)
+        _propagator = TraceContextTextMapPropagator()
+    context: Context = _propagator.extract(found)
+    return context
 
 
 def consumer_kind() -> SpanKind:
@@ -129,9 +140,29 @@ def consumer_kind() -> SpanKind:
 
 
 def start_consumer(name: str, headers: Any, source: Any, **extra: Any) -> Span:
-    """A span for a stage that consumed a message: the child of the span in its headers."""
-    return tracer().start_span(name, context=parent_of(headers), kind=consumer_kind(),
+    """A span for a stage that consumed a message: the child of the span in its headers.
+
+    When that span was not sampled and the sampler follows the parent, it is the parent's
+    own (non-recording) span: nothing is recorded either way, and the context the stage
+    passes on is the one it received, at the cost of parsing a header."""
+    parent = parent_of(headers)
+    if parent is not None and _follows_parent:
+        from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+        span = trace.get_current_span(parent)
+        if not span.get_span_context().trace_flags.sampled:
+            return span
+    return tracer().start_span(name, context=parent, kind=consumer_kind(),
                                attributes={**attributes(source), **extra})
+
+
+def recording() -> bool:
+    """Whether a child of the current span may be recorded (False: the sampler would drop
+    it, so a stage skips building it)."""
+    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+    sc = trace.get_current_span().get_span_context()
+    return not _follows_parent or not sc.is_valid or bool(sc.trace_flags.sampled)
 
 
 @contextmanager

@@ -69,7 +69,7 @@ def poll(pending: Any, video: VideoStarted, attempt: int) -> AbstractContextMana
 
 def provider_call(provider: str, model: str, attempt: int) -> AbstractContextManager[Any]:
     """One attempt's span, the child of the current one (generation or poll); no-op when off."""
-    if not tracing.enabled:
+    if not tracing.enabled or not tracing.recording():
         return tracing.within(None)
     return tracing.tracer().start_as_current_span(
         "provider_call", attributes={"aipipe.provider": provider, "aipipe.model": model,

@@ -22,6 +22,7 @@ from aipipe.schemas.events import OperationCompleted, decode
 
 class CostProjection:
     stage = "costs"
+    traced = True  # a span per cost row: where a request's trace ends
 
     def __init__(self, store: CostStore) -> None:
         self.store = store

@@ -57,6 +57,7 @@ def _no_dead_letters(message: Message, reason: str, error: str) -> None:
 
 class WebhookProjection:
     stage = STAGE
+    traced = True  # a span per delivery, in the completion's trace
 
     def __init__(
         self,

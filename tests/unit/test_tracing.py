@@ -147,3 +147,97 @@ def test_a_log_line_within_a_span_carries_its_ids(spans: InMemorySpanExporter) -
     context = span.get_span_context()
     assert line == {"event": "ai_operation", "trace_id": f"{context.trace_id:032x}",
                     "span_id": f"{context.span_id:016x}"}
+
+
+UNSAMPLED = [("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")]
+SAMPLED = [("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
+
+
+@pytest.fixture
+def parent_based(spans: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """As the workers set the SDK up: the default sampler follows a remote parent."""
+    tracing._follows_parent = True
+    yield spans
+
+
+def test_an_unsampled_input_passes_its_context_on_and_records_nothing(
+    parent_based: InMemorySpanExporter,
+) -> None:
+    from aipipe.streams import spans as stage_spans
+
+    stage = tracing.start_consumer("generation", UNSAMPLED, request())
+    assert not stage.is_recording()
+    assert headers_for(request(), stage)[2:] == [("traceparent", UNSAMPLED[0][1])]
+    with tracing.within(stage, end=True):
+        assert not tracing.recording()
+        with stage_spans.provider_call("gemini", "gemini-2.5-flash-image", 1) as call:
+            assert call is None  # no span built for the sampler to drop
+    assert parent_based.get_finished_spans() == ()
+
+
+def test_a_sampled_input_gets_a_recorded_child_and_its_calls_too(
+    parent_based: InMemorySpanExporter,
+) -> None:
+    from aipipe.streams import spans as stage_spans
+
+    stage = tracing.start_consumer("generation", SAMPLED, request())
+    with tracing.within(stage, end=True):
+        assert tracing.recording()
+        with stage_spans.provider_call("gemini", "gemini-2.5-flash-image", 1):
+            pass
+    call, generation = parent_based.get_finished_spans()
+    assert generation.parent is not None and generation.parent.span_id == 0xb7ad6b7169203331
+    assert call.parent is not None
+    assert call.parent.span_id == generation.get_span_context().span_id
+
+
+def test_a_handed_off_span_is_exported_as_the_sdk_would_export_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    import marshal
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.trace import Link, StatusCode
+
+    from aipipe.infra.span_export import compact, rebuilt
+
+    stage = tracing.start_consumer("sink costs", [*SAMPLED, ("tracestate", b"vendor=opaque")],
+                                   request(), **{"messaging.kafka.offset": 7})
+    stage.add_event("retry", {"attempt": 2})
+    call = tracing.tracer().start_span("provider_call", links=[
+        Link(stage.get_span_context(), {"why": "batch"})])
+    call.set_status(StatusCode.ERROR, "503 from the provider")
+    call.end()
+    stage.end()
+    finished = spans.get_finished_spans()
+    handed = [rebuilt(marshal.loads(marshal.dumps(compact(span))), span.resource)
+              for span in finished]
+    assert encode_spans(handed) == encode_spans(finished)
+
+
+def test_the_helper_process_exports_every_span_handed_to_it(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from opentelemetry.sdk.resources import Resource
+
+    from aipipe.infra.span_export import HandOff
+
+    provider = TracerProvider(resource=Resource({"service.name": "aipipe-test"}))
+    handoff = HandOff(provider.resource, "console")
+    provider.add_span_processor(handoff)
+    tracer = provider.get_tracer("test")
+    for number in range(3):
+        tracer.start_span(f"hop {number}", attributes={"aipipe.request_id": "req-1"}).end()
+    assert handoff.force_flush(30_000)
+    handoff.shutdown()
+    printed = capfd.readouterr().out
+    decoder, found, at = json.JSONDecoder(), [], printed.find("{")
+    while at != -1:
+        span, end = decoder.raw_decode(printed, at)
+        found.append((span["name"], span["attributes"], span["resource"]["attributes"]))
+        at = printed.find("{", end)
+    assert found == [(f"hop {n}", {"aipipe.request_id": "req-1"},
+                      {"service.name": "aipipe-test"}) for n in range(3)]
+    assert handoff.dropped == 0
