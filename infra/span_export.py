@@ -86,15 +86,24 @@ def _context(sc: SpanContext | None) -> tuple[Any, ...] | None:
             sc.trace_state.to_header() if sc.trace_state else "")
 
 
+def _plain(attributes: Any) -> dict[str, Any]:
+    """A plain dict of a span's attributes (the SDK's ``BoundedAttributes`` keeps one)."""
+    if not attributes:
+        return {}
+    inner = getattr(attributes, "_dict", None)  # a copy at C speed; else item by item
+    return dict(inner if isinstance(inner, dict) else attributes)
+
+
 def compact(span: ReadableSpan) -> tuple[Any, ...]:
     """What the helper needs of an ended span, as values ``marshal`` takes."""
     scope = span.instrumentation_scope
     status = span.status
+    events, links = span.events, span.links
     return (
         span.name, _context(span.context), _context(span.parent), span.kind.value,
-        span.start_time, span.end_time, dict(span.attributes or {}),
-        tuple((e.name, e.timestamp, dict(e.attributes or {})) for e in span.events),
-        tuple((_context(k.context), dict(k.attributes or {})) for k in span.links),
+        span.start_time, span.end_time, _plain(span.attributes),
+        tuple((e.name, e.timestamp, _plain(e.attributes)) for e in events) if events else (),
+        tuple((_context(k.context), _plain(k.attributes)) for k in links) if links else (),
         status.status_code.value, status.description,
         (scope.name, scope.version, scope.schema_url) if scope else None,
     )
