@@ -542,11 +542,15 @@ def decode(data: bytes | None) -> AnyEvent:
         raise EventDecodeError(
             f"The message is not valid JSON ({exc}); send a JSON object."
         ) from None
-    return decode_obj(raw)
+    # each level of nesting opens a bracket, so a message with at most MAX_DEPTH of them
+    # (counted at C speed; those inside strings only overcount) cannot nest deeper
+    shallow = data.count(b"{") + data.count(b"[") <= MAX_DEPTH
+    return decode_obj(raw, depth_checked=shallow)
 
 
-def decode_obj(raw: object) -> AnyEvent:
-    """Validate one parsed JSON value by the wire rules (see the module docstring)."""
+def decode_obj(raw: object, depth_checked: bool = False) -> AnyEvent:
+    """Validate one parsed JSON value by the wire rules (see the module docstring);
+    ``depth_checked``: the caller knows it nests at most ``MAX_DEPTH`` deep."""
     if not isinstance(raw, dict):
         raise EventDecodeError("The message is JSON but not an object; send a JSON object.")
     event_type = raw.get("event_type")
@@ -556,7 +560,7 @@ def decode_obj(raw: object) -> AnyEvent:
         raise EventDecodeError(
             f"Field 'event_type' is {what} not an aipipe event type; use one of: {known}."
         )
-    if json_depth(raw, MAX_DEPTH) > MAX_DEPTH:
+    if not depth_checked and json_depth(raw, MAX_DEPTH) > MAX_DEPTH:
         raise EventDecodeError(
             f"This {event_type} event nests more than {MAX_DEPTH} levels deep; flatten "
             "its params or metadata."
