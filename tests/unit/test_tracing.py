@@ -241,3 +241,35 @@ def test_the_helper_process_exports_every_span_handed_to_it(
     assert found == [(f"hop {n}", {"aipipe.request_id": "req-1"},
                       {"service.name": "aipipe-test"}) for n in range(3)]
     assert handoff.dropped == 0
+
+
+def test_the_helper_ends_with_a_worker_killed_at_once() -> None:
+    """SIGKILL leaves no helper behind: its stdin closes and it exports what it has."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from aipipe.processes import wait_for
+
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import sys\n"
+        "from opentelemetry.sdk.resources import Resource\n"
+        "from aipipe.infra.span_export import HandOff\n"
+        "handoff = HandOff(Resource({}), 'console')\n"
+        "print(handoff._helper.pid, flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    helper = int(worker.stdout.readline())
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{helper}/stat") as stat:  # a zombie until init reaps it
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    assert not gone()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    wait_for(gone, 30, "the span export helper's end", interval=0.05)
