@@ -10,7 +10,8 @@ the SDK's tracer and spans and swaps only the export side:
   dropped and counted, as the SDK's batch processor does); a thread writes the queue to the
   helper's stdin, ``marshal``-ed, when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512) spans wait
   or every ``OTEL_BSP_SCHEDULE_DELAY`` ms (5000).
-- ``python -m aipipe.infra.span_export EXPORTERS ANSWERS_FD``, the helper: rebuilds each span as the
+- the helper (``python -m aipipe.span_helper EXPORTERS ANSWERS_FD``, which runs
+  ``serve``): rebuilds each span as the
   SDK's ``ReadableSpan`` and exports it with the SDK's own exporters (``otlp``: OTLP/HTTP
   reading its ``OTEL_EXPORTER_OTLP_*`` variables; ``console``), in batches of the same size.
   It inherits the worker's environment and ends when its stdin closes: when the worker
@@ -30,10 +31,8 @@ import marshal
 import os
 import queue
 import select
-import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -45,6 +44,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
+
+from aipipe.infra.tracing import exporters_named
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +61,6 @@ def _int_env(name: str, default: int) -> int:
         return int(os.environ.get(name, "") or default)
     except ValueError:
         return default
-
-
-def exporters_named(names: str) -> list[SpanExporter]:
-    """The SDK's exporters for ``OTEL_TRACES_EXPORTER``-style names (``otlp,console``)."""
-    chosen = set(names.split(",")) - {"", "none"} or {"otlp"}
-    exporters: list[SpanExporter] = []
-    if "otlp" in chosen:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # deferred: optional
-            OTLPSpanExporter,
-        )
-
-        exporters.append(OTLPSpanExporter())
-    if "console" in chosen:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # deferred: as above
-
-        exporters.append(ConsoleSpanExporter())
-    return exporters
 
 
 def _context(sc: SpanContext | None) -> tuple[Any, ...] | None:
@@ -135,7 +119,9 @@ def rebuilt(values: tuple[Any, ...], resource: Resource) -> ReadableSpan:
 class HandOff(SpanProcessor):
     """Hands ended spans to the helper process that exports them (module docstring)."""
 
-    def __init__(self, resource: Resource, exporters: str) -> None:
+    def __init__(self, resource: Resource, exporters: str, helper: Sequence[str]) -> None:
+        """``helper``: the command that runs ``serve`` (``exporters`` and the answers' file
+        descriptor are added to it)."""
         self.max_queue = _int_env("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self.batch = _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.delay = _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
@@ -148,7 +134,7 @@ class HandOff(SpanProcessor):
         # (where the console exporter writes)
         self._answers, answers = os.pipe()
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "aipipe.infra.span_export", exporters, str(answers)],
+            [*helper, exporters, str(answers)],
             stdin=subprocess.PIPE, pass_fds=(answers,))
         os.close(answers)
         assert self._helper.stdin is not None
@@ -250,26 +236,18 @@ def _read(stream: IO[bytes], frames: queue.Queue[tuple[bytes, Any] | None]) -> N
     frames.put(None)
 
 
-def main(argv: Sequence[str]) -> int:
-    """The helper: read frames from stdin until it closes, export their spans.
+def serve(exporter_names: str, answers_fd: int, stream: IO[bytes]) -> None:
+    """The helper's work: read frames from ``stream`` until it closes, export their spans,
+    answer each flush on ``answers_fd``.
 
-    A thread reads the pipe while the main thread exports, so the worker's writes do not
-    wait for an export; up to ``_AHEAD`` frames wait here (then the pipe, then the worker's
+    A thread reads the pipe while this one exports, so the worker's writes do not wait
+    for an export; up to ``_AHEAD`` frames wait here (then the pipe, then the worker's
     queue fill, and the worker drops spans)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a terminal's ^C, a process group's TERM:
-        signal.signal(sig, signal.SIG_IGN)  # the worker's flush still needs the helper
-    try:
-        from aipipe.infra.logging import configure_logging  # deferred: the helper only
-        from aipipe.infra.settings import load_settings  # deferred: as above
-
-        configure_logging(load_settings())  # the worker's format: JSON lines in production
-    except Exception:  # settings the worker accepted; never lose the spans over a log format
-        logging.basicConfig()
-    exporters = exporters_named(argv[0])
+    exporters = exporters_named(exporter_names)
     resource = Resource.get_empty()
-    answers = os.fdopen(int(argv[1]), "wb", buffering=0)
+    answers = os.fdopen(answers_fd, "wb", buffering=0)
     frames: queue.Queue[tuple[bytes, Any] | None] = queue.Queue(_AHEAD)
-    threading.Thread(target=_read, args=(sys.stdin.buffer, frames), daemon=True).start()
+    threading.Thread(target=_read, args=(stream, frames), daemon=True).start()
     while (frame := frames.get()) is not None:
         kind, payload = frame
         if kind == _RESOURCE:
@@ -281,8 +259,3 @@ def main(argv: Sequence[str]) -> int:
             answers.write(_FLUSHED)
     for exporter in exporters:
         exporter.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -73,8 +73,10 @@ def run(settings: Settings, role: Role = "all") -> None:
     A process that owns ClickHouse ends with ``end_process(0)`` once everything is
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
-    # OTEL_* (README, Tracing), spans exported by a helper process; off: nothing
-    configure_tracing(settings, f"aipipe-{role}", hand_off=True)
+    if settings.tracing:  # OTEL_* (README, Tracing): spans exported by a helper process
+        from aipipe.span_helper import hand_off  # deferred: OpenTelemetry only when on
+
+        configure_tracing(settings, f"aipipe-{role}", hand_off=hand_off)
     # faust's own topics (its partition assignor's) get the same replication factor
     settings = settings.model_copy(update={"replication_factor": prepare_topics(settings)})
     serve_metrics(settings)  # /metrics, /healthz, /readyz of this process, until it exits

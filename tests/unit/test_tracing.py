@@ -222,10 +222,10 @@ def test_the_helper_process_exports_every_span_handed_to_it(
 
     from opentelemetry.sdk.resources import Resource
 
-    from aipipe.infra.span_export import HandOff
+    from aipipe.span_helper import hand_off
 
     provider = TracerProvider(resource=Resource({"service.name": "aipipe-test"}))
-    handoff = HandOff(provider.resource, "console")
+    handoff = hand_off(provider.resource, "console")
     provider.add_span_processor(handoff)
     tracer = provider.get_tracer("test")
     for number in range(3):
@@ -255,8 +255,8 @@ def test_the_helper_ends_with_a_worker_killed_at_once() -> None:
     worker = subprocess.Popen([sys.executable, "-c", (
         "import sys\n"
         "from opentelemetry.sdk.resources import Resource\n"
-        "from aipipe.infra.span_export import HandOff\n"
-        "handoff = HandOff(Resource({}), 'console')\n"
+        "from aipipe.span_helper import hand_off\n"
+        "handoff = hand_off(Resource({}), 'console')\n"
         "print(handoff._helper.pid, flush=True)\n"
         "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert worker.stdout is not None
