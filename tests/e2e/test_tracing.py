@@ -6,7 +6,9 @@ standard ``OTEL_*`` variables pointing at a small OTLP/HTTP receiver in the test
 decodes each protobuf ``ExportTraceServiceRequest``. Every request's spans share one trace
 id, each stage's span is the child of the previous hop's (through the ``traceparent``
 header), the ids, model and cost are attributes (the cost equal to the row in
-ClickHouse), and the workers' log lines logged within a span carry its ids.
+ClickHouse), and the workers' log lines logged within a span carry its ids. A request whose
+upstream trace was not sampled records no span anywhere, and its trace id still reaches the
+completion's headers and its log line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -32,13 +35,17 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
+from aipipe.producers.producer import EventProducer, headers_for
 from aipipe.runner import prepare_topics
+from aipipe.schemas.events import OperationRequested, encode
 from tests.support.pipeline import store_of, wait_recorded
 
 pytestmark = pytest.mark.e2e
 
 IMAGES, VIDEOS = 3, 1
 POLLS = 2  # the simulated video is done at its second poll
+UNSAMPLED = "unsampled-1"  # a request sent within an upstream trace that was not sampled
+UNSAMPLED_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,39 @@ def emit(settings: Settings, *args: str) -> list[str]:
     return done.stdout.split()
 
 
+def send_unsampled(settings: Settings) -> None:
+    """A request whose ``traceparent`` says its upstream trace was not sampled (flags 00)."""
+    request = OperationRequested(request_id=UNSAMPLED, client_id="acme",
+                                 operation_type="image_generation",
+                                 model="gemini-2.5-flash-image", params={"prompt": "a lamp"})
+    parent = f"00-{UNSAMPLED_TRACE}-00f067aa0ba902b7-00".encode()
+    with EventProducer(settings.kafka_bootstrap) as producer:
+        producer.send_raw(settings.topics.requested, b"acme", encode(request),
+                          [*headers_for(request), ("traceparent", parent)])
+
+
+def completion_headers(settings: Settings, request_id: str) -> dict[str, bytes]:
+    """The headers of ``request_id``'s completion on the completed topic."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-headers",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([settings.topics.completed])
+    found: dict[str, bytes] = {}
+
+    def read() -> bool:
+        for message in consumer.consume(num_messages=100, timeout=0.5):
+            if message.error() is None and json.loads(
+                    message.value() or b"{}")["request_id"] == request_id:
+                found.update((k, bytes(v)) for k, v in message.headers() or [])
+        return bool(found)
+
+    try:
+        wait_for(read, 60, f"{request_id}'s completion", interval=0)
+    finally:
+        consumer.close()
+    return found
+
+
 def one(spans: list[Span], name: str) -> Span:
     found = [span for span in spans if span.name == name]
     assert len(found) == 1, f"{name}: {found}"
@@ -159,13 +199,17 @@ def test_one_trace_per_request_from_emit_to_cost_row(
         emitted += emit(settings, "--type", "video_generation", "--model",
                         "veo-3.0-fast-generate-001", "--param", "duration_seconds=4")
         assert len(emitted) == IMAGES + VIDEOS
+        send_unsampled(settings)
         costs = workers[0]
         store = store_of(settings, costs)
-        wait_recorded(store, IMAGES + VIDEOS, timeout=120, worker=costs)
+        wait_recorded(store, IMAGES + VIDEOS + 1, timeout=120, worker=costs)
         rows = store.client.query(
             f"SELECT request_id, operation_type, model, cost_usd FROM {store.table} FINAL"
-        ).result_rows
+            " WHERE request_id != %(u)s", parameters={"u": UNSAMPLED}).result_rows
         assert len(rows) == IMAGES + VIDEOS
+        # the unsampled request's context went through every hop unchanged
+        assert completion_headers(settings, UNSAMPLED)["traceparent"] == (
+            f"00-{UNSAMPLED_TRACE}-00f067aa0ba902b7-00".encode())
 
         def complete() -> bool:
             sinks = [s for s in receiver.spans if s.name == "sink costs"]
@@ -180,6 +224,7 @@ def test_one_trace_per_request_from_emit_to_cost_row(
 
     traces = receiver.traces()
     assert len(traces) == IMAGES + VIDEOS  # one trace per request, nothing else
+    assert UNSAMPLED_TRACE not in traces  # nothing recorded of the unsampled request
     by_request = {one(spans, "sink costs").attributes["aipipe.request_id"]: spans
                   for spans in traces.values()}
     assert set(by_request) == {row[0] for row in rows}
@@ -221,6 +266,9 @@ def test_one_trace_per_request_from_emit_to_cost_row(
     # a log line written within a span carries its trace and span id
     logged = [json.loads(line) for line in workers[1].log_path.read_text().splitlines()
               if line.startswith("{") and '"ai_operation"' in line]
+    [unsampled] = [line for line in logged if line["request_id"] == UNSAMPLED]
+    assert unsampled["trace_id"] == UNSAMPLED_TRACE  # a log search by trace id finds it
+    logged.remove(unsampled)
     assert len(logged) == IMAGES + VIDEOS
     spans_by_id = {s.span_id: s for spans in traces.values() for s in spans}
     for line in logged:
