@@ -84,6 +84,10 @@ SINK_RETRIES = Counter(
     ["stage"])
 DEAD_LETTERS = Counter(
     "aipipe_dead_letters_total", "Messages sent to the dead-letter topic.", ["stage"])
+SPANS_DROPPED = Counter(
+    "aipipe_spans_dropped_total", "Ended spans a traced worker dropped before their export: "
+    "its queue was full (queue_full) or its span export helper had ended (helper_gone).",
+    ["reason"])
 CONSUMER_LAG = Gauge(
     "aipipe_consumer_lag_messages",
     "Messages between a partition's high watermark and this consumer's position.",

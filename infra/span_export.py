@@ -5,17 +5,18 @@ is one process under one GIL, the batch processor's thread took that time from t
 loop (a sixth of a traced worker's CPU at seven spans per operation). Here the worker keeps
 the SDK's tracer and spans and swaps only the export side:
 
-- ``HandOff``, a ``SpanProcessor`` in the worker: ``on_end`` appends a compact tuple of the
-  ended span to a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048; full: the span is
-  dropped and counted, as the SDK's batch processor does); a thread writes the queue to the
-  helper's stdin, ``marshal``-ed, when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512) spans wait
-  or every ``OTEL_BSP_SCHEDULE_DELAY`` ms (5000).
+- ``HandOff``, a ``SpanProcessor`` in the worker: ``on_end`` appends a compact tuple of
+  the ended span to a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048; full: the span is
+  dropped, as the SDK's batch processor drops it, and counted in
+  ``aipipe_spans_dropped_total``); a thread writes the queue to the helper's stdin,
+  ``marshal``-ed, when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512) spans wait or every
+  ``OTEL_BSP_SCHEDULE_DELAY`` ms (5000). A helper that ended is started again.
 - the helper (``python -m aipipe.span_helper EXPORTERS ANSWERS_FD``, which runs
-  ``serve``): rebuilds each span as the
-  SDK's ``ReadableSpan`` and exports it with the SDK's own exporters (``otlp``: OTLP/HTTP
-  reading its ``OTEL_EXPORTER_OTLP_*`` variables; ``console``), in batches of the same size.
-  It inherits the worker's environment and ends when its stdin closes: when the worker
-  shuts the processor down, or dies (the spans already handed over are still exported).
+  ``serve``): rebuilds each span as the SDK's ``ReadableSpan`` and exports it with the
+  SDK's own exporters (``otlp``: OTLP/HTTP reading its ``OTEL_EXPORTER_OTLP_*`` variables;
+  ``console``), in batches of the same size. It inherits the worker's environment and ends
+  when its stdin closes: when the worker shuts the processor down, or dies (the spans
+  already handed over are still exported).
 
 ``force_flush`` (before a worker ends with ``os._exit``) waits until the helper has
 exported everything handed over so far.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
-import logging
 import marshal
 import os
 import queue
@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
+import structlog
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -45,9 +46,10 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
+from aipipe.infra.metrics import SPANS_DROPPED
 from aipipe.infra.tracing import exporters_named
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("aipipe.tracing")
 
 _FRAME = struct.Struct(">cI")  # kind, payload length
 _RESOURCE, _SPANS, _FLUSH = b"r", b"s", b"f"
@@ -117,7 +119,13 @@ def rebuilt(values: tuple[Any, ...], resource: Resource) -> ReadableSpan:
 
 
 class HandOff(SpanProcessor):
-    """Hands ended spans to the helper process that exports them (module docstring)."""
+    """Hands ended spans to the helper process that exports them (module docstring).
+
+    A helper that ended (killed, crashed) is started again when spans next go, at most once
+    every ``RESTART_SECONDS``; the spans that could not go meanwhile are dropped and counted
+    (``aipipe_spans_dropped_total``, as are those a full queue refused)."""
+
+    RESTART_SECONDS = 10.0
 
     def __init__(self, resource: Resource, exporters: str, helper: Sequence[str]) -> None:
         """``helper``: the command that runs ``serve`` (``exporters`` and the answers' file
@@ -126,24 +134,36 @@ class HandOff(SpanProcessor):
         self.batch = _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.delay = _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self.dropped = 0
+        self._resource = resource
+        self._command = [*helper, exporters]
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one writer of the pipe at a time
         self._closed = False
+        with self._lock:
+            self._start()
+        self._thread = threading.Thread(target=self._run, name="span-handoff", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        """Start the helper and tell it the resource (under the lock)."""
         # the helper answers a flush on a pipe of its own: its stdout stays the worker's
         # (where the console exporter writes)
         self._answers, answers = os.pipe()
-        self._helper = subprocess.Popen(
-            [*helper, exporters, str(answers)],
-            stdin=subprocess.PIPE, pass_fds=(answers,))
+        self._helper = subprocess.Popen([*self._command, str(answers)],
+                                        stdin=subprocess.PIPE, pass_fds=(answers,))
         os.close(answers)
+        self._started = time.monotonic()
         assert self._helper.stdin is not None
         self._pipe: IO[bytes] = self._helper.stdin
         with contextlib.suppress(AttributeError, OSError):  # Linux: room for the spans of
             fcntl.fcntl(self._pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)  # its start-up
-        self._send(_RESOURCE, (dict(resource.attributes), resource.schema_url))
-        self._thread = threading.Thread(target=self._run, name="span-handoff", daemon=True)
-        self._thread.start()
+        self._write(_RESOURCE, marshal.dumps(
+            (dict(self._resource.attributes), self._resource.schema_url)))
+
+    def _write(self, kind: bytes, data: bytes) -> None:
+        self._pipe.write(_FRAME.pack(kind, len(data)) + data)
+        self._pipe.flush()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         return None
@@ -152,11 +172,15 @@ class HandOff(SpanProcessor):
         if self._closed or not (span.context and span.context.trace_flags.sampled):
             return
         if len(self._queue) >= self.max_queue:
-            self.dropped += 1
+            self._drop("queue_full", 1)
             return
         self._queue.append(compact(span))
         if len(self._queue) >= self.batch:
             self._wake.set()
+
+    def _drop(self, reason: str, spans: int) -> None:
+        self.dropped += spans
+        SPANS_DROPPED.labels(reason).inc(spans)
 
     def _run(self) -> None:
         while not self._closed:
@@ -167,20 +191,32 @@ class HandOff(SpanProcessor):
     def _drain(self) -> None:
         while self._queue:
             spans = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch))]
-            self._send(_SPANS, spans)
+            self._send(_SPANS, spans, len(spans))
 
-    def _send(self, kind: bytes, payload: Any) -> bool:
+    def _send(self, kind: bytes, payload: Any, spans: int = 0) -> bool:
         data = marshal.dumps(payload)
         with self._lock:
-            if self._helper.poll() is not None:
-                return False
             try:
-                self._pipe.write(_FRAME.pack(kind, len(data)) + data)
-                self._pipe.flush()
+                if self._helper.poll() is not None:
+                    self._restart()
+                self._write(kind, data)
                 return True
-            except (BrokenPipeError, ValueError, OSError):
-                log.warning("span export helper gone: spans are dropped from here on")
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                log.warning("span_export_helper_gone", exit_code=self._helper.poll(),
+                            error=f"{type(exc).__name__}: {exc}", spans_dropped=spans)
+                self._drop("helper_gone", spans)
                 return False
+
+    def _restart(self) -> None:
+        """Start a new helper for the one that ended, unless it is too soon (raises)."""
+        if self._closed or time.monotonic() - self._started < self.RESTART_SECONDS:
+            raise BrokenPipeError("the span export helper ended")
+        log.warning("span_export_helper_restarted", exit_code=self._helper.returncode)
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+        with contextlib.suppress(OSError):
+            os.close(self._answers)
+        self._start()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Hand over what is queued and wait until the helper has exported it."""
@@ -227,7 +263,7 @@ def _export(exporters: Sequence[SpanExporter], spans: list[ReadableSpan]) -> Non
         try:
             exporter.export(spans)
         except Exception:  # an exporter's failure loses its batch, not the helper
-            log.exception("span export failed")
+            log.exception("span_export_failed")
 
 
 def _read(stream: IO[bytes], frames: queue.Queue[tuple[bytes, Any] | None]) -> None:

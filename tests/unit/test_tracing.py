@@ -2,24 +2,39 @@
 
 Spans are recorded by the SDK's in-memory exporter through a tracer handed to
 ``aipipe.producers.tracing`` (the global tracer provider stays unset in the test process).
+The workers' export path (``aipipe.infra.span_export``) runs its real helper process with
+the console exporter, whose output the tests read.
 """
 
 from __future__ import annotations
 
+import json
+import marshal
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind, StatusCode
 
 from aipipe.infra.logging import add_trace_ids
+from aipipe.infra.metrics import SPANS_DROPPED
 from aipipe.infra.settings import ConfigError, load_settings
+from aipipe.infra.span_export import compact, rebuilt
+from aipipe.processes import wait_for
 from aipipe.producers import tracing
 from aipipe.producers.producer import _producer_span, headers_for
 from aipipe.schemas.events import OperationRequested
+from aipipe.span_helper import hand_off
+from aipipe.streams import spans as stage_spans
 
 OTEL = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME")
@@ -163,8 +178,6 @@ def parent_based(spans: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
 def test_an_unsampled_input_passes_its_context_on_and_records_nothing(
     parent_based: InMemorySpanExporter,
 ) -> None:
-    from aipipe.streams import spans as stage_spans
-
     stage = tracing.start_consumer("generation", UNSAMPLED, request())
     assert not stage.is_recording()
     assert headers_for(request(), stage)[2:] == [("traceparent", UNSAMPLED[0][1])]
@@ -178,8 +191,6 @@ def test_an_unsampled_input_passes_its_context_on_and_records_nothing(
 def test_a_sampled_input_gets_a_recorded_child_and_its_calls_too(
     parent_based: InMemorySpanExporter,
 ) -> None:
-    from aipipe.streams import spans as stage_spans
-
     stage = tracing.start_consumer("generation", SAMPLED, request())
     with tracing.within(stage, end=True):
         assert tracing.recording()
@@ -194,13 +205,6 @@ def test_a_sampled_input_gets_a_recorded_child_and_its_calls_too(
 def test_a_handed_off_span_is_exported_as_the_sdk_would_export_it(
     spans: InMemorySpanExporter,
 ) -> None:
-    import marshal
-
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.trace import Link, StatusCode
-
-    from aipipe.infra.span_export import compact, rebuilt
-
     stage = tracing.start_consumer("sink costs", [*SAMPLED, ("tracestate", b"vendor=opaque")],
                                    request(), **{"messaging.kafka.offset": 7})
     stage.add_event("retry", {"attempt": 2})
@@ -215,14 +219,19 @@ def test_a_handed_off_span_is_exported_as_the_sdk_would_export_it(
     assert encode_spans(handed) == encode_spans(finished)
 
 
+def console_spans(printed: str) -> list[dict[str, Any]]:
+    """The spans the console exporter printed (one JSON object each)."""
+    decoder, spans, at = json.JSONDecoder(), [], printed.find("{")
+    while at != -1:
+        span, end = decoder.raw_decode(printed, at)
+        spans.append(span)
+        at = printed.find("{", end)
+    return spans
+
+
 def test_the_helper_process_exports_every_span_handed_to_it(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    import json
-
-    from opentelemetry.sdk.resources import Resource
-
-    from aipipe.span_helper import hand_off
 
     provider = TracerProvider(resource=Resource({"service.name": "aipipe-test"}))
     handoff = hand_off(provider.resource, "console")
@@ -232,12 +241,8 @@ def test_the_helper_process_exports_every_span_handed_to_it(
         tracer.start_span(f"hop {number}", attributes={"aipipe.request_id": "req-1"}).end()
     assert handoff.force_flush(30_000)
     handoff.shutdown()
-    printed = capfd.readouterr().out
-    decoder, found, at = json.JSONDecoder(), [], printed.find("{")
-    while at != -1:
-        span, end = decoder.raw_decode(printed, at)
-        found.append((span["name"], span["attributes"], span["resource"]["attributes"]))
-        at = printed.find("{", end)
+    found = [(span["name"], span["attributes"], span["resource"]["attributes"])
+             for span in console_spans(capfd.readouterr().out)]
     assert found == [(f"hop {n}", {"aipipe.request_id": "req-1"},
                       {"service.name": "aipipe-test"}) for n in range(3)]
     assert handoff.dropped == 0
@@ -245,13 +250,6 @@ def test_the_helper_process_exports_every_span_handed_to_it(
 
 def test_the_helper_ends_with_a_worker_killed_at_once() -> None:
     """SIGKILL leaves no helper behind: its stdin closes and it exports what it has."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from aipipe.processes import wait_for
-
     worker = subprocess.Popen([sys.executable, "-c", (
         "import sys\n"
         "from opentelemetry.sdk.resources import Resource\n"
@@ -273,3 +271,45 @@ def test_the_helper_ends_with_a_worker_killed_at_once() -> None:
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
     wait_for(gone, 30, "the span export helper's end", interval=0.05)
+
+
+def test_a_helper_that_ended_is_started_again_and_nothing_handed_after_is_lost(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = TracerProvider(resource=Resource({"service.name": "aipipe-test"}))
+    handoff = hand_off(provider.resource, "console")
+    monkeypatch.setattr(handoff, "RESTART_SECONDS", 0.0)
+    provider.add_span_processor(handoff)
+    first = handoff._helper
+    first.kill()
+    wait_for(lambda: first.poll() is not None, 30, "the first helper's end", interval=0.05)
+    dropped = SPANS_DROPPED.labels("helper_gone")._value.get()
+    tracer = provider.get_tracer("test")
+    for name in ("after the restart 1", "after the restart 2"):
+        tracer.start_span(name).end()
+    assert handoff.force_flush(30_000)
+    handoff.shutdown()
+    assert handoff._helper is not first
+    assert [span["name"] for span in console_spans(capfd.readouterr().out)] == [
+        "after the restart 1", "after the restart 2"]
+    assert SPANS_DROPPED.labels("helper_gone")._value.get() == dropped
+
+
+def test_a_full_queue_drops_spans_and_counts_them(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "2")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # nothing goes before the flush
+    provider = TracerProvider()
+    handoff = hand_off(provider.resource, "console")
+    provider.add_span_processor(handoff)
+    before = SPANS_DROPPED.labels("queue_full")._value.get()
+    tracer = provider.get_tracer("test")
+    for number in range(5):
+        tracer.start_span(f"span {number}").end()
+    assert handoff.force_flush(30_000)
+    handoff.shutdown()
+    assert [span["name"] for span in console_spans(capfd.readouterr().out)] == [
+        "span 0", "span 1"]
+    assert (handoff.dropped, SPANS_DROPPED.labels("queue_full")._value.get() - before) == (3, 3)
