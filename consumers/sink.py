@@ -491,6 +491,7 @@ class BatchingSink(Generic[Row]):
         self.deadletter_topic = deadletter_topic
         self.projection = projection
         self.traced = bool(getattr(projection, "traced", False))
+        self._consumed = metrics.EVENTS_CONSUMED.labels(projection.stage)  # per message: once
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.retry_base_seconds = retry_base_seconds
@@ -597,7 +598,7 @@ class BatchingSink(Generic[Row]):
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("kafka_consume_error", error=error.str())
             return
-        metrics.EVENTS_CONSUMED.labels(self.stage).inc()
+        self._consumed.inc()
         topic, partition, offset = coordinates(message)
         digest = message_digest(message)
         self.batch.track(topic, partition, offset, self.clock(), digest)

@@ -77,15 +77,19 @@ def tracer() -> Tracer:
 
 def attributes(source: Any) -> dict[str, Any]:
     """Span attributes from an event's (or a cost row's) fields: ids, model, cost."""
+    # a model's fields are in its __dict__: getattr of one an event type lacks goes through
+    # pydantic's __getattr__ and an AttributeError, which cost more than the span itself
+    fields = getattr(source, "__dict__", None)
+    get = fields.get if fields is not None else lambda name: getattr(source, name, None)
     out: dict[str, Any] = {}
     for name in _FIELDS:
-        value = getattr(source, name, None)
+        value = get(name)
         if value is not None:
             out[f"aipipe.{name}"] = value
-    cost = getattr(source, "cost_usd", None)
+    cost = get("cost_usd")
     if cost is not None:
         out["aipipe.cost_usd"] = float(cost)
-    success = getattr(source, "success", None)
+    success = get("success")
     if success is not None:
         out["aipipe.success"] = bool(success)
     return out
