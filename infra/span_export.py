@@ -53,7 +53,7 @@ log = structlog.get_logger("aipipe.tracing")
 
 _FRAME = struct.Struct(">cI")  # kind, payload length
 _RESOURCE, _SPANS, _FLUSH = b"r", b"s", b"f"
-_FLUSHED = b"k"  # the helper's answer to a flush, on its stdout
+_FLUSHED = b"k"  # the helper's answer to a flush, on the answers pipe (its stdout is the worker's)
 _PIPE_BYTES = 1 << 20  # the pipe to the helper: about 5,000 spans
 _AHEAD = 8  # frames (of up to a batch each) the helper reads ahead of its export
 
