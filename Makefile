@@ -19,7 +19,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	sed -n '/^uv==/,/# via/p' $(LOCK) | $(BIN)/python -m pip install -q --require-hashes -r /dev/stdin
-	$(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[all,dev]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c $(LOCK) -e '.[all,dev]'
+	$(BIN)/python -m compileall -q -j 0 streams producers consumers schemas infra
 	touch $(STAMP)
 
 # Re-resolve the lock after a change to pyproject.toml's dependencies, keeping the other
