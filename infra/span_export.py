@@ -53,7 +53,10 @@ log = structlog.get_logger("aipipe.tracing")
 
 _FRAME = struct.Struct(">cI")  # kind, payload length
 _RESOURCE, _SPANS, _FLUSH = b"r", b"s", b"f"
-_FLUSHED = b"k"  # the helper's answer to a flush, on the answers pipe (its stdout is the worker's)
+# the helper's answer to a flush, on the answers pipe (its stdout is the worker's): the
+# flush's number, so that a flush that timed out cannot have its late answer taken for the
+# next one's
+_FLUSHED = struct.Struct(">Q")
 _PIPE_BYTES = 1 << 20  # the pipe to the helper: about 5,000 spans
 _AHEAD = 8  # frames (of up to a batch each) the helper reads ahead of its export
 
@@ -139,6 +142,8 @@ class HandOff(SpanProcessor):
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one writer of the pipe at a time
+        self._flushing = threading.Lock()  # one reader of the answers at a time
+        self._flushes = 0
         self._closed = False
         with self._lock:
             self._start()
@@ -221,14 +226,23 @@ class HandOff(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Hand over what is queued and wait until the helper has exported it."""
         deadline = time.monotonic() + timeout_millis / 1000
-        self._drain()
-        if not self._send(_FLUSH, None):
+        with self._flushing:
+            self._drain()
+            self._flushes += 1
+            number = self._flushes
+            if not self._send(_FLUSH, number):
+                return False
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self._answers], [], [], left)
+                if not ready:
+                    break
+                answer = os.read(self._answers, _FLUSHED.size)  # one write each: whole
+                if len(answer) < _FLUSHED.size:
+                    return False  # the helper ended
+                if _FLUSHED.unpack(answer)[0] == number:
+                    return True
+                # the late answer of an earlier flush that timed out: wait on
             return False
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self._answers], [], [], left)
-            if ready:
-                return os.read(self._answers, 1) == _FLUSHED
-        return False
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._closed:
@@ -292,6 +306,6 @@ def serve(exporter_names: str, answers_fd: int, stream: IO[bytes]) -> None:
         elif kind == _SPANS:
             _export(exporters, [rebuilt(values, resource) for values in payload])
         elif kind == _FLUSH:
-            answers.write(_FLUSHED)
+            answers.write(_FLUSHED.pack(payload))
     for exporter in exporters:
         exporter.shutdown()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from opentelemetry.trace import Link, SpanKind, StatusCode
 from aipipe.infra.logging import add_trace_ids
 from aipipe.infra.metrics import SPANS_DROPPED
 from aipipe.infra.settings import ConfigError, load_settings
-from aipipe.infra.span_export import compact, rebuilt
+from aipipe.infra.span_export import HandOff, compact, rebuilt
 from aipipe.processes import wait_for
 from aipipe.producers import tracing
 from aipipe.producers.producer import _producer_span, headers_for
@@ -293,6 +294,34 @@ def test_a_helper_that_ended_is_started_again_and_nothing_handed_after_is_lost(
     assert [span["name"] for span in console_spans(capfd.readouterr().out)] == [
         "after the restart 1", "after the restart 2"]
     assert SPANS_DROPPED.labels("helper_gone")._value.get() == dropped
+
+
+# a helper that answers each flush half a second late, noting the flush's number first
+SLOW_FLUSH_HELPER = """
+import os, sys, time
+from aipipe.infra.span_export import _FLUSH, _FLUSHED, _frames
+answers = os.fdopen(int(sys.argv[2]), "wb", buffering=0)
+with open(sys.argv[1], "a") as answered:
+    for kind, payload in _frames(sys.stdin.buffer):
+        if kind == _FLUSH:
+            time.sleep(0.5)
+            answered.write(f"{payload}\\n")
+            answered.flush()
+            answers.write(_FLUSHED.pack(payload))
+"""
+
+
+def test_a_flush_waits_for_its_own_answer_not_the_late_one_of_a_flush_that_timed_out(
+    tmp_path: Path,
+) -> None:
+    answered = tmp_path / "answered"  # the helper's "exporters" argument: its notes
+    handoff = HandOff(Resource({}), str(answered), [sys.executable, "-c", SLOW_FLUSH_HELPER])
+    try:
+        assert not handoff.force_flush(1)  # gave up before the answer
+        assert handoff.force_flush(30_000)
+        assert answered.read_text().split() == ["1", "2"]
+    finally:
+        handoff.shutdown()
 
 
 def test_a_full_queue_drops_spans_and_counts_them(
