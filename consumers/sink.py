@@ -479,11 +479,15 @@ class BatchingSink(Generic[Row]):
         consumer: Consumer | None = None,
         deadletters: EventProducer | None = None,
         kafka_config: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         """``report`` hears of every error the sink survives (Sentry, in ``aipipe run``);
         ``consumer`` and ``deadletters`` replace the Kafka clients built from ``bootstrap``
-        (unit tests); ``kafka_config`` adds to theirs (the sign-in, for SASL)."""
+        (unit tests); ``kafka_config`` adds to theirs (the sign-in, for SASL); ``name``
+        (the stage's by default) names the sink in ``/healthz`` and ``/readyz``, for two
+        sinks of one stage."""
         self.topics = list(topics)
+        self.name = name or projection.stage
         self.group_id = group_id
         self._assigned = False  # for /readyz, read from the sink's thread every 5 s
         self._lag = LagGauge(group_id)
@@ -566,12 +570,12 @@ class BatchingSink(Generic[Row]):
     @property
     def part(self) -> str:
         """This sink's thread in ``/healthz``."""
-        return f"sink-{self.stage}"
+        return f"sink-{self.name}"
 
     def _observe_health(self) -> None:
         HEALTH.beat(self.part)
-        HEALTH.set_ready(f"{self.stage}_store_reachable", True)  # migrated at start
-        HEALTH.ready_when(f"{self.stage}_partitions_assigned", lambda: self._assigned)
+        HEALTH.set_ready(f"{self.name}_store_reachable", True)  # migrated at start
+        HEALTH.ready_when(f"{self.name}_partitions_assigned", lambda: self._assigned)
 
     def _observe(self) -> None:
         """A heartbeat per loop (a poll waits 0.2 s at most), the lag every 5 s."""
@@ -730,7 +734,7 @@ class BatchingSink(Generic[Row]):
             try:
                 self._write(rows, token)
                 if attempt:
-                    HEALTH.set_ready(f"{self.stage}_store_reachable", True)
+                    HEALTH.set_ready(f"{self.name}_store_reachable", True)
                 return
             except Exception as exc:
                 failure = classify(exc)
@@ -743,7 +747,7 @@ class BatchingSink(Generic[Row]):
                     ) from exc
                 attempt += 1
                 metrics.SINK_RETRIES.labels(self.stage).inc()
-                HEALTH.set_ready(f"{self.stage}_store_reachable", False)
+                HEALTH.set_ready(f"{self.name}_store_reachable", False)
                 delay = backoff_delay(attempt, self.retry_base_seconds, self.retry_cap_seconds)
                 log.warning("sink_write_retry", stage=self.stage, attempt=attempt,
                             retry_in_seconds=delay, rows=len(rows), error=failure.reason,

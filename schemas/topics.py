@@ -45,6 +45,12 @@ class Topics:
         """``budget.set`` (projected into ClickHouse) and ``budget.threshold_crossed``."""
         return f"{self.prefix}.budgets"
 
+    @property
+    def webhook_retries(self) -> str:
+        """Webhook deliveries waiting for their next try (``consumers/webhooks``): the
+        webhook consumers' own, not an event topic, so not in ``all`` (nor archived)."""
+        return f"{self.prefix}-webhooks-retry"
+
     def all(self) -> tuple[str, ...]:
         return (
             self.requested,
@@ -56,3 +62,7 @@ class Topics:
             self.deadletter,
             self.budgets,
         )
+
+    def created(self) -> tuple[str, ...]:
+        """Every topic ``aipipe topics create`` makes: the event topics and the retry topic."""
+        return (*self.all(), self.webhook_retries)

@@ -1,10 +1,14 @@
 """One webhook delivery: a signed POST, retried with capped exponential backoff.
 
-Pure policy (``retry_after``, ``worst_seconds``) plus ``deliver``, which takes its HTTP
+Pure policy (``RetryPolicy.delay``, ``retry_after``) plus ``deliver``, which takes its HTTP
 client, clock and sleep as arguments. A delivery ends ``delivered`` (a 2xx answer) or not,
 with one sentence that says why: the dead-letter reason. Connection errors, timeouts, 5xx
 and 429 are retried (a ``Retry-After`` in seconds is honoured up to the cap); any other
 answer (3xx, 4xx) is final, because repeating the same request cannot change it.
+
+``deliver`` may make only some of the attempts (``first`` to ``last``): the webhook
+consumer makes one per pass and hands a retry to its retry topic (``sink.py``), so that a
+failing receiver's waits do not hold back other receivers' deliveries.
 """
 
 from __future__ import annotations
@@ -37,18 +41,14 @@ class RetryPolicy:
         """The wait after failed attempt ``attempt`` (1, 2, …): base, doubling, at most cap."""
         return backoff_delay(attempt, self.base_seconds, self.cap_seconds)
 
-    def worst_seconds(self) -> float:
-        """The longest one delivery can take: every attempt timing out, every wait at cap."""
-        waits = sum(min(self.cap_seconds, self.delay(a)) for a in range(1, self.max_attempts))
-        return self.max_attempts * self.timeout_seconds + waits
-
 
 @dataclass(frozen=True)
 class Outcome:
     delivered: bool
     attempts: int
     status: int | None  # the last HTTP status, None when no answer came
-    reason: str  # why it was not delivered ("" when it was)
+    reason: str  # why it was not delivered ("" when it was; the last error when retry_in is set)
+    retry_in: float | None = None  # attempts are left: the wait before the next one
 
 
 def retryable(status: int) -> bool:
@@ -81,37 +81,45 @@ async def deliver(
     policy: RetryPolicy,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    first: int = 1,
+    last: int | None = None,
 ) -> Outcome:
-    """POST ``body`` to ``url`` until it is accepted or the attempts are used up.
+    """POST ``body`` to ``url`` until it is accepted or attempts ``first`` to ``last`` (all
+    of the policy's by default) are used up.
 
     Every attempt carries the same ``webhook-id`` (the event's id) and its own timestamp
-    and signature. ``sleep`` waits between attempts (``asyncio.sleep`` by default).
+    and signature. ``sleep`` waits between attempts (``asyncio.sleep`` by default). When
+    ``last`` is reached with attempts of the policy left, the outcome says how long to wait
+    before the next (``retry_in``); after the policy's last attempt it gives the reason.
     """
     sleep = sleep or asyncio.sleep
-    last = "no attempt was made"
+    last = policy.max_attempts if last is None else min(last, policy.max_attempts)
+    error = "no attempt was made"
     status: int | None = None
-    for attempt in range(1, policy.max_attempts + 1):
+    for attempt in range(first, last + 1):
         headers = signed_headers(secret, event_id, body, int(clock()))
         headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
         try:
             response = await client.post(url, content=body, headers=headers,
                                          timeout=policy.timeout_seconds)
         except httpx.TransportError as exc:  # connection refused or reset, timeouts
-            status, last = None, f"{type(exc).__name__}: {str(exc) or 'no detail'}"
+            status, error = None, f"{type(exc).__name__}: {str(exc) or 'no detail'}"
             wait = policy.delay(attempt)
         else:
             status = response.status_code
             if 200 <= status < 300:
                 return Outcome(True, attempt, status, "")
-            last = f"HTTP {status}"
+            error = f"HTTP {status}"
             if not retryable(status):
                 return Outcome(False, attempt, status, (
-                    f"The webhook receiver at {shown_url(url)} answered {last}, which a retry "
+                    f"The webhook receiver at {shown_url(url)} answered {error}, which a retry "
                     "cannot change (only 2xx is a delivery; redirects are not followed); fix "
                     "the receiver or the callback_url and re-send this event."))
             wait = retry_after(response, policy, attempt)
-        if attempt < policy.max_attempts:
+        if attempt < last:
             await sleep(wait)
+        elif attempt < policy.max_attempts:
+            return Outcome(False, attempt, status, error, retry_in=wait)
     return Outcome(False, policy.max_attempts, status, (
-        f"The webhook to {shown_url(url)} failed {policy.max_attempts} times (last: {last}); "
+        f"The webhook to {shown_url(url)} failed {policy.max_attempts} times (last: {error}); "
         "once the receiver answers 2xx, re-send this event from the dead-letter topic."))

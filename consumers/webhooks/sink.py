@@ -1,21 +1,31 @@
 """The webhook consumer: completions and rejections with a ``callback_url``, POSTed to it.
 
 Reads ``operations.completed`` and ``operations.rejected`` through the batching sink
-(``aipipe.consumers.sink.BatchingSink``), whose "write" here is: deliver every webhook of the
-batch at once (asyncio, one ``httpx2`` client and its connection pool), each retried as
-``delivery.deliver`` says, and dead-letter (stage ``webhooks``, with the reason) every one
-that was not delivered after its last try. Only then does the sink commit the batch's
-offsets, so each event is delivered at least once, or is in the dead-letter topic.
+(``aipipe.consumers.sink.BatchingSink``), whose "write" here is: make the next attempt of
+every delivery of the batch at once (asyncio, one ``httpx2`` client and its connection
+pool), then settle each: delivered; retried later; or, after its last try (or an answer a
+retry cannot change), dead-lettered (stage ``webhooks``, with the reason).
 
-A batch is at most ``AIPIPE_WEBHOOK_CONCURRENCY`` messages, so a batch lasts at most one
-delivery's worst case (``RetryPolicy.worst_seconds``); a receiver that keeps failing holds
-back the next batch that long, no longer. The consumer's ``max.poll.interval.ms`` is set
-above it.
+A delivery to retry goes to the retry topic (``Topics.webhook_retries``), the event's bytes
+and headers as they were, with two headers of its own: the attempts made so far
+(``aipipe.webhook.attempts``) and when the next is due (``aipipe.webhook.due_ms``, unix
+milliseconds: now plus the policy's backoff, or the receiver's ``Retry-After``). A second
+consumer of the same kind (``webhooks-retry``) reads that topic, waits until each is due
+(never longer than the backoff cap), and makes the next attempt. Only then does a sink
+commit its batch's offsets, after the retries and dead letters it produced are
+acknowledged: each event is delivered at least once, or is in the dead-letter topic.
+
+A receiver that keeps failing therefore holds back other receivers' first tries for at
+most one attempt's timeout (``AIPIPE_WEBHOOK_TIMEOUT_SECONDS``), and their retries for at
+most one wait at the cap plus that timeout, never for its whole retry schedule. A batch is
+at most ``AIPIPE_WEBHOOK_CONCURRENCY`` messages; the consumers' ``max.poll.interval.ms`` is
+set above a batch's longest wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,12 +37,19 @@ from confluent_kafka import Message
 
 from aipipe.consumers.sink import BatchingSink, Entry, coordinates
 from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
+from aipipe.infra.metrics import WEBHOOK_DELIVERIES
 from aipipe.producers.webhooks import callback_allowed
+from aipipe.schemas.deadletter import Headers
 from aipipe.schemas.errors import EventDecodeError
 from aipipe.schemas.events import OperationCompleted, OperationRejected, decode
 
 log = structlog.get_logger("aipipe.webhooks")
 STAGE = "webhooks"
+ATTEMPTS_HEADER = "aipipe.webhook.attempts"  # on the retry topic: attempts made so far
+DUE_HEADER = "aipipe.webhook.due_ms"  # on the retry topic: when the next is due (unix ms)
+# on the retry topic: the event's own topic:partition:offset, which its dead letter names
+ORIGIN_HEADER = "aipipe.webhook.origin"
+RETRY_HEADERS = (ATTEMPTS_HEADER, DUE_HEADER, ORIGIN_HEADER)
 
 
 class WebhookDeliveryError(Exception):
@@ -49,10 +66,83 @@ class Delivery:
     body: bytes
     request_id: str
     client_id: str
+    attempts: int = 0  # made before this message (read on the retry topic)
+    due: float = 0.0  # unix seconds the next attempt is due at (0: at once)
 
 
 def _no_dead_letters(message: Message, reason: str, error: str) -> None:
     raise RuntimeError("the webhook projection is not attached to a sink")
+
+
+def _no_retries(delivery: Delivery, attempts: int, due: float) -> None:
+    raise RuntimeError("the webhook projection is not attached to a sink")
+
+
+def retry_state(headers: Any) -> tuple[int, float]:
+    """The attempts made and the next one's due time (unix seconds) a retry record carries.
+
+    Raises ``EventDecodeError`` (the message is dead-lettered) when either is missing or
+    not a whole number: only this consumer writes the retry topic.
+    """
+    found = dict(headers or [])
+    try:
+        attempts = int(found[ATTEMPTS_HEADER])
+        due_ms = int(found[DUE_HEADER])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EventDecodeError(
+            f"Headers '{ATTEMPTS_HEADER}' and '{DUE_HEADER}' must be whole numbers on a "
+            "webhook retry record; re-send the event to its own topic instead.") from exc
+    return max(attempts, 0), due_ms / 1000
+
+
+def _pairs(message: Message) -> Headers:
+    """``message``'s headers as a list of pairs (confluent-kafka gives a list or None)."""
+    headers = message.headers()
+    return list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""
+
+
+def retry_headers(message: Message, attempts: int, due: float) -> Headers:
+    """``message``'s headers (the trace context with them) with the retry's: the attempts
+    made, the next one's due time, and where the event came from (kept from a retry)."""
+    headers = _pairs(message)
+    origin = dict(headers).get(ORIGIN_HEADER) or ":".join(map(str, coordinates(message)))
+    return [*((k, v) for k, v in headers if k not in RETRY_HEADERS),
+            (ATTEMPTS_HEADER, str(attempts).encode()),
+            (DUE_HEADER, str(round(due * 1000)).encode()), (ORIGIN_HEADER, origin)]
+
+
+class FromOrigin:
+    """A retry record as its event's own message, for its dead letter: the topic, partition
+    and offset it came from, its headers without the retry's."""
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        headers = _pairs(message)
+        topic, partition, offset = _text(dict(headers)[ORIGIN_HEADER]).rsplit(":", 2)
+        self._coordinates = topic, int(partition), int(offset)
+        self._headers = [(k, v) for k, v in headers if k not in RETRY_HEADERS]
+
+    def topic(self) -> str:
+        return self._coordinates[0]
+
+    def partition(self) -> int:
+        return self._coordinates[1]
+
+    def offset(self) -> int:
+        return self._coordinates[2]
+
+    def key(self) -> str | bytes | None:
+        return self.message.key()
+
+    def value(self) -> str | bytes | None:
+        return self.message.value()
+
+    def headers(self) -> Headers:
+        return self._headers
 
 
 class WebhookProjection:
@@ -65,15 +155,19 @@ class WebhookProjection:
         secret: str,
         allowed: Sequence[str],
         policy: RetryPolicy,
+        retry_topic: str = "",
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``transport`` replaces the network (unit tests: ``httpx2.MockTransport``)."""
+        """``retry_topic``: where retries wait (``rows`` reads their state on it);
+        ``transport`` replaces the network (unit tests: ``httpx2.MockTransport``)."""
         self.secret = secret
         self.allowed = tuple(allowed)
         self.policy = policy
+        self.retry_topic = retry_topic
         self.clock = clock
         self.dead_letter: Callable[[Message, str, str], None] = _no_dead_letters
+        self.retry_later: Callable[[Delivery, int, float], None] = _no_retries
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(transport=transport, follow_redirects=False,
                                         timeout=policy.timeout_seconds)
@@ -85,6 +179,7 @@ class WebhookProjection:
         (they read these topics too): here it is skipped with a warning, not sent twice.
         """
         topic, partition, offset = coordinates(message)
+        attempts, due = retry_state(message.headers()) if topic == self.retry_topic else (0, 0.0)
         try:
             event = decode(message.value())
         except EventDecodeError as exc:
@@ -101,23 +196,39 @@ class WebhookProjection:
                 f"Field 'callback_url' ({shown_url(url)}) is not under an allowed webhook URL "
                 "(AIPIPE_WEBHOOK_ALLOWED_URLS) any more; allow it and re-send this event.")
         return [Delivery(message, event.event_id, url, message.value() or b"",
-                         event.request_id, event.client_id)]
+                         event.request_id, event.client_id, attempts, due)]
 
     def write(self, rows: Sequence[Delivery], dedup_token: str) -> None:
-        """Deliver ``rows`` at once; return when each is delivered or dead-lettered."""
+        """Make the next attempt of every delivery of ``rows`` at once; return when each is
+        delivered, handed to the retry topic or dead-lettered."""
         outcomes = self.loop.run_until_complete(self._deliver_all(rows))
         for delivery, outcome in zip(rows, outcomes, strict=True):
             log.info("webhook_delivery", event_id=delivery.event_id,
                      request_id=delivery.request_id, client_id=delivery.client_id,
                      url=shown_url(delivery.url), delivered=outcome.delivered,
-                     attempts=outcome.attempts, status=outcome.status)
-            if not outcome.delivered:
+                     attempts=outcome.attempts, status=outcome.status,
+                     retry_in=outcome.retry_in)
+            if outcome.delivered:
+                WEBHOOK_DELIVERIES.labels("delivered").inc()
+            elif outcome.retry_in is not None:
+                WEBHOOK_DELIVERIES.labels("retried").inc()
+                self.retry_later(delivery, outcome.attempts, self.clock() + outcome.retry_in)
+            else:
+                WEBHOOK_DELIVERIES.labels("dead_lettered").inc()
                 self.dead_letter(delivery.message, outcome.reason, WebhookDeliveryError.__name__)
 
     async def _deliver_all(self, rows: Sequence[Delivery]) -> list[Outcome]:
-        return list(await asyncio.gather(*(
-            deliver(self.client, d.url, d.event_id, d.body, self.secret, self.policy, self.clock)
-            for d in rows)))
+        return list(await asyncio.gather(*(self._attempt(d) for d in rows)))
+
+    async def _attempt(self, d: Delivery) -> Outcome:
+        """Wait until ``d`` is due (at most the backoff cap: a retry written by a host whose
+        clock runs ahead is not held longer), then make its next attempt."""
+        wait = min(d.due - self.clock(), self.policy.cap_seconds)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        attempt = min(d.attempts + 1, self.policy.max_attempts)
+        return await deliver(self.client, d.url, d.event_id, d.body, self.secret, self.policy,
+                             self.clock, first=attempt, last=attempt)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.aclose())
@@ -125,11 +236,30 @@ class WebhookProjection:
 
 
 class WebhookSink(BatchingSink[Delivery]):
+    """Reads ``topics`` (the event topics, or the retry topic), delivers, and hands
+    retries to ``projection.retry_topic``."""
+
     def __init__(self, *, topics: Sequence[str], projection: WebhookProjection,
                  **options: Any) -> None:
         super().__init__(topics=topics, projection=projection, **options)
         projection.dead_letter = self.dead_letter
+        projection.retry_later = self.retry_later
         self.webhooks = projection
+
+    def retry_later(self, delivery: Delivery, attempts: int, due: float) -> None:
+        """Put ``delivery`` on the retry topic: its event's bytes and headers, the attempts
+        made and when the next is due. The sink's flush waits for the broker to have it
+        before the offsets move, as for a dead letter."""
+        message = delivery.message
+        self.deadletters.send_raw(self.webhooks.retry_topic, message.key(), message.value(),
+                                  retry_headers(message, attempts, due))
+
+    def dead_letter(self, message: Message, reason: str, error: str) -> None:
+        """A retry record's dead letter names its event's own topic, partition and offset."""
+        if message.topic() == self.webhooks.retry_topic:
+            with contextlib.suppress(KeyError, ValueError):  # no origin: as it is
+                message = FromOrigin(message)  # type: ignore[assignment]
+        super().dead_letter(message, reason, error)
 
     def _write_isolating(self, entries: Sequence[Entry[Delivery]], token: str,
                          can_poll: bool) -> None:

@@ -584,7 +584,7 @@ def topics_create(ctx: _Context) -> None:
     from aipipe.runner import prepare_topics  # deferred: loaded per command
 
     prepare_topics(ctx.settings)
-    for name in ctx.settings.topics.all():
+    for name in ctx.settings.topics.created():
         click.echo(name)
 
 

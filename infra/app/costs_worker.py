@@ -94,10 +94,11 @@ def sealer_thread(
     return supervisor.start("rollup-sealer", sealer.run, stop)
 
 
-def webhook_thread(
+def webhook_threads(
     settings: Settings, stop: threading.Event, supervisor: Supervisor
-) -> threading.Thread:
-    """POST completions and rejections to their callback URLs (see consumers/webhooks)."""
+) -> list[threading.Thread]:
+    """POST completions and rejections to their callback URLs: one consumer makes each
+    delivery's first try, another its retries from the retry topic (see consumers/webhooks)."""
     assert settings.webhook_secret is not None  # the settings refuse webhooks without one
     policy = RetryPolicy(
         max_attempts=settings.webhook_max_attempts,
@@ -105,16 +106,24 @@ def webhook_thread(
         cap_seconds=settings.webhook_retry_cap_seconds,
         timeout_seconds=settings.webhook_timeout_seconds,
     )
-    projection = WebhookProjection(secret=reveal(settings.webhook_secret),
-                                   allowed=settings.webhook_prefixes, policy=policy)
-    options = sink_options(settings, "webhooks")
-    # a batch is one round of deliveries, and the group keeps the consumer while it lasts
-    options["max_rows"] = settings.webhook_concurrency
-    options["max_poll_interval_ms"] = max(options["max_poll_interval_ms"],
-                                          int(2000 * policy.worst_seconds()))
-    sink = WebhookSink(topics=[settings.topics.completed, settings.topics.rejected],
-                       projection=projection, **options)
-    return supervisor.start("webhooks", sink.run, stop)
+    retries = settings.topics.webhook_retries
+    threads = []
+    for name, topics, longest in (
+        ("webhooks", [settings.topics.completed, settings.topics.rejected],
+         policy.timeout_seconds),
+        ("webhooks-retry", [retries], policy.cap_seconds + policy.timeout_seconds),
+    ):
+        projection = WebhookProjection(secret=reveal(settings.webhook_secret),
+                                       allowed=settings.webhook_prefixes, policy=policy,
+                                       retry_topic=retries)
+        options = sink_options(settings, name)
+        # a batch is one round of attempts, and the group keeps the consumer while it lasts
+        options["max_rows"] = settings.webhook_concurrency
+        options["max_poll_interval_ms"] = max(options["max_poll_interval_ms"],
+                                              int(2000 * longest))
+        sink = WebhookSink(topics=topics, projection=projection, name=name, **options)
+        threads.append(supervisor.start(name, sink.run, stop))
+    return threads
 
 
 def answers_ping(url: str, timeout: float = 10.0) -> bool:
@@ -159,7 +168,7 @@ def cost_sink_thread(
         threads.append(archive_thread(settings, stop, supervisor))
     threads.append(sealer_thread(settings, stop, supervisor))
     if settings.webhook_prefixes:
-        threads.append(webhook_thread(settings, stop, supervisor))
+        threads.extend(webhook_threads(settings, stop, supervisor))
     if server is not None:  # its serving thread is the server's own: probe it from outside
         threads.append(supervisor.watch("query-endpoint", partial(answers_ping, server.url),
                                         stop))

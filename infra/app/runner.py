@@ -39,7 +39,7 @@ def prepare_topics(settings: Settings) -> int:
         client_config=kafka_config(settings))
     ensure_topics(
         settings.kafka_bootstrap,
-        settings.topics.all(),
+        settings.topics.created(),
         client_config=kafka_config(settings),
         partitions=settings.partitions,
         retention_ms=settings.topic_retention_ms,

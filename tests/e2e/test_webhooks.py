@@ -9,10 +9,12 @@ and each test waits (with a deadline) for its own outcome. The receiver answers 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +40,7 @@ class Received:
     headers: dict[str, str]  # names in lower case
     body: bytes
     verdict: str  # "" when the signature held on arrival, else why not
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -100,22 +103,26 @@ def requested(name: str, callback_url: str, **params: Any) -> OperationRequested
     )
 
 
+def webhook_settings(services: Services, home: Path, base: str, **retries: Any) -> Settings:
+    """A pipeline of its own that may call ``base``/hooks/, retrying as ``retries`` say."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    return load_settings(
+        home=home, kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
+        clickhouse_url=services.clickhouse_url, clickhouse_database=name,
+        topic_prefix=name, partitions=3, query_port=0, metrics_port=0, sink_batch_size=50,
+        sink_batch_seconds=0.3, env="production", simulated_enabled=True,
+        webhook_allowed_urls=f"{base}/hooks/", webhook_secret=SECRET, **retries)
+
+
 @pytest.fixture(scope="module")
 def run(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     receiver = Receiver()
     with LoopbackServer(handler_for(receiver)) as server:
         base = f"http://{server.address}"
-        name = f"t{uuid.uuid4().hex[:10]}"
-        settings = load_settings(
-            home=tmp_path_factory.mktemp("webhooks") / "home",
-            kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
-            clickhouse_url=services.clickhouse_url, clickhouse_database=name,
-            topic_prefix=name, partitions=3, query_port=0, sink_batch_size=50,
-            sink_batch_seconds=0.3, env="production", simulated_enabled=True,
-            webhook_allowed_urls=f"{base}/hooks/", webhook_secret=SECRET,
+        settings = webhook_settings(
+            services, tmp_path_factory.mktemp("webhooks") / "home", base,
             webhook_max_attempts=ATTEMPTS, webhook_retry_base_seconds=0.2,
-            webhook_retry_cap_seconds=0.5, webhook_timeout_seconds=5,
-        )
+            webhook_retry_cap_seconds=0.5, webhook_timeout_seconds=5)
         requests = {
             **{f"ok-{i}": requested(f"ok-{i}", f"{base}/hooks/ok/{i}") for i in range(3)},
             "flaky": requested("flaky", f"{base}/hooks/flaky/1"),
@@ -225,3 +232,42 @@ def test_a_callback_url_off_the_allowlist_is_rejected_invalid_and_never_called(
                                    "an allowed webhook URL")
     wait_deliveries(run, "/hooks/ok/rejected", 1)  # the other rejection was delivered by now
     assert run.receiver.at("/elsewhere/1") == []
+
+
+def test_a_receiver_that_keeps_failing_does_not_hold_back_the_next_deliveries(
+    services: Services, tmp_path: Path,
+) -> None:
+    """The failing receiver's retry waits 15 s on the retry topic; a completion produced
+    after its first try is delivered to another receiver in the meantime (a batch that
+    waited out its retries inline held every later delivery back that long)."""
+    wait = 15.0
+    receiver = Receiver()
+    with LoopbackServer(handler_for(receiver)) as server:
+        base = f"http://{server.address}"
+        settings = webhook_settings(
+            services, tmp_path / "home", base, webhook_max_attempts=2,
+            webhook_retry_base_seconds=wait, webhook_retry_cap_seconds=wait,
+            webhook_timeout_seconds=5)
+        prepare_topics(settings)
+        worker = WorkerProcess(settings, "all").start()
+        try:
+            later = Run(settings, worker, receiver, base, {})
+            produce(settings, settings.topics.requested,
+                    [requested("down", f"{base}/hooks/down/1")])
+            [first] = wait_deliveries(later, "/hooks/down/1", 1, timeout=120)
+            produce(settings, settings.topics.requested,
+                    [requested("after", f"{base}/hooks/ok/after")])
+            [after] = wait_deliveries(later, "/hooks/ok/after", 1)
+            tries = wait_deliveries(later, "/hooks/down/1", 2, timeout=60)
+            assert first.arrived < after.arrived < tries[1].arrived
+            assert tries[1].arrived - first.arrived >= wait - 0.01  # not before it was due
+            [dead] = consume(settings, settings.topics.deadletter, expected=1, timeout=60)
+            headers = read_headers(dead.headers())
+            assert (headers["aipipe.dlq.topic"], headers["aipipe.dlq.error"]) == (
+                settings.topics.completed, "WebhookDeliveryError")
+            assert headers["aipipe.dlq.reason"].startswith(
+                f"The webhook to {base}/hooks/down/1 failed 2 times (last: HTTP 500)")
+            assert dead.value() == first.body
+            assert len(receiver.at("/hooks/down/1")) == 2
+        finally:
+            worker.stop()

@@ -82,8 +82,6 @@ def test_any_of_several_signatures_may_match_while_a_secret_rotates() -> None:
 def test_the_backoff_doubles_from_the_base_up_to_the_cap() -> None:
     policy = RetryPolicy(max_attempts=6, base_seconds=1.0, cap_seconds=5.0, timeout_seconds=2.0)
     assert [policy.delay(a) for a in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
-    assert policy.worst_seconds() == 6 * 2.0 + (1 + 2 + 4 + 5 + 5)
-    assert RetryPolicy(max_attempts=1, timeout_seconds=3.0).worst_seconds() == 3.0
 
 
 # -- one delivery, against an in-process transport ---------------------------------------------
@@ -143,6 +141,19 @@ def test_a_4xx_answer_is_final_at_once() -> None:
     assert (outcome.delivered, outcome.attempts, outcome.status, waits) == (False, 1, 404, [])
     assert "answered HTTP 404, which a retry cannot change" in outcome.reason
     assert len(seen) == 1
+
+
+def test_a_delivery_may_make_some_attempts_and_say_when_the_next_is_due() -> None:
+    async def go(first: int, last: int) -> Outcome:
+        transport = httpx.MockTransport(lambda request: httpx.Response(500))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await deliver(client, "https://hooks.example/aipipe", "e-1", BODY, SECRET,
+                                 POLICY, clock=lambda: T, first=first, last=last)
+
+    assert asyncio.run(go(2, 2)) == Outcome(False, 2, 500, "HTTP 500", retry_in=1.0)
+    final = asyncio.run(go(4, 4))
+    assert (final.attempts, final.retry_in) == (4, None)
+    assert final.reason.startswith("The webhook to https://hooks.example/aipipe failed 4 times")
 
 
 def test_retry_after_is_honoured_up_to_the_cap() -> None:
@@ -264,7 +275,12 @@ def completion(n: int, callback_url: str | None) -> bytes:
         callback_url=callback_url))
 
 
-def webhook_sink(answer: Callable[[httpx.Request], httpx.Response]) -> tuple[Any, Any, Any]:
+RETRIES = "hooks-retry"
+NOW = 1_790_000_000.0  # the projections' clock (signatures and due times)
+
+
+def webhook_sink(answer: Callable[[httpx.Request], httpx.Response], topics: tuple[str, ...] = (
+        "done",), policy: RetryPolicy | None = None) -> tuple[Any, Any, Any]:
     from aipipe.consumers.webhooks import WebhookProjection, WebhookSink
     from tests.unit.test_sink_policy import FakeConsumer, FakeProducer
 
@@ -272,14 +288,28 @@ def webhook_sink(answer: Callable[[httpx.Request], httpx.Response]) -> tuple[Any
     consumer, producer = FakeConsumer(clock), FakeProducer()
     projection = WebhookProjection(
         secret=SECRET, allowed=("https://hooks.example/",), transport=httpx.MockTransport(answer),
-        policy=RetryPolicy(max_attempts=2, base_seconds=0.001, cap_seconds=0.001))
-    sink = WebhookSink(topics=["done"], projection=projection, bootstrap="unused:9092",
+        policy=policy or RetryPolicy(max_attempts=2, base_seconds=0.001, cap_seconds=0.001),
+        retry_topic=RETRIES, clock=lambda: NOW)
+    sink = WebhookSink(topics=list(topics), projection=projection, bootstrap="unused:9092",
                        deadletter_topic="dlq", group_id="g", clock=lambda: clock[0],
                        consumer=consumer, deadletters=producer)
     return sink, consumer, producer
 
 
-def test_a_batch_is_delivered_or_dead_lettered_before_its_offsets_are_committed() -> None:
+def retry_record(offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+    """A message of the retry topic with ``headers``."""
+    from tests.unit.test_sink_policy import Msg
+
+    class Retry(Msg):
+        def headers(self) -> list[tuple[str, bytes]]:
+            return headers
+
+    return Retry(0, offset, value, topic=RETRIES)
+
+
+def test_a_failed_first_try_waits_on_the_retry_topic_and_the_last_is_dead_lettered() -> None:
+    """Each pass makes one attempt; a retry and a dead letter are both acknowledged before
+    the offsets move, and the dead letter names the event's own topic and offset."""
     from tests.unit.test_sink_policy import Msg
 
     seen: list[str] = []
@@ -295,13 +325,64 @@ def test_a_batch_is_delivered_or_dead_lettered_before_its_offsets_are_committed(
         sink.add(Msg(0, offset, value, topic="done"))
     sink.flush()
     sink.webhooks.close()
+    assert sorted(seen) == ["/down", "/ok"]
+    [(topic, value, headers)] = producer.sent
+    assert (topic, value) == (RETRIES, values[2])
+    assert headers == {"request_id": "r", "aipipe.webhook.attempts": "1",
+                       "aipipe.webhook.due_ms": str(round((NOW + 0.001) * 1000)),
+                       "aipipe.webhook.origin": "done:0:2"}
+    assert producer.flushed == 1 and consumer.commits == [[("done", 0, 3)]]
 
+    retry, consumer, producer = webhook_sink(answer, topics=(RETRIES,))
+    retry.add(retry_record(7, values[2], [(k, v.encode()) for k, v in headers.items()]))
+    retry.flush()
+    retry.webhooks.close()
     assert sorted(seen) == ["/down", "/down", "/ok"]
     [(topic, value, headers)] = producer.sent
-    assert (topic, value, headers["aipipe.dlq.stage"]) == ("dlq", values[2], "webhooks")
+    assert (topic, value) == ("dlq", values[2])
+    assert (headers["aipipe.dlq.stage"], headers["aipipe.dlq.topic"],
+            headers["aipipe.dlq.partition"], headers["aipipe.dlq.offset"]) == (
+        "webhooks", "done", "0", "2")
     assert headers["aipipe.dlq.reason"].startswith(
         "The webhook to https://hooks.example/down failed 2 times (last: HTTP 500)")
-    assert producer.flushed == 1 and consumer.commits == [[("done", 0, 3)]]
+    assert not any(name.startswith("aipipe.webhook.") for name in headers)
+    assert producer.flushed == 1 and consumer.commits == [[(RETRIES, 0, 8)]]
+
+
+def test_a_retry_is_made_when_it_is_due_and_a_delivered_one_sends_nothing() -> None:
+    import time
+
+    arrived: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        arrived.append(time.monotonic())
+        return httpx.Response(204)
+
+    retry, consumer, producer = webhook_sink(answer, topics=(RETRIES,), policy=RetryPolicy(
+        max_attempts=3, base_seconds=1.0, cap_seconds=30.0))
+    due_ms = str(round((NOW + 0.3) * 1000)).encode()
+    retry.add(retry_record(0, completion(0, "https://hooks.example/ok"), [
+        ("aipipe.webhook.attempts", b"1"), ("aipipe.webhook.due_ms", due_ms),
+        ("aipipe.webhook.origin", b"done:1:5")]))
+    started = time.monotonic()
+    retry.flush()
+    retry.webhooks.close()
+    assert len(arrived) == 1 and arrived[0] - started >= 0.3  # not before it was due
+    assert producer.sent == [] and consumer.commits == [[(RETRIES, 0, 1)]]
+
+
+def test_a_retry_record_without_its_state_is_dead_lettered_with_the_headers_named() -> None:
+    retry, consumer, producer = webhook_sink(lambda r: httpx.Response(200), topics=(RETRIES,))
+    value = completion(0, "https://hooks.example/ok")
+    retry.add(retry_record(3, value, [("aipipe.webhook.attempts", b"one")]))
+    retry.flush()
+    retry.webhooks.close()
+    [(topic, sent, headers)] = producer.sent
+    assert (topic, sent, headers["aipipe.dlq.topic"]) == ("dlq", value, RETRIES)
+    assert headers["aipipe.dlq.reason"] == (
+        "Headers 'aipipe.webhook.attempts' and 'aipipe.webhook.due_ms' must be whole numbers on "
+        "a webhook retry record; re-send the event to its own topic instead.")
+    assert consumer.commits == [[(RETRIES, 0, 4)]]
 
 
 def test_a_bug_while_delivering_ends_the_sink_instead_of_dead_lettering() -> None:
