@@ -296,6 +296,10 @@ class Settings(BaseSettings):
     worker_exit_grace_seconds: float = Field(
         20.0, gt=0, description="After a worker thread died: time for a clean stop before exit 70."
     )
+    parent_pid: int = Field(
+        0, ge=0, description="Stop (as on SIGTERM) when this process, the one that started the "
+        "worker, ends (Linux); 0: never. Set by the demo, tests and benchmarks for theirs."
+    )
     # -- webhooks (consumers/webhooks) --
     webhook_allowed_urls: str = Field(
         default="", description="URL prefixes a request's callback_url may start with, "

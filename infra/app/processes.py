@@ -23,8 +23,11 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, **overrides: str) -> WorkerProcess:
+        """Start the worker; it stops when this process (or the thread that called this)
+        ends, even when killed at once (``AIPIPE_PARENT_PID``)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIPIPE_")}
         env.update(self.settings.to_env())
+        env["AIPIPE_PARENT_PID"] = str(os.getpid())
         env.update({f"AIPIPE_{k.upper()}": v for k, v in overrides.items()})
         env["AIPIPE_ENV"] = "production"  # JSON lines in the log file
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

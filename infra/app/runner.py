@@ -7,6 +7,8 @@ when the role is chosen. Both roles create the pipeline's topics first.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import threading
 from typing import Literal
@@ -67,12 +69,30 @@ def prepare_topics(settings: Settings) -> int:
     return replicas
 
 
+def end_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` ends (``prctl``'s
+    ``PR_SET_PDEATHSIG``), so that a worker started by a script killed at once (SIGKILL,
+    a timeout) stops instead of running on; and stop now if it has already ended. The
+    signal comes when the thread that started this process ends: start it from the main
+    thread."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("parent_death_signal_unavailable", error=os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != parent:  # it ended before the line above
+        log.warning("worker_parent_gone", parent_pid=parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(settings: Settings, role: Role = "all") -> None:
     """Run ``role`` until SIGTERM/SIGINT; exit 70 when a supervised thread died.
 
     A process that owns ClickHouse ends with ``end_process(0)`` once everything is
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
+    if settings.parent_pid:
+        end_with_parent(settings.parent_pid)
     if settings.tracing:  # OTEL_* (README, Tracing): spans exported by a helper process
         from aipipe.span_helper import hand_off  # deferred: OpenTelemetry only when on
 
