@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import statistics
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -130,7 +131,8 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
             spans[side].append(counter.spans - before)
         say(f"    {side:<11} end to end {rates['end_to_end']:>8,.0f} /s, worker CPU "
             f"{rates['cpu_ms_per_operation']:.2f} ms per operation")
-        return Sample(rates["end_to_end"], 0.0)
+        # per CPU-second of the worker and its span export helper
+        return Sample(rates["end_to_end"], 1000 / rates["cpu_ms_per_operation"])
 
     with counter.server:
         samples = best_of(rounds, {
@@ -145,12 +147,24 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
         raise AssertionError(f"tracing was not on: spans received per round {spans} for "
                              f"{count:,} requests")
     say(f"    spans received per traced round: {spans}")
+    # each round's sides ran minutes apart, not hours: their ratio cancels the machine's
+    # slow drifts, and the median of them is steadier than the best rounds' ratio
+    paired = {side: [round(on.per_second / off.per_second, 3)
+                     for on, off in zip(samples[side], samples["off"], strict=True)]
+              for side in ("on", "on, sampled")}
+    for side, ratios in paired.items():
+        say(f"    {side:<11} vs off, round by round: {', '.join(f'{r:.2f}x' for r in ratios)}"
+            f" (median {statistics.median(ratios):.2f}x)")
     method = (f"{count:,} requests produced before one `aipipe run all` worker starts (the "
               "burst's run: every request admitted, 0 ms provider, chDB, exact rows "
               "checked); on: OTEL_TRACES_EXPORTER=otlp to an OTLP/HTTP receiver in the bench "
               "process and /metrics served; off: no exporter, AIPIPE_METRICS_PORT=0; same "
               "run, rotating order, best round of each")
     notes = {"count": count, "sampler_ratio": ratio, "spans_per_traced_round": spans,
+             **{f"round_ratios_{side.replace(', ', '_')}": ratios
+                for side, ratios in paired.items()},
+             **{f"median_round_ratio_{side.replace(', ', '_')}": statistics.median(ratios)
+                for side, ratios in paired.items()},
              **{f"worker_cpu_ms_per_operation_{side.replace(', ', '_')}":
                 [round(c, 2) for c in values] for side, values in cpu.items()}}
     return [
