@@ -437,7 +437,7 @@ class _Rejected(Exception):
         self.failure = failure
 
 
-class _Abandoned(Exception):
+class BatchAbandoned(Exception):
     """The batch is given up without a commit: its messages come again to whoever owns them."""
 
 
@@ -669,7 +669,7 @@ class BatchingSink(Generic[Row]):
             with_rows = [entry for entry in batch.entries if entry.rows]
             if with_rows:
                 self._write_isolating(with_rows, batch.dedup_token(), can_poll)
-        except _Abandoned as exc:
+        except BatchAbandoned as exc:
             self.held.clear()  # not committed: these come again from the committed offsets
             log.warning("sink_batch_abandoned", stage=self.stage, reason=str(exc),
                         messages=len(batch), token=batch.dedup_token())
@@ -755,7 +755,7 @@ class BatchingSink(Generic[Row]):
                 if attempt == 1:
                     self.report(exc)
                 if not can_poll:
-                    raise _Abandoned("a write failed while the partitions were being revoked"
+                    raise BatchAbandoned("a write failed while the partitions were being revoked"
                                      ) from exc
                 self._wait_polling(delay)
 
@@ -774,12 +774,12 @@ class BatchingSink(Generic[Row]):
             while (left := deadline - self.clock()) > 0:
                 HEALTH.beat(self.part)  # waiting out the store is progress of a kind
                 if self.stop.is_set():
-                    raise _Abandoned("the sink is stopping")
+                    raise BatchAbandoned("the sink is stopping")
                 # paused partitions return nothing; anything else waits for the next batch
                 self.held.extend(self.consumer.consume(num_messages=self.max_rows,
                                                        timeout=min(left, 0.5)))
                 if self._revoked:
-                    raise _Abandoned("its partitions were revoked during the retries")
+                    raise BatchAbandoned("its partitions were revoked during the retries")
         finally:
             with suppress(KafkaException):
                 self.consumer.resume(self.consumer.assignment())

@@ -35,7 +35,7 @@ import httpx2 as httpx
 import structlog
 from confluent_kafka import Message
 
-from aipipe.consumers.sink import BatchingSink, Entry, coordinates
+from aipipe.consumers.sink import BatchAbandoned, BatchingSink, Entry, coordinates
 from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
 from aipipe.infra.metrics import WEBHOOK_DELIVERIES
 from aipipe.producers.webhooks import callback_allowed
@@ -168,6 +168,7 @@ class WebhookProjection:
         self.clock = clock
         self.dead_letter: Callable[[Message, str, str], None] = _no_dead_letters
         self.retry_later: Callable[[Delivery, int, float], None] = _no_retries
+        self.stopping: Callable[[], bool] = lambda: False  # the sink's stop event, when run
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(transport=transport, follow_redirects=False,
                                         timeout=policy.timeout_seconds)
@@ -200,9 +201,13 @@ class WebhookProjection:
 
     def write(self, rows: Sequence[Delivery], dedup_token: str) -> None:
         """Make the next attempt of every delivery of ``rows`` at once; return when each is
-        delivered, handed to the retry topic or dead-lettered."""
+        delivered, handed to the retry topic or dead-lettered. Raises ``BatchAbandoned`` (no
+        commit: the batch comes again after a restart) when the sink began to stop while
+        some retries were not yet due."""
         outcomes = self.loop.run_until_complete(self._deliver_all(rows))
         for delivery, outcome in zip(rows, outcomes, strict=True):
+            if outcome is None:
+                continue
             log.info("webhook_delivery", event_id=delivery.event_id,
                      request_id=delivery.request_id, client_id=delivery.client_id,
                      url=shown_url(delivery.url), delivered=outcome.delivered,
@@ -216,16 +221,23 @@ class WebhookProjection:
             else:
                 WEBHOOK_DELIVERIES.labels("dead_lettered").inc()
                 self.dead_letter(delivery.message, outcome.reason, WebhookDeliveryError.__name__)
+        waiting = sum(1 for outcome in outcomes if outcome is None)
+        if waiting:
+            raise BatchAbandoned(f"the sink is stopping: {waiting} retries not yet due are "
+                                 "left to the next start")
 
-    async def _deliver_all(self, rows: Sequence[Delivery]) -> list[Outcome]:
+    async def _deliver_all(self, rows: Sequence[Delivery]) -> list[Outcome | None]:
         return list(await asyncio.gather(*(self._attempt(d) for d in rows)))
 
-    async def _attempt(self, d: Delivery) -> Outcome:
+    async def _attempt(self, d: Delivery) -> Outcome | None:
         """Wait until ``d`` is due (at most the backoff cap: a retry written by a host whose
-        clock runs ahead is not held longer), then make its next attempt."""
-        wait = min(d.due - self.clock(), self.policy.cap_seconds)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        clock runs ahead is not held longer), then make its next attempt; None when the
+        sink began to stop first."""
+        end = time.monotonic() + min(d.due - self.clock(), self.policy.cap_seconds)
+        while (left := end - time.monotonic()) > 0:
+            if self.stopping():
+                return None
+            await asyncio.sleep(min(left, 0.5))
         attempt = min(d.attempts + 1, self.policy.max_attempts)
         return await deliver(self.client, d.url, d.event_id, d.body, self.secret, self.policy,
                              self.clock, first=attempt, last=attempt)
@@ -269,6 +281,7 @@ class WebhookSink(BatchingSink[Delivery]):
         self.webhooks.write([row for entry in entries for row in entry.rows], token)
 
     def run(self, stop: Any) -> None:
+        self.webhooks.stopping = stop.is_set
         try:
             super().run(stop)
         finally:

@@ -371,6 +371,29 @@ def test_a_retry_is_made_when_it_is_due_and_a_delivered_one_sends_nothing() -> N
     assert producer.sent == [] and consumer.commits == [[(RETRIES, 0, 1)]]
 
 
+def test_a_stopping_sink_leaves_retries_not_yet_due_uncommitted_for_the_next_start() -> None:
+    import time
+
+    seen: list[str] = []
+    retry, consumer, producer = webhook_sink(
+        lambda request: seen.append(request.url.path) or httpx.Response(204), topics=(RETRIES,),
+        policy=RetryPolicy(max_attempts=3, base_seconds=30.0, cap_seconds=30.0))
+    retry.webhooks.stopping = lambda: True
+    due_ms = str(round((NOW + 30) * 1000)).encode()
+    retry.add(retry_record(0, completion(0, "https://hooks.example/later"), [
+        ("aipipe.webhook.attempts", b"1"), ("aipipe.webhook.due_ms", due_ms),
+        ("aipipe.webhook.origin", b"done:0:0")]))
+    retry.add(retry_record(1, completion(1, "https://hooks.example/now"), [
+        ("aipipe.webhook.attempts", b"1"), ("aipipe.webhook.due_ms", b"0"),
+        ("aipipe.webhook.origin", b"done:0:1")]))
+    started = time.monotonic()
+    retry.flush()
+    retry.webhooks.close()
+    assert time.monotonic() - started < 10  # not the 30 s until the first was due
+    assert seen == ["/now"]  # the one already due was tried
+    assert producer.sent == [] and consumer.commits == []
+
+
 def test_a_retry_record_without_its_state_is_dead_lettered_with_the_headers_named() -> None:
     retry, consumer, producer = webhook_sink(lambda r: httpx.Response(200), topics=(RETRIES,))
     value = completion(0, "https://hooks.example/ok")
