@@ -96,14 +96,17 @@ async def remember(table: Any, event: Any, key: str, value: Any) -> Awaitable[An
     faust sends a table write's changelog record through its producer buffer, one
     message at a time for every table of the worker; with hundreds of operations in
     flight, the generation stage waited there for seconds per operation. This hands the
-    record straight to the producer. The returned future resolves when the broker has
-    the record; faust flushes the producer before it commits an offset, so a write whose
-    future is not awaited is as durable as faust's own.
+    record straight to the producer (as ``emit`` does), serialized as faust would. The
+    returned future resolves when the broker has the record; faust flushes the producer
+    before it commits an offset, so a write whose future is not awaited is as durable as
+    faust's own.
     """
     table.data[key] = value
-    return await table.changelog_topic.send(  # type: ignore[no-any-return]
-        key=key, value=value, partition=event.message.partition,
-        key_serializer=table.key_serializer, value_serializer=table.value_serializer)
+    changelog = table.changelog_topic  # serialized as faust's own Topic.send would
+    wire_key, _ = changelog.prepare_key(key, table.key_serializer)
+    wire_value, _ = changelog.prepare_value(value, table.value_serializer)
+    return await table.app.producer.send(  # type: ignore[no-any-return]
+        changelog.get_topic_name(), wire_key, wire_value, event.message.partition, None, None)
 
 
 def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
@@ -158,9 +161,15 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
 
     async def emit(topic: Any, event: Event, stage: str, span: Any = None) -> Awaitable[Any]:
         """Send ``event`` (with the trace context of ``span``, or the current span's); the
-        returned future resolves when the broker has it."""
+        returned future resolves when the broker has it.
+
+        The record goes straight to faust's producer (the one whose flush precedes every
+        commit), not through ``Topic.send``: that wraps each record in a pending message
+        and a future with sensor calls and a callback, about 7 % of a busy streams
+        worker's time."""
         key, value = event.client_id.encode(), encode(event)
-        sent = await topic.send(key=key, value=value, headers=headers_for(event, span))
+        sent = await app.producer.send(topic.get_topic_name(), key, value, None, None,
+                                       headers_for(event, span))
         metrics.EVENTS_PRODUCED.labels(stage, getattr(event, "event_type", "")).inc()
         return sent  # type: ignore[no-any-return]
 
