@@ -169,9 +169,9 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         worker's time."""
         key, value = event.client_id.encode(), encode(event)
         sent = await app.producer.send(topic.get_topic_name(), key, value, None, None,
-                                       headers_for(event, span))
+                                       headers_for(event, span))  # type: ignore[arg-type]
         metrics.EVENTS_PRODUCED.labels(stage, getattr(event, "event_type", "")).inc()
-        return sent  # type: ignore[no-any-return]
+        return sent
 
     async def dead_letter(message: Any, stage: str, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)
