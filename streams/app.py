@@ -102,7 +102,7 @@ async def remember(table: Any, event: Any, key: str, value: Any) -> Awaitable[An
     faust's own.
     """
     table.data[key] = value
-    changelog = table.changelog_topic  # serialized as faust's own Topic.send would
+    changelog = table.changelog_topic
     wire_key, _ = changelog.prepare_key(key, table.key_serializer)
     wire_value, _ = changelog.prepare_value(value, table.value_serializer)
     return await table.app.producer.send(  # type: ignore[no-any-return]

@@ -7,9 +7,11 @@ pool), then settle each: delivered; retried later; or, after its last try (or an
 retry cannot change), dead-lettered (stage ``webhooks``, with the reason).
 
 A delivery to retry goes to the retry topic (``Topics.webhook_retries``), the event's bytes
-and headers as they were, with two headers of its own: the attempts made so far
-(``aipipe.webhook.attempts``) and when the next is due (``aipipe.webhook.due_ms``, unix
-milliseconds: now plus the policy's backoff, or the receiver's ``Retry-After``). A second
+and headers as they were, with three headers of its own: the attempts made so far
+(``aipipe.webhook.attempts``), when the next is due (``aipipe.webhook.due_ms``, unix
+milliseconds: now plus the policy's backoff, or the receiver's ``Retry-After``), and the
+event's own topic, partition and offset (``aipipe.webhook.origin``, which its dead letter
+names). A second
 consumer of the same kind (``webhooks-retry``) reads that topic, waits until each is due
 (never longer than the backoff cap), and makes the next attempt. Only then does a sink
 commit its batch's offsets, after the retries and dead letters it produced are
@@ -78,16 +80,16 @@ def _no_retries(delivery: Delivery, attempts: int, due: float) -> None:
     raise RuntimeError("the webhook projection is not attached to a sink")
 
 
-def retry_state(headers: Any) -> tuple[int, float]:
+def retry_state(message: Message) -> tuple[int, float]:
     """The attempts made and the next one's due time (unix seconds) a retry record carries.
 
     Raises ``EventDecodeError`` (the message is dead-lettered) when either is missing or
     not a whole number: only this consumer writes the retry topic.
     """
-    found = dict(headers or [])
+    found = dict(_pairs(message))
     try:
-        attempts = int(found[ATTEMPTS_HEADER])
-        due_ms = int(found[DUE_HEADER])
+        attempts = int(_text(found[ATTEMPTS_HEADER]))
+        due_ms = int(_text(found[DUE_HEADER]))
     except (KeyError, TypeError, ValueError) as exc:
         raise EventDecodeError(
             f"Headers '{ATTEMPTS_HEADER}' and '{DUE_HEADER}' must be whole numbers on a "
@@ -180,7 +182,7 @@ class WebhookProjection:
         (they read these topics too): here it is skipped with a warning, not sent twice.
         """
         topic, partition, offset = coordinates(message)
-        attempts, due = retry_state(message.headers()) if topic == self.retry_topic else (0, 0.0)
+        attempts, due = retry_state(message) if topic == self.retry_topic else (0, 0.0)
         try:
             event = decode(message.value())
         except EventDecodeError as exc:
