@@ -20,10 +20,11 @@ in the headers it consumed, and the events it emits carry that span's context on
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -37,6 +38,10 @@ _tracer: Tracer | None = None
 # input's context on instead of building a span the sampler would drop
 _follows_parent = False
 _propagator: Any = None  # the W3C propagator, built on first use
+_api: Any = None  # ``opentelemetry.trace``, imported on first use
+_Passed: Any = None  # the span class of an unsampled parent passed on (``_unsampled``)
+# a version-00 traceparent, read without the propagator when its parent was not sampled
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 _NOTHING: AbstractContextManager[None] = nullcontext()
 
@@ -54,6 +59,25 @@ def enable(follows_parent: bool = False) -> None:
     _tracer = trace.get_tracer("aipipe")
     _follows_parent = follows_parent
     enabled = True
+
+
+def _trace() -> Any:
+    """``opentelemetry.trace`` (imported once: an import statement per call costs more than
+    the call in the per-message paths below)."""
+    global _api, _Passed
+    if _api is None:
+        from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+
+        class Passed(trace.NonRecordingSpan):
+            """A remote parent that was not sampled, passed on as it came: its
+            ``traceparent`` and hex ids kept as read, for the hop's headers and log lines."""
+
+            def __init__(self, context: Any, traceparent: str, ids: tuple[str, str]) -> None:
+                super().__init__(context)
+                self.traceparent, self.ids = traceparent, ids
+
+        _api, _Passed = trace, Passed
+    return _api
 
 
 def disable() -> None:
@@ -98,9 +122,11 @@ def attributes(source: Any) -> dict[str, Any]:
 def inject(headers: list[Any], as_bytes: bool = True, span: Span | None = None) -> None:
     """Append the W3C headers of ``span`` (or the current span) to ``headers``."""
     if span is None:
-        from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
-
-        span = trace.get_current_span()
+        span = _trace().get_current_span()
+    if type(span) is _Passed:
+        passed: str = cast(Any, span).traceparent
+        headers.append((TRACEPARENT, passed.encode() if as_bytes else passed))
+        return
     sc = span.get_span_context()
     if not sc.is_valid:
         return
@@ -123,10 +149,12 @@ def carried(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> di
 
 def parent_of(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> Context | None:
     """The context in a message's trace headers (None: a new trace starts)."""
-    global _propagator
     found = carried(headers)
-    if not found:
-        return None
+    return _extracted(found) if found else None
+
+
+def _extracted(found: dict[str, str]) -> Context:
+    global _propagator
     if _propagator is None:
         from opentelemetry.trace.propagation.tracecontext import (  # deferred: tracing on only
             TraceContextTextMapPropagator,
@@ -138,9 +166,8 @@ def parent_of(headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> 
 
 
 def consumer_kind() -> SpanKind:
-    from opentelemetry.trace import SpanKind  # deferred: OpenTelemetry only when tracing is on
-
-    return SpanKind.CONSUMER
+    kind: SpanKind = _trace().SpanKind.CONSUMER
+    return kind
 
 
 def start_consumer(name: str, headers: Any, source: Any, **extra: Any) -> Span:
@@ -149,31 +176,54 @@ def start_consumer(name: str, headers: Any, source: Any, **extra: Any) -> Span:
     When that span was not sampled and the sampler follows the parent, it is the parent's
     own (non-recording) span: nothing is recorded either way, and the context the stage
     passes on is the one it received, at the cost of parsing a header."""
-    parent = parent_of(headers)
+    found = carried(headers)
+    if found and _follows_parent:
+        passed = _unsampled(found)
+        if passed is not None:
+            return passed
+    parent = _extracted(found) if found else None
     if parent is not None and _follows_parent:
-        from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
+        remote: Span = _trace().get_current_span(parent)
+        context = remote.get_span_context()
+        # (a traceparent the propagator refused is no parent: a new trace starts)
+        if context.is_valid and not context.trace_flags.sampled:
+            return remote
+    span = tracer().start_span(name, context=parent, kind=consumer_kind())
+    # the attributes only for a span the sampler kept (the standard samplers decide by the
+    # trace id and the parent, not by attributes)
+    if span.is_recording():
+        span.set_attributes({**attributes(source), **extra})
+    return span
 
-        span = trace.get_current_span(parent)
-        if not span.get_span_context().trace_flags.sampled:
-            return span
-    return tracer().start_span(name, context=parent, kind=consumer_kind(),
-                               attributes={**attributes(source), **extra})
+
+def _unsampled(found: dict[str, str]) -> Span | None:
+    """The parent's own span when ``found`` is a version-00 ``traceparent`` whose span was not
+    sampled, without a ``tracestate``: what the W3C propagator would give, read without it.
+    None for every other case, which the propagator reads."""
+    match = _TRACEPARENT_00.fullmatch(found.get(TRACEPARENT, ""))
+    if match is None or TRACESTATE in found:
+        return None
+    trace_hex, span_hex, flags_hex = match.groups()
+    flags, trace_id, span_id = int(flags_hex, 16), int(trace_hex, 16), int(span_hex, 16)
+    if flags & 1 or not trace_id or not span_id:
+        return None
+    api = _trace()
+    span: Span = _Passed(api.SpanContext(trace_id, span_id, is_remote=True,
+                                         trace_flags=api.TraceFlags(flags)),
+                         found[TRACEPARENT], (trace_hex, span_hex))
+    return span
 
 
 def recording() -> bool:
     """Whether a child of the current span may be recorded (False: the sampler would drop
     it, so a stage skips building it)."""
-    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
-
-    sc = trace.get_current_span().get_span_context()
+    sc = _trace().get_current_span().get_span_context()
     return not _follows_parent or not sc.is_valid or bool(sc.trace_flags.sampled)
 
 
 @contextmanager
 def _within(span: Span, end: bool) -> Iterator[None]:
-    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
-
-    with trace.use_span(span, end_on_exit=end):
+    with _trace().use_span(span, end_on_exit=end):
         yield
 
 
@@ -185,16 +235,16 @@ def within(span: Span | None, end: bool = False) -> AbstractContextManager[None]
 
 def note(source: Any) -> None:
     """Add the attributes of ``source`` (a completion: model, cost) to the current span."""
-    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
-
-    trace.get_current_span().set_attributes(attributes(source))
+    _trace().get_current_span().set_attributes(attributes(source))
 
 
 def current_ids() -> tuple[str, str] | None:
     """The current span's trace and span id in hex, for log lines; None with no span."""
-    from opentelemetry import trace  # deferred: OpenTelemetry only when tracing is on
-
-    sc = trace.get_current_span().get_span_context()
+    span = _trace().get_current_span()
+    if type(span) is _Passed:
+        ids: tuple[str, str] = span.ids
+        return ids
+    sc = span.get_span_context()
     if not sc.is_valid:
         return None
     return f"{sc.trace_id:032x}", f"{sc.span_id:016x}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -187,6 +188,38 @@ def test_an_unsampled_input_passes_its_context_on_and_records_nothing(
         with stage_spans.provider_call("gemini", "gemini-2.5-flash-image", 1) as call:
             assert call is None  # no span built for the sampler to drop
     assert parent_based.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("traceparent", [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02",  # another flag, unsampled
+    "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-00",  # upper case: invalid
+    "00-00000000000000000000000000000000-b7ad6b7169203331-00",  # zero trace id: invalid
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-00",  # zero span id: invalid
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-extra",  # version 00: invalid
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-extra",  # a later version
+    " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+])
+def test_an_unsampled_parent_read_without_the_propagator_is_what_it_would_read(
+    parent_based: InMemorySpanExporter, traceparent: str,
+) -> None:
+    headers = [("traceparent", traceparent.encode())]
+    stage = tracing.start_consumer("generation", headers, request())
+    from_propagator = trace.get_current_span(tracing.parent_of(headers))
+    expected = from_propagator.get_span_context()
+    if expected.is_valid:  # the propagator's parent, passed on as it is, nothing recorded
+        assert not stage.is_recording()
+        assert stage.get_span_context() == expected
+        assert headers_for(request(), stage)[2:] == [
+            ("traceparent", f"00-{expected.trace_id:032x}-{expected.span_id:016x}-"
+                            f"{int(expected.trace_flags):02x}".encode())]
+        with tracing.within(stage):
+            assert add_trace_ids(None, "info", {}) == {
+                "trace_id": f"{expected.trace_id:032x}", "span_id": f"{expected.span_id:016x}"}
+    else:  # not a parent: a new trace, recorded
+        assert stage.is_recording()
+        assert stage.get_span_context().trace_id != expected.trace_id
+        stage.end()
 
 
 def test_a_sampled_input_gets_a_recorded_child_and_its_calls_too(
