@@ -529,6 +529,13 @@ def encode(event: Event) -> bytes:
 
 def decode(data: bytes | None) -> AnyEvent:
     """Parse and validate one event; raise ``EventDecodeError`` with one clear sentence."""
+    raw, shallow = parse(data)
+    return decode_obj(raw, depth_checked=shallow)
+
+
+def parse(data: bytes | None) -> tuple[Any, bool]:
+    """The JSON value of a message, and whether it is known to nest at most ``MAX_DEPTH``
+    deep (``decode_obj``'s ``depth_checked``); raise ``EventDecodeError`` as ``decode``."""
     if data is None:
         raise EventDecodeError("The message has no value; send a JSON event object.")
     if len(data) > MAX_EVENT_BYTES:
@@ -544,8 +551,7 @@ def decode(data: bytes | None) -> AnyEvent:
         ) from None
     # each level of nesting opens a bracket, so a message with at most MAX_DEPTH of them
     # (counted at C speed; those inside strings only overcount) cannot nest deeper
-    shallow = data.count(b"{") + data.count(b"[") <= MAX_DEPTH
-    return decode_obj(raw, depth_checked=shallow)
+    return raw, data.count(b"{") + data.count(b"[") <= MAX_DEPTH
 
 
 def decode_obj(raw: object, depth_checked: bool = False) -> AnyEvent:

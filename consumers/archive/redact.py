@@ -46,12 +46,20 @@ def _redact(node: Any) -> Any:
 
 def archive_payload(value: bytes | None, keep_prompts: bool = False) -> str:
     """The payload column for one message: the message, prompts hashed unless kept."""
-    raw = (value or b"").decode("utf-8", "replace")
     if keep_prompts:
-        return raw
+        return (value or b"").decode("utf-8", "replace")
     try:
         data = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
+        return (value or b"").decode("utf-8", "replace")
+    return parsed_payload(value or b"", data)
+
+
+def parsed_payload(value: bytes, data: Any, keep_prompts: bool = False) -> str:
+    """``archive_payload`` of a message whose JSON value (``data``) is already parsed."""
+    raw = value.decode("utf-8", "replace")
+    # no "params" key can be in a message whose text has neither the word nor a \u escape
+    if keep_prompts or (b"params" not in value and b"\\u" not in value):
         return raw
     redacted = _redact(data)
     return raw if redacted == data else orjson.dumps(redacted).decode()

@@ -13,13 +13,13 @@ import structlog
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Message
 
-from aipipe.consumers.archive.redact import archive_payload
+from aipipe.consumers.archive.redact import archive_payload, parsed_payload
 from aipipe.consumers.costs.rows import to_millis
 from aipipe.consumers.costs.store import StoreError, database_name
 from aipipe.consumers.sink import BatchingSink, coordinates
 from aipipe.schemas.deadletter import REASON, read_headers
 from aipipe.schemas.errors import EventDecodeError
-from aipipe.schemas.events import decode
+from aipipe.schemas.events import decode_obj, parse
 
 log = structlog.get_logger("aipipe.archive")
 TABLE = "events_archive"
@@ -51,19 +51,22 @@ def archive_row(value: bytes | None, headers: Any, topic: str, partition: int, o
                 timestamp_ms: int, deadletter_topic: str, keep_prompts: bool = False) -> ArchiveRow:
     """The row for one message: the event's envelope when it decodes, its coordinates if not."""
     at = datetime.fromtimestamp(max(timestamp_ms, 0) / 1000, UTC)
-    raw = archive_payload(value, keep_prompts)
     coordinates_id = f"{topic}:{partition}:{offset}"
     if topic == deadletter_topic:
         reason = read_headers(headers).get(REASON, "")
         return ArchiveRow(coordinates_id, "deadletter", _field(value, "client_id"),
-                          _field(value, "request_id"), "", to_millis(at), raw, reason, topic,
-                          partition, offset, to_millis(at))
-    try:
-        event = decode(value)
+                          _field(value, "request_id"), "", to_millis(at),
+                          archive_payload(value, keep_prompts), reason, topic, partition,
+                          offset, to_millis(at))
+    try:  # parsed once, for the payload and the event
+        data, shallow = parse(value)
+        raw = parsed_payload(value or b"", data, keep_prompts)
+        event = decode_obj(data, depth_checked=shallow)
     except EventDecodeError as exc:
         return ArchiveRow(coordinates_id, "invalid", _field(value, "client_id"),
-                          _field(value, "request_id"), "", to_millis(at), raw, exc.reason,
-                          topic, partition, offset, to_millis(at))
+                          _field(value, "request_id"), "", to_millis(at),
+                          archive_payload(value, keep_prompts), exc.reason, topic, partition,
+                          offset, to_millis(at))
     return ArchiveRow(
         event.event_id, event.event_type, event.client_id, event.request_id,
         str(getattr(event, "operation_id", "") or (

@@ -47,3 +47,16 @@ def test_invalid_and_dead_lettered_payloads_are_redacted_too() -> None:
         row = archive_row(bad, [], topic, 0, 1, 0, "p.deadletter")
         assert PROMPT not in row.payload
     assert archive_payload(b"not json at all") == "not json at all"
+
+
+def test_a_params_key_spelled_with_escapes_is_redacted_too() -> None:
+    # the archive skips the walk for messages that cannot hold a "params" key; one spelled
+    # with \u escapes still names it once parsed
+    raw = encode(requested()).replace(b'"params"', b'"par\\u0061ms"')
+    assert b'"params"' not in raw
+    row = archive_row(raw, None, "p.operations.requested", 0, 1, 0, "p.deadletter")
+    assert PROMPT not in row.payload and row.event_type == "operation.requested"
+    nested = json.dumps({"metadata": {"inner": {"params": {"prompt": PROMPT}}}}).encode()
+    assert PROMPT not in archive_payload(nested)
+    plain = json.dumps({"event_type": "operation.completed", "usage": {"images": 1}}).encode()
+    assert archive_payload(plain) == plain.decode()
