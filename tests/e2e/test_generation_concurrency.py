@@ -6,7 +6,9 @@ One real ``aipipe run streams`` worker and the simulated provider at a fixed lat
   N·L a one-at-a-time agent takes (the deadline is a quarter of the serial time, wide
   headroom on a busy machine; the figure itself is a benchmark's business);
 * an operation that takes 60 s holds back nothing: requests sent after it, from other
-  clients and the same one, complete while it is still running.
+  clients and the same one, complete while it is still running;
+* a backlog of requests holds back no generation: the first completion comes while most
+  requests still wait for their decision.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested
-from tests.support.ledger import Ledger, produce_backlog
+from tests.support.ledger import Ledger, produce_backlog, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -94,3 +96,39 @@ def test_a_slow_operation_holds_back_nothing(settings: Settings) -> None:
     finally:
         ledger.close()
         worker.stop()
+
+
+def test_a_backlog_of_requests_does_not_hold_back_generation(settings: Settings) -> None:
+    """Admission and generation take turns at a backlog: the first completions come while
+    most requests still wait for their decision (``streams.consumer.TakingTurnsThread``;
+    before, each requests partition's whole fetch went first, and generation began once
+    admission had nearly drained the backlog)."""
+    count = 8000
+    settings = concurrent(settings, 500).model_copy(update={"partitions": 4})
+    prepare_topics(settings)
+    requests = [OperationRequested(
+        request_id=f"b{i}", client_id=f"client-{i % 20}", operation_type="image_generation",
+        provider="simulated", model="gemini-2.5-flash-image", params={"prompt": "p"})
+        for i in range(count)]
+    produce_backlog(settings, requests)
+    worker = WorkerProcess(settings, "streams").start()
+    ledger = Ledger(settings)
+    try:
+        def all_done() -> bool:
+            ledger.poll()
+            assert worker.alive(), worker.log_tail()
+            return ledger.completed() == count
+
+        wait_for(all_done, 600, f"{count} completions")
+        assert ledger.problems(r.event_id for r in requests) == []
+    finally:
+        ledger.close()
+        worker.stop()
+    # the worker's own clock stamps both topics' records (their create time)
+    decided = sorted(m.timestamp()[1] for m in read_topic(settings, settings.topics.admitted))
+    first_completion = min(m.timestamp()[1]
+                           for m in read_topic(settings, settings.topics.completed))
+    assert len(decided) == count
+    before = sum(1 for stamp in decided if stamp < first_completion)
+    print(f"decisions before the first completion: {before} of {count}")
+    assert before < count // 2, f"{before} of {count} requests were decided first"

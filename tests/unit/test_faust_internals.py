@@ -1,6 +1,7 @@
 """The faust internals the streams rely on are still there, or an upgrade fails loudly here.
 
-``streams/consumer.py`` overrides parts of faust's consumer and ``streams/intake.py``
+``streams/consumer.py`` overrides parts of faust's consumer (and reorders the records
+aiokafka's fetcher holds) and ``streams/intake.py``
 sets faust's task-local current event (the private ``faust.streams._current_event``);
 pyproject pins faust-streaming below 0.16 and the lock to one release of that line
 (tests/unit/test_packaging.py). Moving either pin without re-checking fails here.
@@ -60,3 +61,20 @@ def test_the_overridden_and_used_internals_exist() -> None:
         assert f"self.{state} =" in source, state
     assert issubclass(SafeSeekConsumer, driver.Consumer)
     assert hasattr(faust.streams.Stream, "noack")
+
+
+def test_the_fetch_the_turns_reorder_is_still_aiokafka_s() -> None:
+    """``TakingTurnsThread`` wraps faust's ``_fetch_records`` and reorders aiokafka's
+    ``Fetcher._records`` (an ordered dict of each partition's fetched records)."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from aipipe.streams.consumer import TakingTurnsThread
+
+    assert issubclass(TakingTurnsThread, driver.AIOKafkaConsumerThread)
+    assert "_new_consumer_thread" in vars(SafeSeekConsumer)
+    wrapped = inspect.signature(driver.AIOKafkaConsumerThread._fetch_records).parameters
+    assert list(wrapped) == ["self", "consumer", "active_partitions", "timeout", "max_records"]
+    assert "fetcher.fetched_records(" in inspect.getsource(
+        driver.AIOKafkaConsumerThread._fetch_records)
+    assert "self._records = collections.OrderedDict()" in inspect.getsource(Fetcher.__init__)
+    assert "for tp in list(self._records.keys())" in inspect.getsource(Fetcher.fetched_records)
