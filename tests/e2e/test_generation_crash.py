@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
@@ -23,6 +24,19 @@ from tests.support.ledger import Ledger, produce_backlog, read_topic
 pytestmark = pytest.mark.e2e
 
 N, CLIENTS = 60, 6
+
+
+def started_marks(settings: Settings) -> int:
+    """Records in the ``started-operations`` changelog: attempts whose start is durable."""
+    topic = f"{settings.topic_prefix}-streams-started-operations-changelog"
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-marks"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in partitions)
+    finally:
+        consumer.close()
 
 
 def read_all(settings: Settings, topic: str) -> list[dict[str, object]]:
@@ -57,6 +71,13 @@ def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_
             return ledger.decided() == N
 
         wait_for(all_admitted, 120, "every request admitted")
+
+        def calls_running() -> bool:  # an attempt recorded and not completed: in a call
+            ledger.poll()
+            return started_marks(settings) > ledger.completed()
+
+        # (the decisions can all be out before generation has fetched any of them)
+        wait_for(calls_running, 60, "provider calls running")
         assert ledger.completed() < N  # the calls are still running
         worker.kill()
         in_flight = N - ledger.completed()
