@@ -46,13 +46,14 @@ def _redact(node: Any) -> Any:
 
 def archive_payload(value: bytes | None, keep_prompts: bool = False) -> str:
     """The payload column for one message: the message, prompts hashed unless kept."""
+    text = value or b""
     if keep_prompts:
-        return (value or b"").decode("utf-8", "replace")
+        return text.decode("utf-8", "replace")
     try:
-        data = orjson.loads(value or b"")
+        data = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return (value or b"").decode("utf-8", "replace")
-    return parsed_payload(value or b"", data)
+        return text.decode("utf-8", "replace")
+    return parsed_payload(text, data)
 
 
 def parsed_payload(value: bytes, data: Any, keep_prompts: bool = False) -> str:

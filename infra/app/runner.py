@@ -33,6 +33,12 @@ DEDUP_TABLES = ("seen-requests", "done-operations", "started-operations")
 TABLES = (*DEDUP_TABLES, "pending-videos")
 
 
+def changelog_topic(settings: Settings, table: str) -> str:
+    """The changelog faust keeps for the streams' table ``table`` (the group's name, then
+    the table's)."""
+    return f"{settings.topic_prefix}-streams-{table}-changelog"
+
+
 def prepare_topics(settings: Settings) -> int:
     """Create the pipeline's topics and the streams' changelogs; return their replication
     factor (``replication_factor_for``: three on a cluster of three or more brokers)."""
@@ -50,7 +56,7 @@ def prepare_topics(settings: Settings) -> int:
     # created here too, not only by faust at start: a table written before the broker's
     # metadata knows its changelog raises PartitionsMismatch, and the worker goes down
     def changelogs(*tables: str) -> list[str]:
-        return [f"{settings.topic_prefix}-streams-{table}-changelog" for table in tables]
+        return [changelog_topic(settings, table) for table in tables]
 
     dedup_config = changelog_config(settings.dedup_horizon_hours * 3600)
     for names, config in ((changelogs("pending-videos"), {"cleanup.policy": "compact"}),

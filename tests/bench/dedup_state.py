@@ -53,7 +53,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from aipipe.infra.settings import Settings, load_settings
 from aipipe.infra.topics import ensure_topics
-from aipipe.runner import DEDUP_TABLES, prepare_topics
+from aipipe.runner import DEDUP_TABLES, changelog_topic, prepare_topics
 from tests.bench.latency import delete_topics
 from tests.bench.report import Figure
 
@@ -75,10 +75,6 @@ runpy.run_module("aipipe", run_name="__main__", alter_sys=True)
 """
 
 
-def changelog(settings: Settings, table: str) -> str:
-    return f"{settings.topic_prefix}-streams-{table}-changelog"
-
-
 def write_keys(settings: Settings, keys: int, stamp: float | None, record_ms: int | None) -> float:
     """``keys`` operations' dedup records in the three changelogs; seconds it took.
 
@@ -89,9 +85,9 @@ def write_keys(settings: Settings, keys: int, stamp: float | None, record_ms: in
                          "acks": "all"})
     seen = b"true" if stamp is None else orjson.dumps(round(stamp, 3))
     started = b"1" if stamp is None else orjson.dumps([1, round(stamp, 3)])
-    topics = [(changelog(settings, "seen-requests"), seen),
-              (changelog(settings, "done-operations"), seen),
-              (changelog(settings, "started-operations"), started)]
+    topics = [(changelog_topic(settings, "seen-requests"), seen),
+              (changelog_topic(settings, "done-operations"), seen),
+              (changelog_topic(settings, "started-operations"), started)]
     extra = {} if record_ms is None else {"timestamp": record_ms}
     began = time.monotonic()
     for i in range(keys):
@@ -119,7 +115,7 @@ def records_left(settings: Settings) -> int:
         for table in DEDUP_TABLES:
             for p in range(settings.partitions):
                 low, high = consumer.get_watermark_offsets(
-                    TopicPartition(changelog(settings, table), p), timeout=10)
+                    TopicPartition(changelog_topic(settings, table), p), timeout=10)
                 left += high - low
         return left
     finally:
@@ -250,7 +246,8 @@ def bench_dedup_state(
             say(f"  after, past the horizon: {results['aged']}")
         if "before" in scenarios:
             tree = before_tree(before, work / "before")
-            ensure_topics(legacy.kafka_bootstrap, [changelog(legacy, t) for t in DEDUP_TABLES],
+            ensure_topics(legacy.kafka_bootstrap,
+                          [changelog_topic(legacy, t) for t in DEDUP_TABLES],
                           partitions=legacy.partitions, config={"cleanup.policy": "compact"})
             write_keys(legacy, keys, None, None)
             results["before"] = run_worker(legacy, tree, timeout=timeout)

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
-from aipipe.runner import prepare_topics
+from aipipe.runner import changelog_topic, prepare_topics
 from aipipe.schemas.events import OperationRequested
 from tests.e2e.test_scaling import costs_settled
 from tests.support.ledger import Ledger, produce_backlog, read_topic
@@ -28,7 +28,7 @@ N, CLIENTS = 60, 6
 
 def started_marks(settings: Settings) -> int:
     """Records in the ``started-operations`` changelog: attempts whose start is durable."""
-    topic = f"{settings.topic_prefix}-streams-started-operations-changelog"
+    topic = changelog_topic(settings, "started-operations")
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                          "group.id": f"{settings.topic_prefix}-marks"})
     try:
