@@ -234,8 +234,11 @@ def within(span: Span | None, end: bool = False) -> AbstractContextManager[None]
 
 
 def note(source: Any) -> None:
-    """Add the attributes of ``source`` (a completion: model, cost) to the current span."""
-    _trace().get_current_span().set_attributes(attributes(source))
+    """Add the attributes of ``source`` (a completion: model, cost) to the current span
+    (only when it records them: most hops of a sampled deployment do not)."""
+    span = _trace().get_current_span()
+    if span.is_recording():
+        span.set_attributes(attributes(source))
 
 
 def current_ids() -> tuple[str, str] | None:

@@ -37,10 +37,11 @@ def decided(spans: Mapping[str, Any], decisions: Sequence[Any]) -> None:
         span = spans.get(decision.operation_id)
         if span is None:
             continue
-        rejected = isinstance(decision, OperationRejected)
-        span.set_attributes({"aipipe.decision": "rejected" if rejected else "admitted",
-                             "aipipe.reason": decision.reason if rejected else "admitted",
-                             "aipipe.limiter_backend": decision.backend})
+        if span.is_recording():  # (most of a sampled deployment's spans are not)
+            rejected = isinstance(decision, OperationRejected)
+            span.set_attributes({"aipipe.decision": "rejected" if rejected else "admitted",
+                                 "aipipe.reason": decision.reason if rejected else "admitted",
+                                 "aipipe.limiter_backend": decision.backend})
         span.end()
 
 
