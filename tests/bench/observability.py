@@ -23,64 +23,20 @@ Run alone: ``python -m tests.bench.observability --count 10000``.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import statistics
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler
-from typing import Any
-
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 from aipipe.infra.settings import Settings
 from tests.bench.burst import pipeline_burst
 from tests.bench.report import Figure, Sample, best_of, compare
 from tests.bench.settings import bench_settings
 from tests.e2e.test_metrics import free_port
-from tests.support.loopback import LoopbackServer
+from tests.support.otlp import OtlpReceiver
 
 Say = Callable[[str], None]
-
-
-class SpanCounter:
-    """An OTLP/HTTP traces endpoint that counts the spans it is sent."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-        lock = threading.Lock()
-        counter = self
-        reply = ExportTraceServiceResponse().SerializeToString()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = ExportTraceServiceRequest.FromString(body)
-                spans = sum(len(scope.spans) for resource in request.resource_spans
-                            for scope in resource.scope_spans)
-                with lock:
-                    counter.spans += spans
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = LoopbackServer(Handler)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.server.address}"
 
 
 def observed(settings: Settings, endpoint: str) -> Settings:
@@ -118,23 +74,23 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
                         rounds: int = 2, ratio: float = 0.1) -> list[Figure]:
     say(f"[bold]observability[/bold]: {count:,} requests end to end, traces and metrics "
         f"on (every trace, and {ratio:g} of them) vs off, {rounds} round(s) each")
-    counter = SpanCounter()
+    counter = OtlpReceiver(keep=False)  # counts the spans it is sent
     spans: dict[str, list[int]] = {"on": [], "on, sampled": []}
     cpu: dict[str, list[float]] = {"on": [], "on, sampled": [], "off": []}
 
     def run(side: str, target: Settings, sampling: float | None = None) -> Sample:
-        before = counter.spans
+        before = counter.count
         with sampled(sampling):
             rates = pipeline_burst(target, count, say)
         cpu[side].append(rates["cpu_ms_per_operation"])
         if side in spans:
-            spans[side].append(counter.spans - before)
+            spans[side].append(counter.count - before)
         say(f"    {side:<11} end to end {rates['end_to_end']:>8,.0f} /s, worker CPU "
             f"{rates['cpu_ms_per_operation']:.2f} ms per operation")
         # per CPU-second of the worker and its span export helper
         return Sample(rates["end_to_end"], 1000 / rates["cpu_ms_per_operation"])
 
-    with counter.server:
+    with counter:
         samples = best_of(rounds, {
             "on": lambda r: run("on", observed(settings, counter.endpoint)),
             "on, sampled": lambda r: run("on, sampled", observed(settings, counter.endpoint),

@@ -2,42 +2,33 @@
 
 ``aipipe emit`` (the producer), a streams worker (admission, generation, provider calls,
 video polls) and a costs worker (the cost sink) run as separate processes with the
-standard ``OTEL_*`` variables pointing at a small OTLP/HTTP receiver in the test, which
-decodes each protobuf ``ExportTraceServiceRequest``. Every request's spans share one trace
-id, each stage's span is the child of the previous hop's (through the ``traceparent``
-header), the ids, model and cost are attributes (the cost equal to the row in
-ClickHouse), and the workers' log lines logged within a span carry its ids. A request whose
-upstream trace was not sampled records no span anywhere, and its trace id still reaches the
-completion's headers and its log line.
+standard ``OTEL_*`` variables pointing at a small OTLP/HTTP receiver in the test
+(``tests.support.otlp``), which decodes each protobuf ``ExportTraceServiceRequest``.
+Every request's spans share one trace id, each stage's span is the child of the previous
+hop's (through the ``traceparent`` header), the ids, model and cost are attributes (the
+cost equal to the row in ClickHouse), and the workers' log lines logged within a span carry
+its ids. A request whose upstream trace was not sampled records no span anywhere, and its
+trace id still reaches the completion's headers and its log line.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
 import sys
-import threading
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from confluent_kafka import Consumer
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.producers.producer import EventProducer, headers_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationRequested, encode
+from tests.support.otlp import OtlpReceiver, Span
 from tests.support.pipeline import store_of, wait_recorded
 
 pytestmark = pytest.mark.e2e
@@ -48,92 +39,16 @@ UNSAMPLED = "unsampled-1"  # a request sent within an upstream trace that was no
 UNSAMPLED_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-@dataclass(frozen=True)
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    start: int
-    attributes: dict[str, Any]
-
-
-def _value(any_value: Any) -> Any:
-    kind = any_value.WhichOneof("value")
-    return getattr(any_value, kind) if kind else None
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver on loopback: ``POST /v1/traces`` (protobuf)."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = ExportTraceServiceRequest.FromString(body)
-                receiver.add(request)
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def add(self, request: ExportTraceServiceRequest) -> None:
-        spans = []
-        for resource_spans in request.resource_spans:
-            resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    spans.append(Span(
-                        service=str(resource.get("service.name")), name=span.name,
-                        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
-                        parent_id=span.parent_span_id.hex(), start=span.start_time_unix_nano,
-                        attributes={kv.key: _value(kv.value) for kv in span.attributes}))
-        with self.lock:
-            self.spans += spans
-
-    def traces(self) -> dict[str, list[Span]]:
-        by_trace: dict[str, list[Span]] = defaultdict(list)
-        with self.lock:
-            for span in self.spans:
-                by_trace[span.trace_id].append(span)
-        return by_trace
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
     """The receiver, and the OTEL_* variables every process started here inherits."""
-    server = Receiver()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export every 0.2 s, not 5 s
-    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
-    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
-    yield server
-    server.stop()
+    with OtlpReceiver() as server:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export every 0.2 s, not 5 s
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+        monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+        yield server
 
 
 def emit(settings: Settings, *args: str) -> list[str]:
@@ -187,7 +102,7 @@ def one(spans: list[Span], name: str) -> Span:
 
 
 def test_one_trace_per_request_from_emit_to_cost_row(
-    settings: Settings, receiver: Receiver
+    settings: Settings, receiver: OtlpReceiver
 ) -> None:
     settings = settings.model_copy(update={
         "simulated_video_polls": POLLS, "video_poll_base_seconds": 0.2})
