@@ -87,11 +87,12 @@ class OtlpReceiver:
         spans = []
         count = 0
         for resource_spans in request.resource_spans:
+            if not self._keep:
+                count += sum(len(scope.spans) for scope in resource_spans.scope_spans)
+                continue
             resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 count += len(scope_spans.spans)
-                if not self._keep:
-                    continue
                 for span in scope_spans.spans:
                     spans.append(Span(
                         service=str(resource.get("service.name")), name=span.name,
