@@ -67,9 +67,11 @@ def archive_row(value: bytes | None, headers: Any, topic: str, partition: int, o
                           _field(value, "request_id"), "", to_millis(at),
                           archive_payload(value, keep_prompts), exc.reason, topic, partition,
                           offset, to_millis(at))
+    # (a validated event's fields are in its __dict__: getattr of one its type lacks goes
+    # through pydantic's __getattr__ and an AttributeError)
     return ArchiveRow(
         event.event_id, event.event_type, event.client_id, event.request_id,
-        str(getattr(event, "operation_id", "") or (
+        str(event.__dict__.get("operation_id") or (
             event.event_id if event.event_type == "operation.requested" else "")),
         to_millis(event.occurred_at), raw, "", topic, partition, offset, to_millis(at),
     )

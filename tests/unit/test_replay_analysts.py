@@ -10,7 +10,7 @@ import pytest
 
 from aipipe.consumers.archive.sink import archive_row
 from aipipe.schemas.deadletter import REASON
-from aipipe.schemas.events import OperationRejected, encode
+from aipipe.schemas.events import BudgetSet, OperationRejected, OperationRequested, encode
 from aipipe.sqlcmd import SqlError, checked, render
 
 T = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
@@ -50,6 +50,17 @@ def test_an_event_is_archived_with_its_envelope_and_coordinates() -> None:
     assert row.occurred_at == T and json.loads(row.payload)["reason"] == "over_budget"
     assert (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (
         "p.operations.rejected", 2, 41)
+
+
+def test_a_request_is_archived_under_its_own_id_and_a_budget_under_none() -> None:
+    # neither event type has an operation_id field: a request's operation is its event id
+    request = OperationRequested(request_id="r2", client_id="acme", occurred_at=T,
+                                 operation_type="image_generation", model="m")
+    budget = BudgetSet(request_id="r3", client_id="acme", occurred_at=T, amount_usd="5")
+    rows = [archive_row(encode(e), None, "p.t", 0, n, 0, "p.deadletter")
+            for n, e in enumerate((request, budget))]
+    assert [(r.event_type, r.operation_id) for r in rows] == [
+        ("operation.requested", request.event_id), ("budget.set", "")]
 
 
 def test_invalid_and_dead_lettered_messages_are_archived_by_coordinates() -> None:
