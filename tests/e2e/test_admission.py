@@ -319,7 +319,10 @@ def test_budgets_reject_over_budget_and_thresholds_fire_once(settings: Settings)
                      f"{len(sent)} operations recorded", interval=0.2)
         late = [request("spender", 10 + k) for k in range(3)]
         produce(settings, settings.topics.requested, late)
-        decisions.wait("the late requests decided", lambda: decisions.decided(late),
+        # the notices go out before the decisions of the request that crossed, but on a topic
+        # of their own, which this consumer may fetch after the decisions' topics
+        decisions.wait("the late requests decided and three budget notices read",
+                       lambda: decisions.decided(late) and len(decisions.notices) >= 3,
                        workers=(sink, streams))
 
         assert all(isinstance(decisions.by_request[r.event_id], OperationAdmitted) for r in sent)
