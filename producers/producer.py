@@ -81,7 +81,7 @@ def _producer_span(topic: str, event: Event, headers: Headers) -> Any:
     from opentelemetry.trace import SpanKind  # deferred: OpenTelemetry only when tracing is on
 
     span = tracing.tracer().start_span(
-        f"send {topic}", kind=SpanKind.PRODUCER,
+        f"send {topic}", context=tracing.current_context(), kind=SpanKind.PRODUCER,
         attributes={"messaging.system": "kafka", "messaging.destination.name": topic,
                     "messaging.operation.type": "send", **tracing.attributes(event)})
     tracing.inject(headers, as_bytes=False, span=span)

@@ -24,6 +24,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -40,8 +41,13 @@ _follows_parent = False
 _propagator: Any = None  # the W3C propagator, built on first use
 _api: Any = None  # ``opentelemetry.trace``, imported on first use
 _Passed: Any = None  # the span class of an unsampled parent passed on (``_unsampled``)
+# the unsampled parent a stage passes on, while it is current (``within``): kept here, not in
+# OpenTelemetry's context, whose attach and detach cost more than the rest of such a hop;
+# None while any other span (or none) is current, which OpenTelemetry's context then holds
+_passing: ContextVar[Any] = ContextVar("aipipe_passing", default=None)
 # a version-00 traceparent, read without the propagator when its parent was not sampled
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16  # the invalid ids
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 _NOTHING: AbstractContextManager[None] = nullcontext()
 
@@ -70,11 +76,21 @@ def _trace() -> Any:
 
         class Passed(trace.NonRecordingSpan):
             """A remote parent that was not sampled, passed on as it came: its
-            ``traceparent`` and hex ids kept as read, for the hop's headers and log lines."""
+            ``traceparent`` and hex ids kept as read, for the hop's headers and log lines;
+            its ``SpanContext`` built only if something asks for it (nothing on a hop)."""
 
-            def __init__(self, context: Any, traceparent: str, ids: tuple[str, str]) -> None:
-                super().__init__(context)
+            def __init__(self, traceparent: str, ids: tuple[str, str]) -> None:
+                # (not NonRecordingSpan's __init__: its context is built when asked for)
                 self.traceparent, self.ids = traceparent, ids
+
+            def get_span_context(self) -> Any:
+                trace_hex, span_hex = self.ids
+                return trace.SpanContext(
+                    int(trace_hex, 16), int(span_hex, 16), is_remote=True,
+                    trace_flags=trace.TraceFlags(int(self.traceparent[-2:], 16)))
+
+            def __repr__(self) -> str:
+                return f"Passed({self.traceparent!r})"
 
         _api, _Passed = trace, Passed
     return _api
@@ -122,7 +138,7 @@ def attributes(source: Any) -> dict[str, Any]:
 def inject(headers: list[Any], as_bytes: bool = True, span: Span | None = None) -> None:
     """Append the W3C headers of ``span`` (or the current span) to ``headers``."""
     if span is None:
-        span = _trace().get_current_span()
+        span = current_span()
     if type(span) is _Passed:
         passed: str = cast(Any, span).traceparent
         headers.append((TRACEPARENT, passed.encode() if as_bytes else passed))
@@ -204,48 +220,88 @@ def _unsampled(found: dict[str, str]) -> Span | None:
     if match is None or TRACESTATE in found:
         return None
     trace_hex, span_hex, flags_hex = match.groups()
-    flags, trace_id, span_id = int(flags_hex, 16), int(trace_hex, 16), int(span_hex, 16)
-    if flags & 1 or not trace_id or not span_id:
+    if int(flags_hex, 16) & 1 or trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
         return None
-    api = _trace()
-    span: Span = _Passed(api.SpanContext(trace_id, span_id, is_remote=True,
-                                         trace_flags=api.TraceFlags(flags)),
-                         found[TRACEPARENT], (trace_hex, span_hex))
+    _trace()
+    span: Span = _Passed(found[TRACEPARENT], (trace_hex, span_hex))
     return span
+
+
+def current_span() -> Span:
+    """The current span: the unsampled parent a stage passes on, else OpenTelemetry's."""
+    passing: Span | None = _passing.get()
+    if passing is not None:
+        return passing
+    span: Span = _trace().get_current_span()
+    return span
+
+
+def current_context() -> Context | None:
+    """The context a new span should be the child of: None for OpenTelemetry's current
+    one, or that of the unsampled parent a stage passes on."""
+    passing = _passing.get()
+    return None if passing is None else _trace().set_span_in_context(passing)
 
 
 def recording() -> bool:
     """Whether a child of the current span may be recorded (False: the sampler would drop
     it, so a stage skips building it)."""
+    if _passing.get() is not None:  # an unsampled parent, and the sampler follows it
+        return False
     sc = _trace().get_current_span().get_span_context()
     return not _follows_parent or not sc.is_valid or bool(sc.trace_flags.sampled)
 
 
 @contextmanager
 def _within(span: Span, end: bool) -> Iterator[None]:
-    with _trace().use_span(span, end_on_exit=end):
-        yield
+    token = _passing.set(None)  # (within an unsampled parent passed on: this span is current)
+    try:
+        with _trace().use_span(span, end_on_exit=end):
+            yield
+    finally:
+        _passing.reset(token)
+
+
+class _Passing:
+    """The block in which an unsampled parent is passed on: current for this module's
+    readers (``inject``, ``current_ids``, ``recording``, ``current_context``); it records
+    nothing and has nothing to end."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> None:
+        self.token = _passing.set(self.span)
+
+    def __exit__(self, *exc: object) -> None:
+        _passing.reset(self.token)
 
 
 def within(span: Span | None, end: bool = False) -> AbstractContextManager[None]:
     """``span`` as the current span in the block (ended after it when ``end``); a shared
     no-op block when ``span`` is None (tracing off)."""
-    return _NOTHING if span is None else _within(span, end)
+    if span is None:
+        return _NOTHING
+    if type(span) is _Passed:
+        return _Passing(span)
+    return _within(span, end)
 
 
 def note(source: Any) -> None:
     """Add the attributes of ``source`` (a completion: model, cost) to the current span
     (only when it records them: most hops of a sampled deployment do not)."""
-    span = _trace().get_current_span()
+    span = current_span()
     if span.is_recording():
         span.set_attributes(attributes(source))
 
 
 def current_ids() -> tuple[str, str] | None:
     """The current span's trace and span id in hex, for log lines; None with no span."""
-    span = _trace().get_current_span()
+    span = current_span()
     if type(span) is _Passed:
-        ids: tuple[str, str] = span.ids
+        ids: tuple[str, str] = cast(Any, span).ids
         return ids
     sc = span.get_span_context()
     if not sc.is_valid:

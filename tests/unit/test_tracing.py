@@ -190,6 +190,41 @@ def test_an_unsampled_input_passes_its_context_on_and_records_nothing(
     assert parent_based.get_finished_spans() == ()
 
 
+def test_a_send_within_an_unsampled_parent_passed_on_continues_its_trace_unrecorded(
+    parent_based: InMemorySpanExporter,
+) -> None:
+    stage = tracing.start_consumer("generation", UNSAMPLED, request())
+    headers: list[Any] = []
+    with tracing.within(stage, end=True):
+        send = _producer_span("aipipe.completed", request(), headers)
+        send.end()
+    assert not send.is_recording()
+    context = send.get_span_context()  # the sampler's unrecorded child, in the parent's trace
+    assert context.trace_id == int(UNSAMPLED[0][1].decode().split("-")[1], 16)
+    assert headers == [("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-00")]
+    assert parent_based.get_finished_spans() == ()
+
+
+def test_a_recorded_span_within_an_unsampled_parent_is_the_current_one_until_it_ends(
+    parent_based: InMemorySpanExporter,
+) -> None:
+    passed = tracing.start_consumer("generation", UNSAMPLED, request())
+    polled = tracing.start_consumer("video_poll", SAMPLED, request())
+    with tracing.within(passed):
+        with tracing.within(polled, end=True):
+            assert tracing.recording()
+            assert tracing.current_span() is polled
+            context = polled.get_span_context()
+            assert add_trace_ids(None, "info", {}) == {
+                "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+            assert headers_for(request())[2:] == [("traceparent", (
+                f"00-{context.trace_id:032x}-{context.span_id:016x}-01").encode())]
+        assert tracing.current_span() is passed and not tracing.recording()
+        assert headers_for(request())[2:] == [("traceparent", UNSAMPLED[0][1])]
+    assert tracing.current_span() is not passed
+    assert [s.name for s in parent_based.get_finished_spans()] == ["video_poll"]
+
+
 @pytest.mark.parametrize("traceparent", [
     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02",  # another flag, unsampled
