@@ -221,12 +221,21 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         """Decide one batch: every request that decodes gets exactly one decision."""
         metrics.EVENTS_CONSUMED.labels("admission").inc(len(events))
         await faults.reached("admission_stall")
-        requests, carriers = [], []
+        requests, carriers, repeats = [], [], []
+        batched: set[str] = set()
         for event in events:
             request = await decoded(event.message, "admission", OperationRequested)
             if request is None or remembered(seen_requests, request.event_id):
                 acknowledge(event)
+            elif request.event_id in batched:
+                # the same request again in this batch, not marked seen yet: a record
+                # fetched twice (faust's start-up resumes the stream partitions, with the
+                # fetcher running for the table recovery, before it seeks them to their
+                # committed offsets), or one sent twice at once. Decided once, with the
+                # first; acknowledged once that decision is on the broker
+                repeats.append(event)
             else:
+                batched.add(request.event_id)
                 requests.append(request)
                 carriers.append(event)
         if not requests:
@@ -257,6 +266,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
             await remember(seen_requests, event, decision.operation_id, marked)
+            acknowledge(event)
+        for event in repeats:
             acknowledge(event)
 
     async def admission_loop() -> None:
