@@ -452,6 +452,7 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
     """
     if click_ctx.invoked_subcommand is not None:
         return
+    from aipipe.infra.gc_tuning import tune_gc  # deferred: loaded per command
     from aipipe.replaycmd import (  # deferred: loaded per command
         prices_for,
         print_manifest,
@@ -461,6 +462,7 @@ def replay(click_ctx: click.Context, start: str | None, end: str | None, into: s
     if into is None:
         raise click.UsageError("Missing option '--into' (chdb:///fresh/path or http(s)://…).")
     s = click_ctx.ensure_object(_Context).settings
+    tune_gc()  # it decodes and inserts in batches, as a worker does
     manifest = run_replay(
         s, into=into, database=database or s.clickhouse_database,
         start=_time(start, "--from"), end=_time(end, "--to"),

@@ -8,7 +8,6 @@ when the role is chosen. Both roles create the pipeline's topics first.
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import signal
 import threading
@@ -16,6 +15,7 @@ from typing import Literal
 
 import structlog
 
+from aipipe.infra.gc_tuning import tune_gc
 from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
@@ -74,24 +74,6 @@ def prepare_topics(settings: Settings) -> int:
     set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config,
                      client_config=kafka_config(settings))
     return replicas
-
-
-#: net allocations between the interpreter's young collections in a worker (CPython's default
-#: is 700). A worker allocates in bursts: a fetch of up to 500 records is decoded at once,
-#: with its events, rows and futures. At 700 a young collection came every few records and
-#: moved objects still in flight to the older generations, whose growth then set off full
-#: collections of the whole heap (faust, pydantic, pandas, chDB: about a million objects).
-#: In a 20,000-request burst that was 1,900-2,000 collections, 10 of them full, and 2.9-3.1 s
-#: of the worker's CPU (8 %); at 20,000, 11-12 collections, none full, 0.3 s, for 3 % more
-#: peak memory (666 against 644 MB).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Collect young objects every ``GC_YOUNG_THRESHOLD`` net allocations; the older
-    generations keep the interpreter's own thresholds."""
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def end_with_parent(parent: int) -> None:
