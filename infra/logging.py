@@ -140,7 +140,9 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line (print() makes two: the line, then its newline), so a line that
+        # another thread logs through the stdlib handler cannot land between them
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     if not pretty:  # the interpreter's own tracebacks, as JSON lines too
