@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -17,6 +18,7 @@ import click
 
 from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.settings import ConfigError, Settings, home_kafka_password, load_settings
+from aipipe.leave import exit_code, leave
 from aipipe.schemas.errors import AipipeError
 
 
@@ -616,16 +618,25 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 def main() -> None:
     try:
-        cli(standalone_mode=True)
+        cli(standalone_mode=True)  # ends with SystemExit, even on success
+        code = 0
+    except SystemExit as exc:
+        code = exit_code(exc)
     except (ConfigError, AipipeError) as exc:
         click.echo(f"aipipe: {exc}", err=True)
-        sys.exit(2)
+        code = 2
     except ModuleNotFoundError as exc:
         fix = missing_extra(exc)
         if fix is None:
-            raise
-        click.echo(f"aipipe: {fix}", err=True)
-        sys.exit(2)
+            traceback.print_exc()
+            code = 1
+        else:
+            click.echo(f"aipipe: {fix}", err=True)
+            code = 2
+    except Exception:  # a bug: its traceback as the interpreter prints it, and the same end
+        traceback.print_exc()
+        code = 1
+    leave(code)  # without chDB's exit handlers, which can hang (see aipipe.leave)
 
 
 if __name__ == "__main__":

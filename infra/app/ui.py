@@ -28,11 +28,11 @@ import multiprocessing
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds
 from aipipe.consumers.costs.store import database_name
 from aipipe.infra.logging import configure_logging
 from aipipe.infra.settings import Settings
+from aipipe.leave import leave
 from aipipe.reader import endpoint_client, serving_endpoint
 from aipipe.schemas.errors import AipipeError
 from aipipe.sqlcmd import analyst_client, analyst_session
@@ -58,6 +59,7 @@ log = structlog.get_logger("aipipe.ui")
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_DAYS = 366
+CHILD_EXIT_SECONDS = 30.0  # a reading child's end, once it has answered
 MAX_OPERATIONS = 1000
 Session = Callable[[], AbstractContextManager[Any]]
 
@@ -365,25 +367,54 @@ class Reads:
 
     def __call__(self, method: str, *args: Any) -> dict[str, Any]:
         if self.settings.embedded and serving_endpoint(self.settings) is None:
-            with self._child, ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    max_tasks_per_child=1) as pool:
-                answer: dict[str, Any] = pool.submit(
-                    _in_child, self.settings, method, args).result()
-                return answer
+            with self._child:
+                return _read_in_child(self.settings, method, args)
         result: dict[str, Any] = getattr(self.reader, method)(*args)
         return result
 
 
-def _in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> dict[str, Any]:
-    """One read in a fresh process, which opens the chDB path and exits, releasing it."""
+def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """One read in a fresh (spawned) process that opens the chDB path, sends its answer and
+    ends at once: through ``aipipe.leave``, since chDB's exit handlers can hang."""
+    context = multiprocessing.get_context("spawn")
+    answers, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_in_child, args=(sender, settings, method, args),
+                            name="aipipe-ui-read", daemon=True)
+    child.start()
+    sender.close()  # the child's copy is the only one: its end is the answer's end
+    try:
+        kind, value = answers.recv()
+    except EOFError:
+        child.join(timeout=CHILD_EXIT_SECONDS)
+        raise UiError(f"The read of the chDB path ended without an answer (exit code "
+                      f"{child.exitcode}); the UI's log has its reason.") from None
+    finally:
+        answers.close()
+    child.join(timeout=CHILD_EXIT_SECONDS)
+    if child.is_alive():  # it answered and is ending; it must not keep the path
+        child.kill()
+        child.join()
+    if kind == "error":
+        raise UiError(value)
+    answer: dict[str, Any] = value
+    return answer
+
+
+def _in_child(sender: Connection, settings: Settings, method: str,
+              args: tuple[Any, ...]) -> None:
+    """The child's part: the read, its answer (or the error's sentence, not an unpicklable
+    error) to the parent, then the end of the process."""
     configure_logging(settings.model_copy(update={"log_level": "warning"}))
     try:
-        result: dict[str, Any] = getattr(reader_for(settings), method)(*args)
-    except Exception as exc:  # the parent gets the sentence, not an unpicklable error
-        raise UiError(str(exc).strip().splitlines()[0] if str(exc).strip()
-                      else type(exc).__name__) from None
-    return result
+        answer: tuple[str, Any] = ("ok", getattr(reader_for(settings), method)(*args))
+    except Exception as exc:
+        answer = ("error", str(exc).strip().splitlines()[0] if str(exc).strip()
+                  else type(exc).__name__)
+    try:
+        sender.send(answer)
+        sender.close()
+    finally:
+        leave(0)
 
 
 def bind(host: str, port: int) -> socket.socket:

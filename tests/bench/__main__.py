@@ -43,7 +43,6 @@ import contextlib
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -60,6 +59,7 @@ from rich.console import Console
 from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
+from aipipe.leave import leave
 from tests.bench.admission import admission_figures, scaling_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.burst import bench_burst
@@ -263,4 +263,4 @@ def _meta(seconds: float, args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # not through chDB's exit handlers, which can hang

@@ -82,6 +82,9 @@ def delete_operation(dsn: str, database: str, operation_id: str) -> None:
         "c = clickhouse_connect.get_client(dsn=sys.argv[1])\n"
         "c.command(f\"ALTER TABLE `{sys.argv[2]}`.ai_cost_tracking DELETE WHERE "
         "operation_id = '{sys.argv[3]}' SETTINGS mutations_sync = 2\")\n"
+        "c.close()\n"
+        "from aipipe.leave import leave\n"
+        "leave(0)\n"  # not through chDB's exit handlers, which can hang
     )
     subprocess.run([sys.executable, "-c", code, dsn, database, operation_id], check=True,
                    timeout=120, capture_output=True)
