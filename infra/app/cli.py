@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -628,13 +627,13 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         fix = missing_extra(exc)
         if fix is None:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())  # as uncaught: a JSON line and Sentry when set up
             code = 1
         else:
             click.echo(f"aipipe: {fix}", err=True)
             code = 2
-    except Exception:  # a bug: its traceback as the interpreter prints it, and the same end
-        traceback.print_exc()
+    except Exception:  # a bug: reported as an uncaught one would be, and the same end
+        sys.excepthook(*sys.exc_info())
         code = 1
     leave(code)  # without chDB's exit handlers, which can hang (see aipipe.leave)
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -385,17 +387,16 @@ def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> di
     try:
         kind, value = answers.recv()
     except EOFError:
-        child.join(timeout=CHILD_EXIT_SECONDS)
-        raise UiError(f"The read of the chDB path ended without an answer (exit code "
-                      f"{child.exitcode}); the UI's log has its reason.") from None
+        kind, value = "error", None
     finally:
         answers.close()
-    child.join(timeout=CHILD_EXIT_SECONDS)
-    if child.is_alive():  # it answered and is ending; it must not keep the path
-        child.kill()
-        child.join()
+        child.join(timeout=CHILD_EXIT_SECONDS)
+        if child.is_alive():  # it is ending, or stuck; either way it must not keep the path
+            child.kill()
+            child.join()
     if kind == "error":
-        raise UiError(value)
+        raise UiError(value or f"The read of the chDB path ended without an answer (exit "
+                               f"code {child.exitcode}); the UI's log has its reason.")
     answer: dict[str, Any] = value
     return answer
 
@@ -403,18 +404,23 @@ def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> di
 def _in_child(sender: Connection, settings: Settings, method: str,
               args: tuple[Any, ...]) -> None:
     """The child's part: the read, its answer (or the error's sentence, not an unpicklable
-    error) to the parent, then the end of the process."""
-    configure_logging(settings.model_copy(update={"log_level": "warning"}))
+    error) to the parent, then the end of the process, whatever happened."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a read ends
+    code = 1
     try:
-        answer: tuple[str, Any] = ("ok", getattr(reader_for(settings), method)(*args))
-    except Exception as exc:
-        answer = ("error", str(exc).strip().splitlines()[0] if str(exc).strip()
-                  else type(exc).__name__)
-    try:
+        configure_logging(settings.model_copy(update={"log_level": "warning"}))
+        try:
+            answer: tuple[str, Any] = ("ok", getattr(reader_for(settings), method)(*args))
+        except Exception as exc:
+            answer = ("error", str(exc).strip().splitlines()[0] if str(exc).strip()
+                      else type(exc).__name__)
         sender.send(answer)
         sender.close()
+        code = 0
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # the reason, in the UI's log; the parent sees EOF
     finally:
-        leave(0)
+        leave(code)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -8,6 +8,8 @@ with its status and its output flushed; without chDB loaded, the handlers still 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -53,3 +55,29 @@ def test_without_chdb_the_exit_handlers_run() -> None:
         [sys.executable, "-c", quick, "no", "--help"], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout.count("handlers ran")) == (0, 1), done.stderr[-2000:]
+
+
+FAILING = r"""
+import sys
+import chdb  # noqa: F401
+from aipipe.cli import cli, main, pass_ctx
+
+@cli.command("boom")
+@pass_ctx
+def boom(ctx):
+    ctx.settings  # logging set up, as by every command that reads its settings
+    raise RuntimeError("boom")
+
+sys.argv = ["aipipe", "boom"]
+main()
+"""
+
+
+def test_a_bug_in_a_command_is_reported_as_an_uncaught_error_and_ends_with_1() -> None:
+    """Through ``sys.excepthook``: one JSON line (and Sentry, when set up), not loose text."""
+    done = subprocess.run([sys.executable, "-c", FAILING], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "AIPIPE_ENV": "production"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["event"], x["error"]) for x in lines] == [
+        ("uncaught_exception", "RuntimeError: boom")]
