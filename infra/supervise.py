@@ -15,17 +15,15 @@ starts a fresh one, which resumes from the committed offsets.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import NoReturn
 
 import structlog
 
+from aipipe.infra.leave import end_now, flush_reports
 from aipipe.infra.logging import report_exception
 from aipipe.infra.metrics import HEALTH
-from aipipe.infra.tracing import flush_traces
 from aipipe.schemas.errors import AipipeError
 
 log = structlog.get_logger("aipipe.supervise")
@@ -37,27 +35,6 @@ class WorkerThreadStopped(AipipeError):
     """A supervised thread returned, or a probe failed, while the process was running."""
 
 
-def flush_reports(timeout: float = 5.0) -> None:
-    """Send what Sentry and the tracer have queued (no-ops when off) and flush the logs."""
-    import sentry_sdk
-
-    sentry_sdk.flush(timeout=timeout)
-    flush_traces(timeout)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-
-
-def end_process(code: int) -> NoReturn:
-    """Flush the logs and Sentry, then end the process with ``code`` at once.
-
-    No interpreter or C exit handlers run: they could wait on a thread stuck in a broken
-    engine, and chDB's own handlers at exit sometimes hang or crash even after a clean
-    stop. Call it only when every consumer, producer and server has been closed.
-    """
-    flush_reports()
-    os._exit(code)
-
-
 class Supervisor:
     def __init__(
         self,
@@ -66,7 +43,7 @@ class Supervisor:
         grace_seconds: float = 20.0,
         report: Callable[[BaseException, str], None] = lambda exc, name: report_exception(
             exc, thread=name),
-        exit: Callable[[int], NoReturn] = end_process,
+        exit: Callable[[int], NoReturn] = end_now,
     ) -> None:
         self.request_stop = request_stop
         self.grace_seconds = grace_seconds

@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from aipipe.infra.kafka_auth import kafka_config
+from aipipe.infra.leave import exit_code, leave
 from aipipe.infra.settings import ConfigError, Settings, home_kafka_password, load_settings
-from aipipe.leave import exit_code, leave
 from aipipe.schemas.errors import AipipeError
 
 
@@ -635,7 +635,7 @@ def main() -> None:
     except Exception:  # a bug: reported as an uncaught one would be, and the same end
         sys.excepthook(*sys.exc_info())
         code = 1
-    leave(code)  # without chDB's exit handlers, which can hang (see aipipe.leave)
+    leave(code)  # without chDB's exit handlers, which can hang (see aipipe.infra.leave)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import structlog
 
 from aipipe.infra.gc_tuning import tune_gc
 from aipipe.infra.kafka_auth import kafka_config
+from aipipe.infra.leave import end_now
 from aipipe.infra.metrics import serve_metrics
 from aipipe.infra.settings import Settings
-from aipipe.infra.supervise import end_process
 from aipipe.infra.topics import ensure_topics, replication_factor_for, set_topic_config
 from aipipe.infra.tracing import configure_tracing
 from aipipe.streams.dedup import changelog_config
@@ -95,7 +95,7 @@ def end_with_parent(parent: int) -> None:
 def run(settings: Settings, role: Role = "all") -> None:
     """Run ``role`` until SIGTERM/SIGINT; exit 70 when a supervised thread died.
 
-    A process that owns ClickHouse ends with ``end_process(0)`` once everything is
+    A process that owns ClickHouse ends with ``end_now(0)`` once everything is
     closed: chDB's C exit handlers can hang (or crash) an exit that is otherwise clean.
     """
     tune_gc()
@@ -133,4 +133,4 @@ def run(settings: Settings, role: Role = "all") -> None:
     finally:
         supervisor.exit_if_failed()
     log.info("worker_stopped", role=role)
-    end_process(0)
+    end_now(0)

@@ -50,9 +50,9 @@ from starlette.staticfiles import StaticFiles
 
 from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds_reached
 from aipipe.consumers.costs.store import database_name
+from aipipe.infra.leave import leave
 from aipipe.infra.logging import configure_logging
 from aipipe.infra.settings import Settings
-from aipipe.leave import leave
 from aipipe.reader import endpoint_client, serving_endpoint
 from aipipe.schemas.errors import AipipeError
 from aipipe.sqlcmd import analyst_client, analyst_session
@@ -377,7 +377,7 @@ class Reads:
 
 def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     """One read in a fresh (spawned) process that opens the chDB path, sends its answer and
-    ends at once: through ``aipipe.leave``, since chDB's exit handlers can hang."""
+    ends at once: through ``aipipe.infra.leave``, since chDB's exit handlers can hang."""
     context = multiprocessing.get_context("spawn")
     answers, sender = context.Pipe(duplex=False)
     child = context.Process(target=_in_child, args=(sender, settings, method, args),

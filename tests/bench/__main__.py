@@ -57,9 +57,9 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 from aipipe.consumers.costs.connect import open_clickhouse
+from aipipe.infra.leave import leave
 from aipipe.infra.settings import Settings
 from aipipe.infra.topics import ensure_topics
-from aipipe.leave import leave
 from tests.bench.admission import admission_figures, scaling_figures
 from tests.bench.analytics import bench_analytics
 from tests.bench.burst import bench_burst

@@ -231,7 +231,7 @@ def test_chdb_refuses_writes_under_the_readonly_setting(tmp_path: Path) -> None:
         "    except Exception as exc:\n"
         "        print('refused', 'READONLY' in str(exc) or 'Code: 164' in str(exc), sql)\n"
         "conn.close()\n"
-        "from aipipe.leave import leave\n"
+        "from aipipe.infra.leave import leave\n"
         "leave(0)\n"  # not through chDB's exit handlers, which can hang
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ro")],

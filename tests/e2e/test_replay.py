@@ -83,7 +83,7 @@ def delete_operation(dsn: str, database: str, operation_id: str) -> None:
         "c.command(f\"ALTER TABLE `{sys.argv[2]}`.ai_cost_tracking DELETE WHERE "
         "operation_id = '{sys.argv[3]}' SETTINGS mutations_sync = 2\")\n"
         "c.close()\n"
-        "from aipipe.leave import leave\n"
+        "from aipipe.infra.leave import leave\n"
         "leave(0)\n"  # not through chDB's exit handlers, which can hang
     )
     subprocess.run([sys.executable, "-c", code, dsn, database, operation_id], check=True,

@@ -388,7 +388,7 @@ migrate(client, "aipipe")
 row = cost_row(sys.argv[2], sys.argv[3], created_at=datetime.now(UTC))
 ClickHouseCostStore(client, "aipipe").write([row], dedup_token=sys.argv[2])
 client.close()
-from aipipe.leave import leave
+from aipipe.infra.leave import leave
 leave(0)  # not through chDB's exit handlers, which can hang
 """
 

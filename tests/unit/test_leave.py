@@ -1,4 +1,4 @@
-"""A command ends without the exit handlers once chDB is loaded (``aipipe.leave``).
+"""A command ends without the exit handlers once chDB is loaded (``aipipe.infra.leave``).
 
 chDB's teardown at exit sometimes waits forever on its own mutex: ``aipipe sql`` on an
 embedded path hung at exit in 2 of 25 runs, and the UI's reading child hung the same way.

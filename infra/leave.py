@@ -5,7 +5,7 @@ client was closed: ``aipipe sql`` on an embedded path hung at exit in 2 of 25 ru
 (chdb 4.4.0, chdb-core 26.9.0; the main thread in ``exit()``'s handlers, inside
 ``_chdb.abi3.so``). So a process that loaded chDB flushes what it must (its output,
 Sentry's queue, the tracer's spans) and ends with ``os._exit``, as a worker does
-(``aipipe.infra.supervise.end_process``). Callers close what they opened first.
+(``end_now``, as the workers end). Callers close what they opened first.
 """
 
 from __future__ import annotations
@@ -16,22 +16,37 @@ import sys
 from typing import NoReturn
 
 
-def leave(code: int) -> NoReturn:
-    """End the process with ``code``: through ``sys.exit`` unless chDB is loaded, else at
-    once after the flushes (no interpreter or C exit handlers)."""
-    if "chdb" not in sys.modules:
-        sys.exit(code)
+def flush_reports(timeout: float = 5.0) -> None:
+    """Send what Sentry and the tracer have queued (when loaded) and flush the output."""
     if "sentry_sdk" in sys.modules:
         import sentry_sdk
 
-        sentry_sdk.flush(timeout=5.0)
+        sentry_sdk.flush(timeout=timeout)
     tracing = sys.modules.get("aipipe.infra.tracing")
     if tracing is not None:
-        tracing.flush_traces(5.0)
+        tracing.flush_traces(timeout)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
+
+
+def end_now(code: int) -> NoReturn:
+    """Flush the reports, then end the process with ``code`` at once.
+
+    No interpreter or C exit handlers run: they could wait on a thread stuck in a broken
+    engine, and chDB's own handlers at exit sometimes hang or crash even after a clean
+    stop. Call it only when every consumer, producer and server has been closed.
+    """
+    flush_reports()
     os._exit(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with ``code``: through ``sys.exit`` unless chDB is loaded, else
+    through ``end_now``."""
+    if "chdb" not in sys.modules:
+        sys.exit(code)
+    end_now(code)
 
 
 def exit_code(exc: SystemExit) -> int:
