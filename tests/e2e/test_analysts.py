@@ -66,7 +66,9 @@ class KnownRun:
 
 def known_run(settings: Settings, count: int = 36) -> KnownRun:
     now = datetime.now(UTC)
-    start = max(now - timedelta(hours=1), now.replace(day=1, hour=0, minute=0, second=0,
+    # within today (UTC), so that today's buckets hold every operation and none is sealed
+    # (the sealer seals closed days); in the first minutes of a day some lie ahead of now
+    start = max(now - timedelta(hours=1), now.replace(hour=0, minute=0, second=0,
                                                         microsecond=0))
     topics, run, table = settings.topics, KnownRun(), PRICE_TABLES[0]
     for i in range(count):
