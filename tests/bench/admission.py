@@ -321,13 +321,18 @@ e = os.environ
 app = faust.App(e["BENCH_APP"], broker="kafka://" + e["BENCH_BOOTSTRAP"], store="memory://",
                 web_enabled=False, producer_acks=-1, producer_linger=0.005,
                 consumer_auto_offset_reset="earliest")
-src = app.topic(e["BENCH_IN"], key_type=bytes, value_type=bytes, value_serializer="raw")
-dst = app.topic(e["BENCH_OUT"], key_type=bytes, value_type=bytes, value_serializer="raw")
+# BENCH_OUT: one topic, or a chain of them (IN -> OUT1 -> OUT2 ...), an agent per hop
+names = [e["BENCH_IN"], *e["BENCH_OUT"].split(",")]
+topics = [app.topic(n, key_type=bytes, value_type=bytes, value_serializer="raw") for n in names]
 
-@app.agent(src)
-async def copy(stream):
-    async for event in stream.events():
-        await dst.send(key=event.message.key, value=event.message.value)
+def copier(dst):
+    async def copy(stream):
+        async for event in stream.events():
+            await dst.send(key=event.message.key, value=event.message.value)
+    return copy
+
+for hop, (src, dst) in enumerate(zip(topics, topics[1:])):
+    app.agent(src, name=f"copy{hop}")(copier(dst))
 
 worker = Worker(app, loglevel="warning")
 worker.spinner = None
@@ -336,30 +341,44 @@ worker.execute_from_commandline()
 
 
 def _faust_passthrough_round(settings: Settings, requests: list[OperationRequested],
-                             home: Path) -> float:
-    """A faust agent that only copies each record to another topic: faust's own cost."""
+                             home: Path, hops: int = 1, processes: int = 1) -> float:
+    """Faust agents that only copy each record to the next topic: faust's own cost.
+
+    One hop (requested → admitted) by default; ``hops=2`` the streams' chain (requested →
+    admitted → completed), its agents in one worker or (``processes=2``) one worker each.
+    The rate is the last topic's."""
     import os
     import signal
     import subprocess
 
     t = settings.topics
+    chain = [t.requested, t.admitted, t.completed][:hops + 1]
     with EventProducer(settings.kafka_bootstrap) as producer:
         producer.send_many(t.requested, requests)
-    env = {**os.environ, "BENCH_APP": f"{settings.topic_prefix}-copy",
-           "BENCH_BOOTSTRAP": settings.kafka_bootstrap, "BENCH_IN": t.requested,
-           "BENCH_OUT": t.admitted}
-    (home / settings.topic_prefix).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", _PASSTHROUGH, "worker"], env=env,
-                            cwd=home / settings.topic_prefix, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    if processes == 1:
+        parts = [(chain[0], chain[1:])]
+    else:
+        parts = [(chain[n], chain[n + 1:n + 2]) for n in range(hops)]
+    procs = []
+    for n, (source, outputs) in enumerate(parts):
+        env = {**os.environ, "BENCH_APP": f"{settings.topic_prefix}-copy{n}",
+               "BENCH_BOOTSTRAP": settings.kafka_bootstrap, "BENCH_IN": source,
+               "BENCH_OUT": ",".join(outputs)}
+        cwd = home / settings.topic_prefix / str(n)
+        cwd.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen([sys.executable, "-c", _PASSTHROUGH, "worker"], env=env,
+                                      cwd=cwd, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
     try:
-        return _output_rate(settings.kafka_bootstrap, [t.admitted], len(requests), 300)
+        return _output_rate(settings.kafka_bootstrap, [chain[-1]], len(requests), 300)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         _drop_topics(settings)
 
 

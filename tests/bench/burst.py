@@ -157,11 +157,13 @@ def pipeline_burst(base: Settings, count: int, say: Say, timeout: float = 1800,
     }
 
 
-def faust_passthrough(base: Settings, count: int) -> float:
+def faust_passthrough(base: Settings, count: int, hops: int = 1, processes: int = 1) -> float:
+    """Records/s of faust agents that copy ``count`` records over ``hops`` topics, in
+    ``processes`` workers (``_faust_passthrough_round``)."""
     home = Path(tempfile.mkdtemp(prefix="aipipe-burst-copy-"))
     try:
         return _faust_passthrough_round(_round_settings(base, home, base.partitions),
-                                        burst_requests(count, "copy"), home)
+                                        burst_requests(count, "copy"), home, hops, processes)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -174,10 +176,15 @@ def bench_burst(settings: Settings, say: Say, count: int = 100_000) -> list[Figu
     apart = pipeline_burst(settings, count, say, split=True)
     say(f"  faust pass-through: a bare copy agent over {count:,} records")
     bare = faust_passthrough(settings, count)
+    say("  the streams' two hops bare (requested → admitted → completed, copy agents in one "
+        "faust worker)")
+    chain = faust_passthrough(settings, count, hops=2)
     for stage in ("admission", "generation", "costs", "end_to_end"):
         say(f"    {stage:<12} {rates[stage]:>8,.0f} /s   "
             f"{rates[stage] / bare:5.2f}{TIMES} the faust copy agent")
     say(f"    faust copy   {bare:>8,.0f} /s")
+    say(f"    faust copy, two hops in one worker {chain:>8,.0f} /s (the most one streams "
+        "worker could do with no work of its own)")
     say(f"    worker CPU {rates['cpu_ms_per_operation']:.2f} ms per operation, all stages")
     say(f"    two processes: end to end {apart['end_to_end']:,.0f} /s, admission "
         f"{apart['admission']:,.0f} /s, CPU {apart['cpu_ms_per_operation']:.2f} ms per "
@@ -188,6 +195,7 @@ def bench_burst(settings: Settings, say: Say, count: int = 100_000) -> list[Figu
               "baseline: a faust agent copying the same N records topic to topic, "
               f"same run; {settings.partitions} partitions")
     notes = {"count": count, "faust_copy_per_second": round(bare),
+             "faust_copy_two_hops_per_second": round(chain),
              **{f"{k}_per_second": round(v) for k, v in rates.items()
                 if k in ("admission", "generation", "costs", "end_to_end")},
              "seconds": round(rates["seconds"], 1),
