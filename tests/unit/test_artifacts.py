@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aipipe.streams.artifacts import store as artifacts
 from aipipe.streams.artifacts.store import (
     ArtifactError,
     ArtifactStore,
@@ -80,6 +82,28 @@ def test_a_missing_object_is_an_artifact_error(make: Factory, tmp_path: Path) ->
     missing = artifact.uri.replace(artifact.sha256, "0" * 64)
     with pytest.raises(ArtifactError, match="Cannot read"):
         asyncio.run(store.get(missing))
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_large_output_is_hashed_off_the_event_loop_and_a_small_one_on_it(
+    make: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A video of tens of MB takes tens of ms to hash: on the loop, that would hold every
+    operation in flight."""
+    store = make(tmp_path)
+    hashed_on: list[tuple[int, bool]] = []
+    sha256 = hashlib.sha256
+
+    def watched(data: bytes) -> Any:
+        hashed_on.append((len(data), threading.current_thread() is threading.main_thread()))
+        return sha256(data)
+
+    monkeypatch.setattr(artifacts.hashlib, "sha256", watched)
+    big = bytes(range(256)) * (artifacts.HASH_ON_LOOP_BYTES // 256)
+    stored = [asyncio.run(store.put(data, "image/png")) for data in (big, PNG)]
+    assert hashed_on == [(len(big), False), (len(PNG), True)]
+    assert [a.sha256 for a in stored] == [sha256(big).hexdigest(), sha256(PNG).hexdigest()]
+    assert [asyncio.run(store.get(a.uri)) for a in stored] == [big, PNG]
 
 
 def test_the_local_store_leaves_no_temporary_files_and_no_second_copy(tmp_path: Path) -> None:
