@@ -62,6 +62,8 @@ STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_DAYS = 366
 CHILD_EXIT_SECONDS = 30.0  # a reading child's end, once it has answered
+# a reading child's start (a fresh interpreter, chDB opened) on top of its queries' own limit
+CHILD_START_SECONDS = 60.0
 MAX_OPERATIONS = 1000
 Session = Callable[[], AbstractContextManager[Any]]
 
@@ -370,21 +372,33 @@ class Reads:
     def __call__(self, method: str, *args: Any) -> dict[str, Any]:
         if self.settings.embedded and serving_endpoint(self.settings) is None:
             with self._child:
-                return _read_in_child(self.settings, method, args)
+                return _read_in_child(self.settings, method, args,
+                                      self.settings.query_max_execution_seconds
+                                      + CHILD_START_SECONDS)
         result: dict[str, Any] = getattr(self.reader, method)(*args)
         return result
 
 
-def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+def _read_in_child(settings: Settings, method: str, args: tuple[Any, ...], limit: float,
+                   target: Callable[..., None] | None = None) -> dict[str, Any]:
     """One read in a fresh (spawned) process that opens the chDB path, sends its answer and
-    ends at once: through ``aipipe.infra.leave``, since chDB's exit handlers can hang."""
+    ends at once: through ``aipipe.infra.leave``, since chDB's exit handlers can hang. A
+    child with no answer after ``limit`` seconds is killed (a page waits no longer, and the
+    path is let go of); ``target`` stands in for the child's part in tests."""
     context = multiprocessing.get_context("spawn")
     answers, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_in_child, args=(sender, settings, method, args),
+    child = context.Process(target=target or _in_child, args=(sender, settings, method, args),
                             name="aipipe-ui-read", daemon=True)
     child.start()
     sender.close()  # the child's copy is the only one: its end is the answer's end
     try:
+        if not answers.poll(limit):
+            child.kill()
+            log.warning("ui_read_timed_out", method=method, seconds=limit)
+            raise UiError(
+                f"Reading the chDB path took longer than {limit:.0f} s, so it was stopped; "
+                "narrow the date range or the client, or raise "
+                "AIPIPE_QUERY_MAX_EXECUTION_SECONDS.")
         kind, value = answers.recv()
     except EOFError:
         kind, value = "error", None
