@@ -2,9 +2,11 @@
 
 Pure policy (``RetryPolicy.delay``, ``retry_after``) plus ``deliver``, which takes its HTTP
 client, clock and sleep as arguments. A delivery ends ``delivered`` (a 2xx answer) or not,
-with one sentence that says why: the dead-letter reason. Connection errors, timeouts, 5xx
-and 429 are retried (a ``Retry-After`` in seconds is honoured up to the cap); any other
-answer (3xx, 4xx) is final, because repeating the same request cannot change it.
+with one sentence that says why: the dead-letter reason. Connection errors, timeouts (an
+attempt has ``timeout_seconds`` in all, from connecting to the answer's headers; the body of
+an answer is never read), answers HTTP cannot read, 5xx and 429 are retried (a
+``Retry-After`` in seconds is honoured up to the cap); any other answer (3xx, 4xx) is final,
+because repeating the same request cannot change it.
 
 ``deliver`` may make only some of the attempts (``first`` to ``last``): the webhook
 consumer makes one per pass and hands a retry to its retry topic (``sink.py``), so that a
@@ -14,6 +16,7 @@ failing receiver's waits do not hold back other receivers' deliveries.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from aipipe.consumers.sink import backoff_delay
 from aipipe.producers.webhooks import signed_headers
 
 USER_AGENT = "aipipe-webhooks/1"
+_SECONDS = re.compile(r"[0-9]{1,9}")  # (str.isdigit takes "²", which float() refuses)
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,22 @@ def retryable(status: int) -> bool:
 
 def retry_after(response: httpx.Response, policy: RetryPolicy, attempt: int) -> float:
     """The wait before the next attempt: the backoff, or the receiver's ``Retry-After``
-    (seconds) when it asks for longer, never past the cap."""
+    (seconds, ASCII digits) when it asks for longer, never past the cap."""
     delay = policy.delay(attempt)
-    asked = response.headers.get("retry-after", "")
-    if asked.strip().isdigit():
-        delay = max(delay, min(float(asked), policy.cap_seconds))
+    asked = _SECONDS.fullmatch(response.headers.get("retry-after", "").strip())
+    if asked is not None:
+        delay = max(delay, min(float(asked.group()), policy.cap_seconds))
     return delay
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+                seconds: float) -> httpx.Response:
+    """One attempt, within ``seconds`` from connecting to the answer's status and headers;
+    its body is never read (a receiver that drips or inflates it holds nothing here)."""
+    async with asyncio.timeout(seconds):
+        async with client.stream("POST", url, content=body, headers=headers,
+                                 timeout=seconds) as response:
+            return response
 
 
 def shown_url(url: str) -> str:
@@ -98,11 +112,13 @@ async def deliver(
     status: int | None = None
     for attempt in range(first, last + 1):
         headers = signed_headers(secret, event_id, body, int(clock()))
-        headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
+        headers.update({"content-type": "application/json", "user-agent": USER_AGENT,
+                        "accept-encoding": "identity"})
         try:
-            response = await client.post(url, content=body, headers=headers,
-                                         timeout=policy.timeout_seconds)
-        except httpx.TransportError as exc:  # connection refused or reset, timeouts
+            response = await _post(client, url, body, headers, policy.timeout_seconds)
+        # refused, reset, timed out, or an answer HTTP cannot read (anything else is a bug,
+        # which ends the sink: see WebhookSink._write_isolating)
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
             status, error = None, f"{type(exc).__name__}: {str(exc) or 'no detail'}"
             wait = policy.delay(attempt)
         else:

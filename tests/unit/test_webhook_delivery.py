@@ -136,6 +136,77 @@ def test_connection_errors_are_retried_and_the_last_try_gives_the_reason() -> No
     assert len(seen) == 4
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+
+
+def against_receiver(handle: Handler, policy: RetryPolicy) -> tuple[Outcome, float]:
+    """One attempt at a receiver on a real local socket that answers as ``handle`` writes;
+    the outcome and how long the attempt took."""
+    async def go() -> tuple[Outcome, float]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            try:
+                await handle(reader, writer)
+            except (ConnectionError, asyncio.CancelledError):
+                pass  # the client hung up: what it should do with a receiver like this
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with httpx.AsyncClient() as client:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                outcome = await deliver(client, f"http://127.0.0.1:{port}/hook", "e-1", BODY,
+                                        SECRET, policy, first=1, last=1)
+                return outcome, loop.time() - started
+        finally:
+            server.close()
+
+    return asyncio.run(go())
+
+
+def answer(head: bytes) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(30)  # the body (if any) never comes
+
+    return handle
+
+
+def test_a_retry_after_that_is_not_ascii_digits_is_the_backoff() -> None:
+    """``"²".isdigit()`` is true and ``float("²")`` raises: the header took the sink down."""
+    head = "HTTP/1.1 503 Busy\r\nRetry-After: \u00b2\r\nContent-Length: 0\r\n\r\n"
+    outcome, _ = against_receiver(answer(head.encode("latin-1")), POLICY)
+    assert (outcome.delivered, outcome.status, outcome.retry_in) == (False, 503, 0.5)
+
+
+def test_a_receiver_that_drips_its_headers_is_cut_off_at_the_attempts_timeout() -> None:
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:  # each read within 1 s
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    outcome, seconds = against_receiver(drip, POLICY)
+    assert (outcome.delivered, outcome.status, outcome.retry_in) == (False, None, 0.5)
+    assert outcome.reason.startswith("TimeoutError")
+    assert seconds < 10  # the policy's 1 s in all (the drip would take 200 s)
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000,  # drips, huge
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",
+], ids=["slow-huge-body", "body-not-gzip"])
+def test_an_accepting_answer_is_a_delivery_whatever_its_body(head: bytes) -> None:
+    """The status and headers decide; the body is never read (nor inflated, nor waited for)."""
+    outcome, seconds = against_receiver(answer(head), POLICY)
+    assert (outcome.delivered, outcome.status) == (True, 200)
+    assert seconds < 10
+
+
 def test_a_4xx_answer_is_final_at_once() -> None:
     outcome, seen, waits = run_delivery([404], POLICY)
     assert (outcome.delivered, outcome.attempts, outcome.status, waits) == (False, 1, 404, [])
