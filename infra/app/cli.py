@@ -6,7 +6,9 @@ worker loads only its role's modules, and a command whose extra is not installed
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -303,8 +305,9 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
         return
     out.mkdir(parents=True, exist_ok=True)
     store = store_from_url(s.artifact_url, s.home)
+    stem = file_stem(outcome.operation_id)
     for number, output in enumerate(outcome.outputs):
-        name = f"{outcome.operation_id}-{number}{EXTENSIONS.get(output.mime_type, '.bin')}"
+        name = f"{stem}-{number}{EXTENSIONS.get(output.mime_type, '.bin')}"
         try:
             data = asyncio.run(store.get(output.uri))
         except ArtifactError as exc:
@@ -312,6 +315,18 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
             continue
         (out / name).write_bytes(data)
         click.echo(str(out / name), err=True)
+
+
+def file_stem(operation_id: str) -> str:
+    """The start of an output's file name under ``--out``: the operation's id when it is a
+    plain name; else its letters, digits, ``.``, ``_`` and ``-`` (the rest as ``_``) and a
+    digest of the whole id, so that no two ids share a name. An operation's id is its
+    request's ``event_id``, the emitter's choice: ``../x`` or ``/etc/x`` must not leave DIR."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", operation_id).lstrip(".")[:100]
+    if safe == operation_id:
+        return safe
+    digest = hashlib.sha256(operation_id.encode()).hexdigest()[:12]
+    return f"{safe}-{digest}" if safe else digest
 
 
 # -- queries ---------------------------------------------------------------------------
