@@ -99,18 +99,28 @@ def verify_signature(
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
+# in a callback's path: what a server or proxy on the way may turn into a step out of the
+# prefix's path (an encoded dot, slash, backslash or percent sign; a backslash; a ";"
+# parameter, as in "/in/..;/admin")
+_CLIMBING = ("%2e", "%2f", "%5c", "%25", "\\", ";")
+
+
 def callback_allowed(url: str, prefix: str) -> bool:
-    """Whether ``url`` is under ``prefix``: the same scheme, host and port, and a path that
-    starts with the prefix's (so ``https://a.example`` never allows ``https://a.example.evil``).
-    Plain http only on loopback (tests, local receivers); no user or password in the URL,
-    no ``.`` or ``..`` segment (they would climb out of the prefix's path)."""
+    """Whether ``url`` is under ``prefix``: the same scheme, host and port, and the prefix's
+    path or one below it, segment by segment (so ``https://a.example`` never allows
+    ``https://a.example.evil``, nor ``/in`` allow ``/inside``). Plain http only on loopback
+    (tests, local receivers); no user or password in the URL, no ``.`` or ``..`` segment
+    and nothing a server may decode into one (``_CLIMBING``)."""
     try:
         got, want = urlsplit(url), urlsplit(prefix)
         ports = got.port, want.port
     except ValueError:
         return False
     secure = got.scheme == "https" or (got.scheme == "http" and got.hostname in LOOPBACK_HOSTS)
+    below = want.path if want.path.endswith("/") else want.path + "/"
+    path = got.path.lower()
     return (secure and got.scheme == want.scheme and got.hostname == want.hostname
             and ports[0] == ports[1] and got.username is None and got.password is None
-            and got.path.startswith(want.path)
-            and not {".", ".."} & set(got.path.lower().replace("%2e", ".").split("/")))
+            and (got.path == want.path or got.path.startswith(below))
+            and not any(part in path for part in _CLIMBING)
+            and not {".", ".."} & set(path.split("/")))

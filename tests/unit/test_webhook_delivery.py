@@ -236,7 +236,8 @@ def test_retry_after_is_honoured_up_to_the_cap() -> None:
 
 # -- admission: which callback URLs may be called ----------------------------------------------
 
-ALLOWED = ("https://hooks.example/aipipe/", "http://127.0.0.1:8080/")
+ALLOWED = ("https://hooks.example/aipipe/", "http://127.0.0.1:8080/",
+           "https://in.example/in")
 
 
 @pytest.mark.parametrize(("url", "allowed"), [
@@ -253,6 +254,13 @@ ALLOWED = ("https://hooks.example/aipipe/", "http://127.0.0.1:8080/")
     ("https://hooks.example/aipipe/%2e%2e/admin", False),
     ("http://127.0.0.1:9090/", False),
     ("https://[::1/", False),
+    ("https://in.example/in", True),
+    ("https://in.example/in/done", True),
+    ("https://in.example/inevil", False),
+    ("https://in.example/in/%252e%252e/admin", False),
+    ("https://in.example/in\\..\\admin", False),
+    ("https://in.example/in/..;/admin", False),
+    ("https://in.example/in/%2F..%2Fadmin", False),
 ])
 def test_a_callback_url_must_be_under_an_allowed_prefix(url: str, allowed: bool) -> None:
     assert any(callback_allowed(url, prefix) for prefix in ALLOWED) is allowed
