@@ -18,7 +18,6 @@ wrapped in ``ProviderError`` with the cause kept: 429, 5xx and timeouts are retr
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from aipipe.streams.generation.provider import (
     ProviderResult,
     VideoJob,
     VideoStatus,
+    decoded_b64,
 )
 
 T = TypeVar("T")
@@ -119,8 +119,8 @@ class OpenAIProvider:
             args["quality"] = quality
         response = await self._call("images.generate", self.client.images.generate(**args))
         mime = MIME.get(response.output_format or "png", "image/png")
-        outputs = tuple(ProviderOutput(mime, data=base64.b64decode(image.b64_json))
-                        for image in response.data or [] if image.b64_json)
+        outputs = tuple([ProviderOutput(mime, data=await decoded_b64(image.b64_json))
+                         for image in response.data or [] if image.b64_json])
         if dalle:
             usage = Usage(image_count=len(outputs), image_variant=f"{quality} {size}")
         else:
