@@ -148,6 +148,9 @@ class FsspecArtifactStore:
             ) from exc
         self.root = root.rstrip("/")
         self.url = self.fs.unstrip_protocol(self.root)
+        # its own threads: uploads slow to a bucket must not queue ahead of the work the
+        # loop's default executor does for others (admission's budget lookups)
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="aipipe-artifacts")
 
     def __repr__(self) -> str:
         return f"FsspecArtifactStore({self.url!r})"
@@ -161,8 +164,8 @@ class FsspecArtifactStore:
 
     async def put(self, data: bytes, mime_type: str) -> Artifact:
         try:
-            digest, path = await asyncio.to_thread(self._put, data, mime_type,
-                                                   digest_on_loop(data))
+            digest, path = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._put, data, mime_type, digest_on_loop(data))
         except OSError as exc:
             raise ArtifactError(f"Cannot store an artifact in {self.url} ({exc}).") from exc
         return Artifact(self.fs.unstrip_protocol(path), mime_type, len(data), digest)

@@ -5,6 +5,7 @@ import hashlib
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,32 @@ def test_a_large_output_is_hashed_off_the_event_loop_and_a_small_one_on_it(
     assert hashed_on == [(len(big), False), (len(PNG), True)]
     assert [a.sha256 for a in stored] == [sha256(big).hexdigest(), sha256(PNG).hexdigest()]
     assert [asyncio.run(store.get(a.uri)) for a in stored] == [big, PNG]
+
+
+@pytest.mark.parametrize("make", STORES)
+def test_a_store_writes_with_its_own_threads_not_the_loops_default_executor(
+    make: Factory, tmp_path: Path
+) -> None:
+    """The default executor runs admission's budget lookups: a slow bucket must not hold
+    them, nor they the outputs."""
+    store = make(tmp_path)
+
+    async def go() -> str:
+        loop = asyncio.get_running_loop()
+        busy = ThreadPoolExecutor(1)
+        loop.set_default_executor(busy)
+        release = threading.Event()
+        held = loop.run_in_executor(None, release.wait, 60)  # the default executor, taken
+        try:
+            big = bytes(range(256)) * (artifacts.HASH_ON_LOOP_BYTES // 256)
+            stored = await asyncio.wait_for(store.put(big, "image/png"), 30)
+            return stored.sha256
+        finally:
+            release.set()
+            await held
+
+    assert asyncio.run(go()) == hashlib.sha256(
+        bytes(range(256)) * (artifacts.HASH_ON_LOOP_BYTES // 256)).hexdigest()
 
 
 def test_the_local_store_leaves_no_temporary_files_and_no_second_copy(tmp_path: Path) -> None:
