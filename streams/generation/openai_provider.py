@@ -82,8 +82,9 @@ class OpenAIProvider:
         return self._client[1]
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
-        try:
-            return await call
+        try:  # the timeout for the whole answer (the SDK's is for each read of it)
+            async with asyncio.timeout(self._timeout):
+                return await call
         except openai.APIStatusError as exc:
             raise ProviderError.from_status(
                 exc.status_code, f"openai {what}: {exc.status_code} {_code(exc)}".rstrip()

@@ -21,6 +21,7 @@ import asyncio
 from typing import Any
 
 import httpx2 as httpx
+import orjson
 from pydantic import SecretStr
 
 from aipipe.schemas.events import OperationAdmitted, Usage
@@ -43,6 +44,8 @@ ENDPOINTS = {
 ASPECT_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 FORM_FIELDS = ("prompt", "negative_prompt", "aspect_ratio", "seed", "output_format")
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # an image's answer (Stable Image answers a few MB)
+MAX_ERROR_BYTES = 64 * 1024  # an error's JSON
 
 
 class StabilityProvider:
@@ -90,29 +93,36 @@ class StabilityProvider:
                                 if k in operation.params}
         if endpoint == "sd3":
             form["model"] = operation.model
-        try:
-            response = await self.client.post(
-                f"/v2beta/stable-image/generate/{endpoint}", data=form,
+        try:  # the timeout for the whole answer, not for each read of it
+            async with asyncio.timeout(self._timeout), self.client.stream(
+                "POST", f"/v2beta/stable-image/generate/{endpoint}", data=form,
                 files={"none": ("", b"")}, headers={"Accept": "image/*"},
-            )
-        except httpx.TimeoutException as exc:
+            ) as response:
+                ok = response.status_code == 200
+                body = await _read_capped(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BYTES,
+                                          endpoint)
+        except TimeoutError as exc:
             raise ProviderError(f"stability {endpoint}: timeout", retryable=True) from exc
-        except (httpx.TransportError, OSError) as exc:
+        except (httpx.HTTPError, OSError) as exc:  # transport, or an answer HTTP cannot read
             raise ProviderError(f"stability {endpoint}: {type(exc).__name__}",
                                 retryable=True) from exc
-        if response.status_code != 200:
+        if not ok:
             raise ProviderError.from_status(
                 response.status_code,
-                f"stability {endpoint}: {response.status_code} {_error_name(response)}".rstrip(),
+                f"stability {endpoint}: {response.status_code} {_error_name(body)}".rstrip(),
             )
-        finish = response.headers.get("finish-reason", "SUCCESS")
-        metadata = {"finish_reason": finish, "seed": response.headers.get("seed", "")}
+        finish = response.headers.get("finish-reason", "SUCCESS")[:100]
+        metadata = {"finish_reason": finish, "seed": response.headers.get("seed", "")[:100]}
         if finish != "SUCCESS":
             return ProviderResult(success=False, usage=Usage(image_count=0), metadata=metadata,
                                   error_message=f"no image returned (finish reason {finish})")
-        mime = response.headers.get("content-type", "image/png").split(";")[0]
+        mime = response.headers.get("content-type", "image/png").split(";")[0].strip().lower()
+        if not mime.startswith("image/") or not body:
+            # (a proxy's or a wrong base URL's page is no image, and is not billed as one)
+            raise ProviderError(f"stability {endpoint}: 200 with {mime or 'no type'} of "
+                                f"{len(body)} bytes, not an image", retryable=True)
         return ProviderResult(success=True, usage=Usage(image_count=1), metadata=metadata,
-                              outputs=(ProviderOutput(mime, data=response.content),))
+                              outputs=(ProviderOutput(mime, data=body),))
 
     async def generate_text(self, operation: OperationAdmitted) -> ProviderResult:
         raise ProviderError("stability: text generation is not offered", status=400,
@@ -127,9 +137,27 @@ class StabilityProvider:
                             retryable=False)
 
 
-def _error_name(response: httpx.Response) -> str:
+async def _read_capped(response: httpx.Response, limit: int, endpoint: str) -> bytes:
+    """The answer's body, refused (not retried: the same request gets the same answer) once
+    it passes ``limit`` bytes, before reading it when its Content-Length says so."""
+    def over(size: int) -> ProviderError:
+        return ProviderError(f"stability {endpoint}: an answer of over {size} bytes, past the "
+                             f"{limit}-byte limit", retryable=False)
+
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise over(int(declared))
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise over(len(body))
+    return bytes(body)
+
+
+def _error_name(body: bytes) -> str:
     try:
-        body = response.json()
-    except ValueError:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return ""
-    return str(body.get("name", "")) if isinstance(body, dict) else ""
+    return str(parsed.get("name", ""))[:200] if isinstance(parsed, dict) else ""

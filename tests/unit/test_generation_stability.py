@@ -134,3 +134,67 @@ def test_a_timeout_is_retryable() -> None:
         with pytest.raises(ProviderError) as caught:
             asyncio.run(slow.generate_image(op("stable-image-core")))
     assert caught.value.retryable and caught.value.status is None
+
+
+def hostile(head: bytes, drip: bytes = b"", timeout: float = 1.0) -> tuple[Any, float]:
+    """One image call against a local server that answers ``head``, then ``drip`` a byte
+    every 0.1 s: the provider's error (or result) and how long the call took."""
+    async def go() -> tuple[Any, float]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.read(65536)
+                writer.write(head)
+                for byte in drip:
+                    await writer.drain()
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.1)
+                await writer.drain()
+                await asyncio.sleep(30)
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        slow = StabilityProvider(api_key=SecretStr("k"), base_url=f"http://127.0.0.1:{port}",
+                                 timeout_seconds=timeout)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await slow.generate_image(op("stable-image-core")), loop.time() - started
+        except ProviderError as exc:
+            return exc, loop.time() - started
+        finally:
+            server.close()
+
+    return asyncio.run(go())
+
+
+def test_an_answer_that_drips_is_cut_off_at_the_timeout_for_the_whole_answer() -> None:
+    """httpx's timeout is per read: a byte every 0.1 s would have taken 100 s."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    error, seconds = hostile(head, drip=b"x" * 1000)
+    assert isinstance(error, ProviderError) and error.retryable
+    assert str(error) == "stability core: timeout" and seconds < 10
+
+
+def test_an_answer_past_the_size_limit_is_refused_before_it_is_read() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 99999999999\r\n\r\n"
+    error, seconds = hostile(head, timeout=30)
+    assert isinstance(error, ProviderError) and not error.retryable
+    assert "past the 67108864-byte limit" in str(error) and seconds < 10
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 15\r\n\r\n<html>hi</html>",
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\n"
+    b"Content-Length: 8\r\n\r\nnot gzip",
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 0\r\n\r\n",
+], ids=["html-page", "body-not-gzip", "empty"])
+def test_a_200_that_is_not_an_image_is_a_retryable_failure_not_a_billed_image(
+    head: bytes
+) -> None:
+    """What a wrong base URL or a proxy answers: the breaker counts it, nothing is billed."""
+    error, _ = hostile(head, timeout=30)
+    assert isinstance(error, ProviderError) and error.retryable
