@@ -6,6 +6,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from aipipe.schemas.events import (
     OperationAdmitted,
     OperationCompleted,
@@ -16,6 +18,53 @@ from aipipe.schemas.events import (
 from aipipe.schemas.prices import PriceTable
 from aipipe.streams.generation.outputs import record
 from aipipe.streams.generation.provider import ProviderResult
+
+#: a provider's string (an error, an id, a finish reason) as an event keeps it, in characters
+MAX_PROVIDER_TEXT = 1000
+#: levels of nesting and items per level kept of a provider's metadata below the event's
+METADATA_DEPTH, METADATA_ITEMS = 4, 50
+#: metadata past this many bytes of JSON keeps its scalar values only
+METADATA_BYTES = 16 * 1024
+_INT64 = 2 ** 63
+
+
+def cut(text: str | None) -> str | None:
+    """``text`` at most ``MAX_PROVIDER_TEXT`` characters (the rest said, not kept)."""
+    if text is None or len(text) <= MAX_PROVIDER_TEXT:
+        return text
+    return f"{text[:MAX_PROVIDER_TEXT]}… ({len(text) - MAX_PROVIDER_TEXT} more characters)"
+
+
+def bounded(value: Any, depth: int = 1) -> Any:
+    """A provider's value as an event may carry it: strings cut, at most ``METADATA_DEPTH``
+    levels of ``METADATA_ITEMS`` items, integers within 64 bits, anything else as text.
+
+    What a provider answers goes into the completion, which must stay a valid event under
+    the producer's size limit: an error code of a megabyte made the completion too large
+    to send (the worker stopped, and stopped again on the re-run after its restart), and
+    metadata nested 40 deep made it one that no consumer decodes (its cost row was lost)."""
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value < _INT64 else cut(str(value))
+    if isinstance(value, str):
+        return cut(value)
+    if isinstance(value, dict | list | tuple):
+        if depth >= METADATA_DEPTH:
+            return f"({type(value).__name__} of {len(value)} items, nested too deep to keep)"
+        if isinstance(value, dict):
+            return {str(cut(str(k))): bounded(v, depth + 1)
+                    for k, v in list(value.items())[:METADATA_ITEMS]}
+        return [bounded(v, depth + 1) for v in list(value)[:METADATA_ITEMS]]
+    return cut(str(value))
+
+
+def bounded_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    kept: dict[str, Any] = bounded(dict(metadata))
+    if len(orjson.dumps(kept, default=str)) > METADATA_BYTES:
+        kept = {k: v if not isinstance(v, dict | list) else "(cut: the metadata was too large)"
+                for k, v in kept.items()}
+    return kept
 
 
 def completed(
@@ -33,7 +82,7 @@ def completed(
     """
     cost = prices.cost(operation.model, result.usage) if result.success else Decimal(0)
     outputs = [r for r in map(record, result.outputs) if r is not None]
-    metadata = dict(result.metadata)
+    metadata = bounded_metadata(result.metadata)
     if len(outputs) < len(result.outputs):
         metadata["outputs_not_stored"] = len(result.outputs) - len(outputs)
     return OperationCompleted(
@@ -51,7 +100,7 @@ def completed(
         cost_usd=cost,
         price_version=prices.version,
         duration_ms=max(0, duration_ms),
-        error_message=result.error_message,
+        error_message=cut(result.error_message),
         poll_count=poll_count,
         metadata=metadata,
         outputs=outputs,

@@ -30,7 +30,7 @@ from aipipe.schemas.events import (
 )
 from aipipe.schemas.prices import PriceTable
 from aipipe.streams.generation.backoff import PollSchedule
-from aipipe.streams.generation.complete import completed, failed
+from aipipe.streams.generation.complete import completed, cut, failed
 from aipipe.streams.generation.provider import ProviderError, ProviderResult, VideoStatus
 
 VIDEO_TIMEOUT = "video_timeout"
@@ -62,7 +62,7 @@ def after_poll(
     """The events that follow poll ``attempt`` of ``started`` with this ``outcome``."""
     elapsed = max(0.0, (now - started.occurred_at).total_seconds())
     duration_ms = round(elapsed * 1000)
-    error = str(outcome) if isinstance(outcome, ProviderError) else outcome.error_message
+    error = cut(str(outcome) if isinstance(outcome, ProviderError) else outcome.error_message)
     done = isinstance(outcome, VideoStatus) and outcome.done
 
     def polled(final: bool) -> VideoPolled:

@@ -31,7 +31,7 @@ from aipipe.schemas.prices import PriceTable, price_table_at
 from aipipe.streams.admission.params import ParamLimits, params_problem
 from aipipe.streams.artifacts.store import ArtifactStore
 from aipipe.streams.generation.backoff import PollSchedule
-from aipipe.streams.generation.complete import completed, failed
+from aipipe.streams.generation.complete import bounded, completed, failed
 from aipipe.streams.generation.guard import (
     PROVIDER_UNAVAILABLE,
     CircuitOpenError,
@@ -51,6 +51,7 @@ from aipipe.streams.generation.provider import (
 
 T = TypeVar("T")
 INTERNAL_ERROR = "internal_error"
+MAX_PROVIDER_OPERATION = 2048  # characters of a video's name at its provider, which polls carry
 log = structlog.get_logger("aipipe.generation")
 Report = Callable[..., None]
 
@@ -118,6 +119,11 @@ class Generation:
             return [completed(operation, result, prices, 0, self.clock())]
         events: list[Event] = []
         operation, outcome, fallback = await self._routed(events, operation, prices)
+        if isinstance(outcome, VideoJob) and len(outcome.name) > MAX_PROVIDER_OPERATION:
+            result = failed("provider_answer_invalid", (
+                f"The provider named the started video with {len(outcome.name)} characters, "
+                f"more than the {MAX_PROVIDER_OPERATION} a poll may carry; it is not polled."))
+            return [*events, completed(operation, result, prices, 0, self.clock())]
         if isinstance(outcome, VideoJob):
             video = VideoStarted(
                 **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
@@ -125,7 +131,8 @@ class Generation:
                 requested_at=operation.requested_at,
                 client_occurred_at=operation.client_occurred_at,
                 callback_url=operation.callback_url, provider=operation.provider,
-                model=operation.model, provider_operation=outcome.name, job=outcome.metadata,
+                model=operation.model, provider_operation=outcome.name,
+                job=bounded(outcome.metadata),
                 fallback=fallback,
             )
             return [*events, video, schedule_poll(video, 1, self.schedule, self.clock())]
