@@ -51,7 +51,12 @@ from aipipe.infra import metrics
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.producers import tracing
 from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
-from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
+from aipipe.schemas.deadletter import (
+    MAX_KEY_BYTES,
+    deadletter_headers,
+    deadletter_value,
+    kept_headers,
+)
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 
 log = structlog.get_logger("aipipe.sink")
@@ -639,9 +644,10 @@ class BatchingSink(Generic[Row]):
         value, cut = deadletter_value(message.value())  # a dead letter always fits
         headers = message.headers() or []
         original = list(headers.items()) if isinstance(headers, dict) else headers
+        key = message.key()
         self.deadletters.send_raw(
             self.deadletter_topic,
-            message.key(),
+            key[:MAX_KEY_BYTES] if key else key,
             value,
             deadletter_headers(
                 reason=reason, error=error, stage=stage,

@@ -24,13 +24,28 @@ MAX_VALUE_BYTES = 512 * 1024
 
 
 MAX_KEPT_HEADER_BYTES = 64 * 1024
+MAX_KEPT_HEADERS = 100
+#: the bytes a record header costs beside its name and value (lengths and count as varints)
+HEADER_OVERHEAD_BYTES = 10
+#: the characters of a reason (or an error's name) a dead letter carries: a reason names a
+#: field, and a hostile event's field name can be most of a megabyte
+MAX_REASON_CHARS = 1000
+MAX_KEY_BYTES = 1024  # of the original key
 
 
 def kept_headers(original: Iterable[tuple[str, str | bytes | None]] | None) -> Headers:
-    """The original headers a dead letter keeps: all of them, unless they are oversized."""
+    """The original headers a dead letter keeps: all of them, unless they are too many or
+    too large (in bytes, each header's own cost counted, an empty one's too)."""
     headers = list(original or [])
-    size = sum(len(name) + len(value or b"") for name, value in headers)
-    return headers if size <= MAX_KEPT_HEADER_BYTES else [(TRUNCATED + ".headers", str(size))]
+    size = sum(len(name.encode(errors="replace")) + len(value or b"") + HEADER_OVERHEAD_BYTES
+               for name, value in headers[:MAX_KEPT_HEADERS + 1])
+    if len(headers) <= MAX_KEPT_HEADERS and size <= MAX_KEPT_HEADER_BYTES:
+        return headers
+    return [(TRUNCATED + ".headers", f"{len(headers)} headers")]
+
+
+def cut_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def deadletter_value(value: bytes | None) -> tuple[bytes, Headers]:
@@ -54,8 +69,8 @@ def deadletter_headers(
     kept = original.items() if isinstance(original, Mapping) else original
     return [
         *kept,
-        (REASON, reason.encode()),
-        (ERROR, error.encode()),
+        (REASON, cut_reason(reason).encode()),
+        (ERROR, cut_reason(error, 200).encode()),
         (STAGE, stage.encode()),
         (TOPIC, topic.encode()),
         (PARTITION, str(partition).encode()),

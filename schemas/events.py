@@ -593,7 +593,7 @@ def shown(value: object, limit: int = 60) -> str:
 def _one_sentence(event_type: str, exc: ValidationError) -> str:
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"] if str(part) != event_type]
-    field = ".".join(loc) or "(the event)"
+    field = ".".join(loc)[:100] or "(the event)"  # (a field's name is the sender's)
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     if first["type"] == "missing":
         return f"Field '{field}' is missing from this {event_type} event; add it{more}."

@@ -38,7 +38,12 @@ from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.infra.settings import Settings
 from aipipe.producers import tracing
 from aipipe.producers.producer import headers_for
-from aipipe.schemas.deadletter import deadletter_headers, deadletter_value, kept_headers
+from aipipe.schemas.deadletter import (
+    MAX_KEY_BYTES,
+    deadletter_headers,
+    deadletter_value,
+    kept_headers,
+)
 from aipipe.schemas.errors import EventDecodeError
 from aipipe.schemas.events import (
     Event,
@@ -180,7 +185,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         value, cut = deadletter_value(message.value)
         metrics.DEAD_LETTERS.labels(stage).inc()
         await deadletter.send(
-            key=message.key[:1024] if message.key else message.key,
+            key=message.key[:MAX_KEY_BYTES] if message.key else message.key,
             value=value,
             headers=deadletter_headers(
                 reason=reason, error=type(exc).__name__, stage=stage, topic=message.topic,

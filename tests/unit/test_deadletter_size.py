@@ -1,0 +1,60 @@
+"""A dead letter always fits in what the producer sends (1,000,000 bytes), whatever the
+message it carries: sending it must never fail, or the worker stops on that message again
+after every restart."""
+
+import orjson
+import pytest
+
+from aipipe.schemas.deadletter import (
+    MAX_REASON_CHARS,
+    REASON,
+    TRUNCATED,
+    deadletter_headers,
+    deadletter_value,
+    kept_headers,
+    read_headers,
+)
+from aipipe.schemas.errors import EventDecodeError
+from aipipe.schemas.events import MAX_EVENT_BYTES, OperationRequested, decode, encode
+
+PRODUCER_LIMIT = 1_000_000
+
+
+def record_bytes(key: bytes, value: bytes, headers: list[tuple[str, str | bytes | None]]) -> int:
+    return len(key) + len(value) + sum(len(n.encode()) + len(v or b"") + 10 for n, v in headers)
+
+
+def dead_letter(value: bytes, headers: list[tuple[str, str | bytes | None]]) -> tuple[str, int]:
+    with pytest.raises(EventDecodeError) as caught:
+        decode(value)
+    kept, cut = deadletter_value(value)
+    out = deadletter_headers(reason=caught.value.reason, error="EventDecodeError",
+                             stage="admission", topic="aipipe.operation.requested",
+                             partition=0, offset=7, original=[*kept_headers(headers), *cut])
+    return read_headers(out)[REASON], record_bytes(b"acme", kept, out)
+
+
+def test_a_field_name_of_most_of_a_megabyte_gives_a_reason_of_one_sentence() -> None:
+    request = orjson.loads(encode(OperationRequested(
+        client_id="acme", request_id="r1", operation_type="image_generation",
+        model="gemini-2.5-flash-image", params={"prompt": "a lighthouse"})))
+    request["k" * 990_000] = 1  # not a field: refused, and named in the reason
+    value = orjson.dumps(request)
+    assert len(value) <= MAX_EVENT_BYTES
+    reason, size = dead_letter(value, [])
+    assert len(reason) <= MAX_REASON_CHARS + 50 and reason.startswith("Field 'kkkk")
+    assert size < PRODUCER_LIMIT
+
+
+def test_many_empty_headers_are_counted_and_replaced_by_their_count() -> None:
+    headers: list[tuple[str, str | bytes | None]] = [("", None)] * 300_000
+    kept = kept_headers(headers)
+    assert kept == [(TRUNCATED + ".headers", "300000 headers")]
+    _, size = dead_letter(b"not json", headers)
+    assert size < PRODUCER_LIMIT
+
+
+def test_a_few_ordinary_headers_are_kept_as_they_came() -> None:
+    headers: list[tuple[str, str | bytes | None]] = [("traceparent", b"00-" + b"1" * 52),
+                                                      ("x", None)]
+    assert kept_headers(headers) == headers
