@@ -94,7 +94,11 @@ class GeminiProvider:
         self._vertex_project = vertex_project
         self._vertex_location = vertex_location
         self._vertex_token = vertex_access_token
-        self._http = types.HttpOptions(base_url=base_url, timeout=int(timeout_seconds * 1000))
+        # one HTTP request per attempt: the guard retries, behind the breaker. Without retry
+        # options the SDK's aiohttp path silently sent a request again when the server hung
+        # up (two calls, each possibly billed, for one attempt)
+        self._http = types.HttpOptions(base_url=base_url, timeout=int(timeout_seconds * 1000),
+                                       retry_options=types.HttpRetryOptions(attempts=1))
         self._api_client: genai.Client | None = None
         self._vertex_client: genai.Client | None = None
 

@@ -177,3 +177,29 @@ def test_a_bucket_outside_the_setting_is_refused_before_any_call(fake: FakeGemin
     assert isinstance(done, OperationCompleted) and not done.success
     assert "AIPIPE_VIDEO_OUTPUT_BUCKETS" in (done.error_message or "")
     assert fake.calls("predictLongRunning") == []
+
+
+def test_a_server_that_hangs_up_gets_one_request_per_attempt() -> None:
+    """The SDK's own retry of a hang-up is off: the guard's attempts (behind the breaker) are
+    the only ones, so one attempt is one call that a provider may bill."""
+    requests = []
+
+    async def go() -> ProviderError:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.close()  # no answer at all
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        gemini = GeminiProvider(api_key=SecretStr("k"), base_url=f"http://127.0.0.1:{port}",
+                                timeout_seconds=30)
+        try:
+            await gemini.generate_image(op("image_generation", "gemini-2.5-flash-image"))
+        except ProviderError as exc:
+            return exc
+        finally:
+            server.close()
+        raise AssertionError("a hang-up was taken for an answer")
+
+    error = asyncio.run(go())
+    assert error.retryable and len(requests) == 1
