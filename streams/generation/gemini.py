@@ -13,8 +13,8 @@ store; a video Veo wrote to Cloud Storage (``output_gcs_uri``) is referenced by 
 bucket in ``video_output_buckets`` (``AIPIPE_VIDEO_OUTPUT_BUCKETS``).
 
 Keys come from settings as ``SecretStr`` and go only into the SDK's clients. The SDK's
-own retries are off (one attempt in its retry options); retries and the circuit breaker are ``guard.py``'s.
-SDK and transport errors are wrapped in ``ProviderError`` with the cause kept.
+own retries are off (one attempt in its retry options); retries and the circuit breaker
+are ``guard.py``'s. SDK and transport errors are wrapped in ``ProviderError`` with the cause kept.
 """
 
 from __future__ import annotations
