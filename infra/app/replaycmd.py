@@ -146,7 +146,7 @@ def print_verdict(manifest: Manifest, verdict: Verdict) -> None:
             f"The rebuilt projection matches the live one exactly: {live['operations']} "
             f"operations, ${live['cost_usd']}, {live['clients']} clients, {verdict.buckets} "
             f"client-days (replay {manifest.replay_id}, offsets {_ranges(manifest)}).",
-            highlight=False, soft_wrap=True,
+            highlight=False, soft_wrap=True, markup=False,
         )
         return
     console.print(
@@ -154,10 +154,10 @@ def print_verdict(manifest: Manifest, verdict: Verdict) -> None:
         f"places: live {live['operations']} operations ${live['cost_usd']}, rebuilt "
         f"{rebuilt['operations']} operations ${rebuilt['cost_usd']} (replay "
         f"{manifest.replay_id}, offsets {_ranges(manifest)}).",
-        highlight=False, soft_wrap=True,
+        highlight=False, soft_wrap=True, markup=False,
     )
-    for difference in verdict.differences:
-        console.print(f"  {difference}", highlight=False, soft_wrap=True)
+    for difference in verdict.differences:  # (client ids: data, not markup)
+        console.print(f"  {difference}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _ranges(manifest: Manifest) -> str:
