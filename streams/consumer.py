@@ -51,14 +51,60 @@ high watermark while nothing is in flight and nothing arrives is fetched again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Set
 from typing import Any
 
 import structlog
+from aiokafka.consumer.fetcher import FetchResult
+from aiokafka.structs import ConsumerRecord
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.utils.functional import consecutive_numbers
 
 log = structlog.get_logger("aipipe.streams.consumer")
+
+#: the header of a stand-in for a record the Kafka client could not read (its reason)
+UNREADABLE = "aipipe.unreadable"
+UNREADABLE_REASON = (
+    "A header name of this record is not UTF-8, which the streams' Kafka client (aiokafka) "
+    "cannot read, so it was skipped unread: the record stays at the topic, partition and "
+    "offset named here; send header names in UTF-8.")
+
+
+def _getall(self: Any, max_records: int | None = None) -> list[Any]:
+    """aiokafka's ``FetchResult.getall``, except for a record it cannot parse.
+
+    aiokafka decodes header names as strict UTF-8: one record with another header name
+    (the broker takes any bytes) raised for its partition on every fetch, which stopped
+    faust's fetcher and the worker, and again after each restart. The record it cannot
+    parse is handed on as a stand-in (no key or value, a ``UNREADABLE`` header with the
+    reason) that the stage dead-letters, and the partition's fetch goes on after it."""
+    tp = self._topic_partition
+    if not self.check_assignment(tp) or not self.has_more():
+        return []
+    records, out = self._partition_records, []
+    try:
+        for record in records:
+            out.append(record)
+            if max_records is not None and len(out) >= max_records:
+                self._update_position()
+                break
+        else:
+            self._update_position()
+            self._partition_records = None
+    except UnicodeDecodeError as exc:
+        offset = records.next_fetch_offset  # where the record that failed begins
+        log.error("kafka_record_unreadable", topic=tp.topic, partition=tp.partition,
+                  offset=offset, error=str(exc))
+        out.append(ConsumerRecord(
+            topic=tp.topic, partition=tp.partition, offset=offset,
+            timestamp=int(time.time() * 1000), timestamp_type=0, key=None, value=None,
+            checksum=None, serialized_key_size=-1, serialized_value_size=-1,
+            headers=[(UNREADABLE, UNREADABLE_REASON.encode())]))
+        records.next_fetch_offset = offset + 1
+        self._update_position()
+        self._partition_records = None  # (the rest of that fetch is fetched again)
+    return out
 
 
 class SafeSeekConsumer(faust_aiokafka.Consumer):
@@ -191,5 +237,7 @@ class _NoReadOffsets(dict[Any, "int | None"]):
 
 
 def use_safe_seek_consumer(app: Any) -> None:
-    """Make ``app`` build its consumer from ``SafeSeekConsumer``."""
+    """Make ``app`` build its consumer from ``SafeSeekConsumer``, which hands on a record
+    aiokafka cannot parse as a stand-in (``_getall``)."""
     app.transport.Consumer = SafeSeekConsumer
+    FetchResult.getall = _getall
