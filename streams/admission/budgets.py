@@ -148,19 +148,24 @@ class BudgetGate:
         self._cache: dict[str, tuple[float, BudgetState | None]] = {}
         self._failing = False
         self._lookup: asyncio.Future[dict[str, BudgetState | None]] | None = None
+        self._asked: set[str] = set()  # the clients the lookup in flight asks about
 
-    async def _fresh(self, clients: set[str], moment: float) -> dict[str, BudgetState | None]:
-        """Ask ClickHouse about ``clients``, waiting at most ``wait_seconds`` for it."""
+    async def _fresh(self, clients: set[str],
+                     moment: float) -> tuple[dict[str, BudgetState | None], set[str]]:
+        """Ask ClickHouse about ``clients``, waiting at most ``wait_seconds`` for it: the
+        answers, and the clients the lookup asked about. One lookup runs at a time: with one
+        in flight (started by an earlier batch, for its clients) this waits for that one."""
         if self._lookup is None:
             started = asyncio.ensure_future(asyncio.to_thread(self._refresh, clients))
             started.add_done_callback(lambda done: self._late(done, moment))
-            self._lookup = started
+            self._lookup, self._asked = started, set(clients)
+        asked = self._asked
         try:
-            return await asyncio.wait_for(asyncio.shield(self._lookup), self.wait_seconds)
+            return await asyncio.wait_for(asyncio.shield(self._lookup), self.wait_seconds), asked
         except TimeoutError:
             log.warning("budget_lookup_slow", wait_seconds=self.wait_seconds,
                         effect="last known spend used; unknown clients admitted")
-            return {}
+            return {}, asked
 
     def _late(self, done: asyncio.Future[dict[str, BudgetState | None]], moment: float) -> None:
         """Cache what a lookup found, also when admission stopped waiting for it."""
@@ -180,8 +185,11 @@ class BudgetGate:
                  if c not in self._cache or moment - self._cache[c][0] >= self.cache_seconds}
         fresh: dict[str, BudgetState | None] = {}
         if stale:
-            fresh = await self._fresh(stale, moment)
-            for client in stale - set(fresh):  # not answered: keep what was known, retry later
+            answers, asked = await self._fresh(stale, moment)
+            # (a lookup started for another batch answers for its clients: those of this
+            # batch it did not ask about stay stale, and the next batch asks about them)
+            fresh = {c: state for c, state in answers.items() if c in stale}
+            for client in (stale & asked) - set(fresh):  # asked, no answer: keep what was
                 self._cache[client] = (moment, self._cache.get(client, (0.0, None))[1])
             for client, state in fresh.items():
                 self._cache[client] = (moment, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -328,3 +329,65 @@ def test_the_price_table_is_chosen_at_the_pipelines_clock() -> None:
     assert isinstance(decided, OperationAdmitted)
     assert asked == [NOW] and decided.requested_at == NOW
     assert decided.client_occurred_at == datetime(2001, 1, 1, tzinfo=UTC)
+
+
+def test_a_batch_that_meets_a_slow_lookup_of_other_clients_asks_about_its_own_next() -> None:
+    """A lookup runs one at a time: a batch that finds one in flight for other clients
+    takes no answer of theirs (a KeyError failed its whole batch) and leaves its own clients
+    to be asked about by the next batch, not cached as unknown."""
+    release = threading.Event()
+    asked: list[set[str]] = []
+
+    class SlowStore(FakeStore):
+        def budgets(self, client_ids: Iterable[str] | None = None) -> dict[str, Budget]:
+            asked.append(set(client_ids or ()))
+            release.wait(30)
+            return super().budgets(client_ids)
+
+    store = SlowStore({}, {"alice": Decimal("45"), "bob": Decimal("49")})
+    budgets = BudgetGate(lambda: store, RedisLatch(LocalRedis(), "p:budget"),  # type: ignore[arg-type, return-value]
+                         default_usd=Decimal("50"), wait_seconds=0.2, now=lambda: NOW)
+
+    async def go() -> tuple[Any, ...]:
+        first = await budgets.states([request("alice", 1)])  # its lookup outlives the wait
+        second = await budgets.states([request("bob", 1)])  # meets it in flight
+        release.set()
+        while budgets._lookup is not None:
+            await asyncio.sleep(0.01)
+        third = await budgets.states([request("alice", 2), request("bob", 2)])
+        return first, second, third
+
+    first, second, third = asyncio.run(go())
+    assert first == ({"alice": None}, []) and second == ({"bob": None}, [])
+    assert asked == [{"alice"}, {"bob"}]  # bob asked about by the next batch
+    states, notices = third
+    assert states["alice"] is not None and states["bob"] is not None  # alice: the late answer
+    assert sorted((n.client_id, n.threshold_percent) for n in notices) == [
+        ("bob", 80), ("bob", 90)]  # (alice's comes with her next lookup, as before)
+
+
+def test_an_answer_for_other_clients_that_comes_while_a_batch_waits_is_not_its_own() -> None:
+    release = threading.Event()
+
+    class SlowStore(FakeStore):
+        def budgets(self, client_ids: Iterable[str] | None = None) -> dict[str, Budget]:
+            release.wait(30)
+            return super().budgets(client_ids)
+
+    store = SlowStore({}, {"alice": Decimal("45")})
+    budgets = BudgetGate(lambda: store, RedisLatch(LocalRedis(), "p:budget"),  # type: ignore[arg-type, return-value]
+                         default_usd=Decimal("50"), wait_seconds=0.5, now=lambda: NOW)
+
+    async def go() -> tuple[Any, ...]:
+        await budgets.states([request("alice", 1)])  # outlives its wait
+
+        async def answer_soon() -> None:
+            await asyncio.sleep(0.05)
+            release.set()
+
+        answering = asyncio.ensure_future(answer_soon())
+        second = await budgets.states([request("bob", 1)])  # alice's answer comes meanwhile
+        await answering
+        return second
+
+    assert asyncio.run(go()) == ({"bob": None}, [])  # (a KeyError for alice before)
