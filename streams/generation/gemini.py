@@ -47,8 +47,8 @@ def usage_from_response(response: types.GenerateContentResponse) -> Usage:
         1
         for candidate in response.candidates or []
         for part in (candidate.content.parts if candidate.content else None) or []
-        if part.inline_data is not None
-        and (part.inline_data.mime_type or "").startswith("image/")
+        if part.inline_data is not None and part.inline_data.data  # (an image without bytes
+        and (part.inline_data.mime_type or "").startswith("image/")  # is none)
     )
     if meta is None:
         return Usage(image_count=images)
@@ -229,15 +229,20 @@ class GeminiProvider:
             filtered = polled.result.rai_media_filtered_reasons if polled.result else None
             return VideoStatus(done=True, error_message=f"no video returned ({filtered})")
         seconds = Decimal(int(job.metadata.get("duration_seconds", DEFAULT_VIDEO_SECONDS)))
+        # the videos that exist, at most the one asked for (number_of_videos): an answer
+        # listing 50 entries, empty or not, is not 50 videos' seconds
+        made = [v for v in videos if v.video and (v.video.uri or v.video.video_bytes)][:1]
+        if not made:
+            return VideoStatus(done=True, error_message="no video returned (empty entries)")
         outputs = tuple(
             ProviderOutput(v.video.mime_type or "video/mp4", uri=v.video.uri)
             if v.video.uri else
             ProviderOutput(v.video.mime_type or "video/mp4", data=v.video.video_bytes)
-            for v in videos if v.video and (v.video.uri or v.video.video_bytes)
+            for v in made if v.video
         )
         return VideoStatus(
             done=True,
-            usage=Usage(video_seconds=seconds * len(videos)),
-            metadata={"videos": [v.video.uri for v in videos if v.video and v.video.uri]},
+            usage=Usage(video_seconds=seconds * len(made)),
+            metadata={"videos": [v.video.uri for v in made if v.video and v.video.uri]},
             outputs=outputs,
         )

@@ -119,11 +119,19 @@ class OpenAIProvider:
                 )
             args["quality"] = quality
         response = await self._call("images.generate", self.client.images.generate(**args))
+        try:
+            return await self._images(response, n, dalle, f"{quality} {size}")
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise _garbled("images.generate", exc) from exc
+
+    async def _images(self, response: Any, n: int, dalle: bool,
+                      variant: str) -> ProviderResult:
         mime = MIME.get(response.output_format or "png", "image/png")
+        # (at most the n images asked for: more are not kept, nor billed)
         outputs = tuple([ProviderOutput(mime, data=await decoded_b64(image.b64_json))
-                         for image in response.data or [] if image.b64_json])
+                         for image in (response.data or [])[:n] if image.b64_json])
         if dalle:
-            usage = Usage(image_count=len(outputs), image_variant=f"{quality} {size}")
+            usage = Usage(image_count=len(outputs), image_variant=variant)
         else:
             tokens = response.usage
             usage = Usage(
@@ -146,6 +154,13 @@ class OpenAIProvider:
             args["max_completion_tokens"] = int(params["max_output_tokens"])
         response = await self._call("chat.completions.create",
                                     self.client.chat.completions.create(**args))
+        try:
+            return self._text(response)
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise _garbled("chat.completions.create", exc) from exc
+
+    @staticmethod
+    def _text(response: Any) -> ProviderResult:
         tokens = response.usage
         usage = Usage(
             input_tokens=tokens.prompt_tokens if tokens else None,
@@ -166,6 +181,13 @@ class OpenAIProvider:
 
     async def poll_video(self, model: str, job: VideoJob, attempt: int) -> VideoStatus:
         raise _bad_request("openai: video generation is not offered through aipipe")
+
+
+def _garbled(what: str, exc: Exception) -> ProviderError:
+    """A 2xx answer that is not the API's (a wrong base URL's page, a proxy's, a broken
+    body): a failed attempt, which the breaker counts, not an error of aipipe's."""
+    return ProviderError(f"openai {what}: an answer that is not the API's "
+                         f"({type(exc).__name__})", retryable=True)
 
 
 def _code(exc: openai.APIStatusError) -> str:
