@@ -152,6 +152,10 @@ class GeminiProvider:
             ) from exc
         except (TimeoutError, OSError) as exc:
             raise ProviderError(f"gemini {what}: {type(exc).__name__}", retryable=True) from exc
+        except ValueError as exc:  # a 2xx the SDK cannot read (a wrong base URL's page, a
+            # proxy's): a failed attempt the breaker counts, not an error of aipipe's
+            raise ProviderError(f"gemini {what}: an answer that is not the API's "
+                                f"({type(exc).__name__})", retryable=True) from exc
         except Exception as exc:  # the transports' own errors (aiohttp, httpx)
             if type(exc).__module__.split(".")[0] in ("aiohttp", "httpx", "httpcore"):
                 raise ProviderError(

@@ -94,3 +94,13 @@ def test_a_veo_answer_of_empty_entries_is_no_video_and_no_seconds() -> None:
     status = answering(body, "application/json", poll)
     assert status.done and status.error_message is not None and not status.outputs
     assert not status.usage.video_seconds
+
+
+def test_a_gemini_answer_that_is_not_the_apis_is_a_retryable_failure() -> None:
+    async def image(base: str) -> Any:
+        gemini = GeminiProvider(api_key=SecretStr("k"), base_url=base, timeout_seconds=10)
+        return await gemini.generate_image(op("gemini", "gemini-2.5-flash-image"))
+
+    error = answering(b"<html><body>Welcome to nginx!</body></html>", "text/html", image)
+    assert isinstance(error, ProviderError) and error.retryable, error
+    assert "an answer that is not the API's" in str(error)
