@@ -77,7 +77,10 @@ class AdmissionGate:
     def check(self, request: OperationRequested) -> Check:
         limits = self.limits.current()
         return Check(
-            member=request.event_id,
+            # the client's own request: a duplicate (admitted again without a slot) is the
+            # same client's same event_id; another client reusing an admitted id, in the
+            # model's shared log, is a new request that needs a slot of its own
+            member=f"{request.client_id}\x1f{request.event_id}",
             client_key=self.client_prefix + request.client_id,
             client_limit=limits.for_client(request.client_id),
             model_key=self.model_prefix + request.model,

@@ -183,7 +183,8 @@ def redis_client(url: str, timeout_ms: int) -> aioredis.Redis:
 
 
 class RedisRateLimitStore:
-    """Sliding logs as sorted sets (score: Redis time in us, member: the request id)."""
+    """Sliding logs as sorted sets (score: Redis time in us; member: the client and the
+    request's event id)."""
 
     backend: Backend = "redis"
 

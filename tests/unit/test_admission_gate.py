@@ -23,7 +23,7 @@ from aipipe.streams.admission.budgets import (
 )
 from aipipe.streams.admission.gate import AdmissionGate, usd
 from aipipe.streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
-from aipipe.streams.admission.limits import LimitsSource
+from aipipe.streams.admission.limits import Limits, LimitsSource
 from aipipe.streams.admission.window import Check, Outcome
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
@@ -391,3 +391,20 @@ def test_an_answer_for_other_clients_that_comes_while_a_batch_waits_is_not_its_o
         return second
 
     assert asyncio.run(go()) == ({"bob": None}, [])  # (a KeyError for alice before)
+
+
+def test_another_clients_request_reusing_an_admitted_event_id_needs_a_slot_of_its_own() -> None:
+    """A duplicate is admitted again without a slot: only the same client's same request.
+    Another client reusing an admitted id (ids are the emitter's) took the model's quota
+    for free, once per client that reused it."""
+    source = LimitsSource(Limit(100, 60_000))
+    source.limits = Limits(Limit(100, 60_000),
+                           models={"gemini-2.5-flash-image": Limit(1, 60_000)})
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()), source, None, "p")
+    first = request("alice", 1)
+    reused = [first.model_copy(update={"client_id": client}) for client in ("bob", "carol")]
+    decided = asyncio.run(gate.decide([first, first, *reused], now=NOW)).decisions
+    assert [type(d).__name__ for d in decided] == [
+        "OperationAdmitted", "OperationAdmitted", "OperationRejected", "OperationRejected"]
+    assert all(isinstance(d, OperationRejected) and d.reason == "rate_limited"
+               for d in decided[2:])
