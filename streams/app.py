@@ -161,8 +161,14 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     # the last attempt of the generation step started per operation (see begin_attempt)
     started_operations = dedup_table("started-operations")
 
-    def remembered(table: Any, key: str) -> bool:
-        return dedup.is_fresh(table.get(key), deps.clock().timestamp(), horizon)
+    def recall(table: Any, key: str, legacy: str) -> Any:
+        """``table``'s value for ``key`` (``dedup.key``), or for the id alone: ``legacy``
+        keys were written before keys carried the client, and expire with the horizon."""
+        value = table.get(key)
+        return table.get(legacy) if value is None else value
+
+    def remembered(table: Any, key: str, legacy: str) -> bool:
+        return dedup.is_fresh(recall(table, key, legacy), deps.clock().timestamp(), horizon)
 
     async def emit(topic: Any, event: Event, stage: str, span: Any = None) -> Awaitable[Any]:
         """Send ``event`` (with the trace context of ``span``, or the current span's); the
@@ -233,9 +239,13 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         batched: set[str] = set()
         for event in events:
             request = await decoded(event.message, "admission", OperationRequested)
-            if request is None or remembered(seen_requests, request.event_id):
+            if request is None:
                 acknowledge(event)
-            elif request.event_id in batched:
+                continue
+            key = dedup.key(request.client_id, request.event_id)
+            if remembered(seen_requests, key, request.event_id):
+                acknowledge(event)
+            elif key in batched:
                 # the same request again in this batch, not marked seen yet: a record
                 # fetched twice (faust's start-up resumes the stream partitions, with the
                 # fetcher running for the table recovery, before it seeks them to their
@@ -243,7 +253,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 # first; acknowledged once that decision is on the broker
                 repeats.append(event)
             else:
-                batched.add(request.event_id)
+                batched.add(key)
                 requests.append(request)
                 carriers.append(event)
         if not requests:
@@ -257,7 +267,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         for decision in result.decisions:
             out = admitted if isinstance(decision, OperationAdmitted) else rejected
             sent.append(await emit(out, decision, "admission",
-                                   traced.get(decision.operation_id) if traced else None))
+                                   traced.get(dedup.key(decision.client_id, decision.operation_id))
+                                   if traced else None))
             metrics.DECISIONS.labels(
                 "admitted" if out is admitted else "rejected",
                 decision.reason if isinstance(decision, OperationRejected) else "admitted",
@@ -273,7 +284,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             spans.decided(traced, result.decisions)
         marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
-            await remember(seen_requests, event, decision.operation_id, marked)
+            await remember(seen_requests, event,
+                           dedup.key(decision.client_id, decision.operation_id), marked)
             acknowledge(event)
         for event in repeats:
             acknowledge(event)
@@ -298,14 +310,14 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     async def generation(stream: Any) -> None:
         await generation_intake.feed(stream)
 
-    async def begin_attempt(event: Any, operation: OperationAdmitted) -> int:
+    async def begin_attempt(event: Any, operation: OperationAdmitted, key: str) -> int:
         """Record that an attempt starts, durably, before the provider is called.
 
         An attempt recorded and never finished was interrupted (the worker stopped during
         the call, which the provider may have billed): it is announced with
         ``operation.interrupted`` before the next attempt starts.
         """
-        before = dedup.attempt_of(started_operations.get(operation.operation_id),
+        before = dedup.attempt_of(recall(started_operations, key, operation.operation_id),
                                   deps.clock().timestamp(), horizon)
         if before:
             log.warning("operation_interrupted", attempt=before, provider=operation.provider,
@@ -322,7 +334,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         attempt = before + 1
         value = dedup.attempt_mark(attempt, deps.clock().timestamp())
         # on the broker before the call: a crash during the call must find this record
-        await (await remember(started_operations, event, operation.operation_id, value))
+        await (await remember(started_operations, event, key, value))
         return attempt
 
     running_operations: dict[str, asyncio.Future[None]] = {}
@@ -336,25 +348,27 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         """
         metrics.EVENTS_CONSUMED.labels("generation").inc()
         operation = await decoded(event.message, "generation", OperationAdmitted)
-        if operation is not None and operation.operation_id in running_operations:
-            await asyncio.shield(running_operations[operation.operation_id])
-        elif operation is not None and not remembered(done_operations, operation.operation_id):
-            running = running_operations[operation.operation_id] = \
-                asyncio.get_running_loop().create_future()
+        key = "" if operation is None else dedup.key(operation.client_id, operation.operation_id)
+        if operation is None:
+            pass
+        elif key in running_operations:
+            await asyncio.shield(running_operations[key])
+        elif not remembered(done_operations, key, operation.operation_id):
+            running = running_operations[key] = asyncio.get_running_loop().create_future()
             metrics.OPERATIONS_IN_FLIGHT.inc()
             try:
-                await run_operation(event, operation)
+                await run_operation(event, operation, key)
             finally:
                 metrics.OPERATIONS_IN_FLIGHT.dec()
-                del running_operations[operation.operation_id]
+                del running_operations[key]
                 running.set_result(None)
         acknowledge(event)
 
-    async def run_operation(event: Any, operation: OperationAdmitted) -> None:
+    async def run_operation(event: Any, operation: OperationAdmitted, key: str) -> None:
         """One attempt at ``operation``: its events on the broker, then its done mark."""
         with bound_event(request_id=operation.request_id, client_id=operation.client_id,
                          event_id=operation.event_id), spans.generation(event.message, operation):
-            attempt = await begin_attempt(event, operation)
+            attempt = await begin_attempt(event, operation, key)
             # never raises for the operation: a failure is a failed completion
             events = [e.model_copy(update={"attempt": attempt})
                       if isinstance(e, OperationCompleted) else e
@@ -363,8 +377,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             # done only once the broker has its events (see admit)
             await asyncio.gather(*sent)
         # the generation step is done (for a video: started, never started again)
-        await remember(done_operations, event, operation.operation_id,
-                       dedup.mark(deps.clock().timestamp()))
+        await remember(done_operations, event, key, dedup.mark(deps.clock().timestamp()))
 
     async def generation_loop() -> None:
         # up to ``in_flight`` operations at once, from every partition this worker holds:
@@ -460,15 +473,15 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         event = await decoded(item.message, "video-polls", Event)
         if event is None:
             return
-        operation_id, entry = pending_after(pending_videos.get, event, item.message.partition)
+        key, entry = pending_after(pending_videos.get, event, item.message.partition)
         if entry == "misrouted":
             await dead_letter(item.message, "video-polls", EventDecodeError(
                 f"Field 'event_type' is {event.event_type!r} on {item.message.topic}, "
                 "which carries only video.* events; send it to its own topic."))
         elif entry == "delete":
-            pending_videos.pop(operation_id, None)
+            pending_videos.pop(key, None)
         elif entry is not None:
-            pending_videos[operation_id] = (spans.carry(entry, item.message.headers)
+            pending_videos[key] = (spans.carry(entry, item.message.headers)
                                             if tracing.enabled else entry)
 
     @app.agent(polls, name="video-polls")

@@ -26,6 +26,17 @@ PURGE_EVERY_MAX_SECONDS = 300.0
 PURGE_CHUNK = 5000
 
 
+def key(client_id: str, operation_id: str) -> str:
+    """The key of an operation in the dedup and pending-videos tables, and its member in
+    the limiter's logs: the client and the id, as in ClickHouse's cost rows.
+
+    An ``event_id`` is unique only within its client: another client reusing it is
+    another request, decided, run and costed on its own. (Keys written before this were
+    the id alone; ``legacy`` lookups still find them until they expire.)
+    """
+    return f"{client_id}\x1f{operation_id}"
+
+
 def mark(now: float) -> float:
     """The value of a ``seen-requests`` / ``done-operations`` key marked at ``now``."""
     return round(now, 3)

@@ -22,19 +22,22 @@ from typing import Any
 
 from aipipe.producers import tracing
 from aipipe.schemas.events import OperationAdmitted, OperationRejected, VideoStarted
+from aipipe.streams import dedup
+from aipipe.streams.generation.polling import pending_entry
 
 
 def admission(requests: Sequence[Any], carriers: Sequence[Any]) -> dict[str, Any]:
-    """A span per request (by its ``event_id``, the decision's ``operation_id``)."""
-    return {request.event_id: tracing.start_consumer("admission", carrier.message.headers,
-                                                     request)
+    """A span per request, by its ``dedup.key`` (the client and the ``event_id``, the
+    decision's ``operation_id``)."""
+    return {dedup.key(request.client_id, request.event_id):
+            tracing.start_consumer("admission", carrier.message.headers, request)
             for request, carrier in zip(requests, carriers, strict=True)}
 
 
 def decided(spans: Mapping[str, Any], decisions: Sequence[Any]) -> None:
     """End each request's span with its decision (after the decisions are on the broker)."""
     for decision in decisions:
-        span = spans.get(decision.operation_id)
+        span = spans.get(dedup.key(decision.client_id, decision.operation_id))
         if span is None:
             continue
         if span.is_recording():  # (most of a sampled deployment's spans are not)
@@ -63,7 +66,7 @@ def poll(pending: Any, video: VideoStarted, attempt: int) -> AbstractContextMana
     """The poll's span, the child of the span that scheduled it; no-op when off."""
     if not tracing.enabled:
         return tracing.within(None)
-    entry = pending.get(video.operation_id) or {}
+    entry = pending_entry(pending.get, video)[1] or {}
     return tracing.within(tracing.start_consumer("video_poll", entry.get("trace"), video,
                                                  **{"aipipe.poll_attempt": attempt}), end=True)
 

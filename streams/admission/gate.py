@@ -22,6 +22,7 @@ from aipipe.infra.settings import Settings
 from aipipe.schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
 from aipipe.schemas.limits import parse_limit
 from aipipe.schemas.prices import PriceTable, price_table_at
+from aipipe.streams import dedup
 from aipipe.streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
 from aipipe.streams.admission.decide import (
     Decision,
@@ -80,7 +81,7 @@ class AdmissionGate:
             # the client's own request: a duplicate (admitted again without a slot) is the
             # same client's same event_id; another client reusing an admitted id, in the
             # model's shared log, is a new request that needs a slot of its own
-            member=f"{request.client_id}\x1f{request.event_id}",
+            member=dedup.key(request.client_id, request.event_id),
             client_key=self.client_prefix + request.client_id,
             client_limit=limits.for_client(request.client_id),
             model_key=self.model_prefix + request.model,

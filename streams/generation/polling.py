@@ -29,6 +29,7 @@ from aipipe.schemas.events import (
     derived_event_id,
 )
 from aipipe.schemas.prices import PriceTable
+from aipipe.streams import dedup
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.complete import completed, cut, failed
 from aipipe.streams.generation.provider import ProviderError, ProviderResult, VideoStatus
@@ -104,13 +105,31 @@ Pending = dict[str, Any]  # {"video": VideoStarted as JSON, "attempt", "due_at",
 Change = Pending | Literal["delete", "misrouted"] | None
 
 
+def pending_entry(
+    lookup: Callable[[str], Pending | None], video: VideoStarted | VideoPollScheduled | VideoPolled
+) -> tuple[str, Pending | None]:
+    """The key of ``video``'s entry in ``pending-videos`` (``dedup.key``), and the entry.
+
+    An entry written before keys carried the client is under the operation id alone; it
+    is found there only when it is the same client's.
+    """
+    key = dedup.key(video.client_id, video.operation_id)
+    entry = lookup(key)
+    if entry is None:
+        legacy = lookup(video.operation_id)
+        if legacy is not None and legacy["video"].get("client_id") == video.client_id:
+            return video.operation_id, legacy
+    return key, entry
+
+
 def pending_after(
     lookup: Callable[[str], Pending | None], event: AnyEvent, partition: int
 ) -> tuple[str, Change]:
-    """The operation id and how this event on the polls topic changes its pending entry."""
+    """The entry's key and how this event on the polls topic changes its pending entry."""
     if not isinstance(event, VideoStarted | VideoPollScheduled | VideoPolled):
         return "", "misrouted"
-    return event.operation_id, _change(lookup(event.operation_id), event, partition)
+    key, entry = pending_entry(lookup, event)
+    return key, _change(entry, event, partition)
 
 
 def _change(
@@ -133,7 +152,7 @@ class DueVideos:
 
     def __init__(self, max_in_flight: int = 64) -> None:
         self.max_in_flight = max_in_flight
-        self.ran: dict[str, int] = {}  # operation_id -> the last attempt started here
+        self.ran: dict[str, int] = {}  # entry key -> the last attempt started here
         self.tasks: set[asyncio.Future[None]] = set()
 
     def take(
@@ -141,18 +160,18 @@ class DueVideos:
     ) -> list[tuple[VideoStarted, int]]:
         due: list[tuple[VideoStarted, int]] = []
         pending: set[str] = set()
-        for operation_id, entry in entries:
+        for key, entry in entries:
             if not entry or int(entry["attempt"]) < 1 or entry["partition"] not in partitions:
                 continue
-            pending.add(operation_id)
+            pending.add(key)
             attempt = int(entry["attempt"])
-            if self.ran.get(operation_id, 0) >= attempt:
+            if self.ran.get(key, 0) >= attempt:
                 continue
             if datetime.fromisoformat(entry["due_at"]) > now:
                 continue
             if len(self.tasks) + len(due) >= self.max_in_flight:
                 continue
-            self.ran[operation_id] = attempt
+            self.ran[key] = attempt
             due.append((VideoStarted.model_validate(entry["video"]), attempt))
         for gone in self.ran.keys() - pending:
             del self.ran[gone]

@@ -137,6 +137,31 @@ def test_the_same_requests_twice_count_once(settings: Settings, pipeline: Worker
     assert totals == expected_totals(events)
 
 
+def test_another_clients_event_id_is_another_request(
+    settings: Settings, pipeline: WorkerProcess
+) -> None:
+    """An ``event_id`` is unique within its client: two clients using the same ids (in
+    the same batch, and later) each get every operation decided, run, polled and costed
+    once; one worker holds every partition, so each meets the other's dedup marks."""
+    base = requests(10)  # images, videos and text, on client-0..3
+    same_ids = [e.model_copy(update={"client_id": "twin"}) for e in base]
+    produce(settings, settings.topics.requested, [*base, *same_ids])
+    store = store_of(settings, pipeline)
+    wait_recorded(store, 20, timeout=180, worker=pipeline)
+    later = [e.model_copy(update={"client_id": "latecomer"}) for e in base]
+    produce(settings, settings.topics.requested, [*later, *base])  # base again: duplicates
+    wait_for(lambda: store.totals().get("latecomer", (0,))[0] == 10, 120,
+             "the latecomer's operations")
+    marker = requests(1)[0].model_copy(update={"event_id": "marker", "client_id": "marker"})
+    produce(settings, settings.topics.requested, [marker])
+    wait_for(lambda: "marker" in store.totals(), 120, "the marker after the duplicates")
+
+    totals = store.totals()
+    del totals["marker"]
+    assert totals == expected_totals([*base, *same_ids, *later])
+    assert rows_and_operations(store) == (31, 11)  # operation ids repeat across clients
+
+
 def _completed_copy(request: OperationRequested) -> OperationCompleted:
     return OperationCompleted(
         request_id=request.request_id,

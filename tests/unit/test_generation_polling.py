@@ -13,6 +13,7 @@ from aipipe.schemas.events import (
     VideoStarted,
 )
 from aipipe.schemas.prices import price_table_at
+from aipipe.streams import dedup
 from aipipe.streams.generation import Generation, SimulatedProvider
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.guard import ProviderGuard
@@ -105,7 +106,9 @@ def test_the_pending_entry_follows_the_polls_topic() -> None:
         key, change = pending_after(table.get, event, 2)
         if change is not None:
             table[key] = change
-    assert table["op-1"]["attempt"] == 2 and table["op-1"]["partition"] == 2
+    key = dedup.key("acme", "op-1")
+    assert list(table) == [key]
+    assert table[key]["attempt"] == 2 and table[key]["partition"] == 2
 
     due = DueVideos()
     later = T0 + timedelta(hours=1)
@@ -113,7 +116,22 @@ def test_the_pending_entry_follows_the_polls_topic() -> None:
     assert [a for _, a in due.take(table.items(), {2}, later)] == [2]
     assert due.take(table.items(), {2}, later) == []  # once per attempt
     final = after_poll(started, 2, VideoStatus(done=True), PollSchedule(), PRICES, T0)[1]
-    assert pending_after(table.get, final, 2) == ("op-1", "delete")
+    assert pending_after(table.get, final, 2) == (key, "delete")
+
+
+def test_an_entry_under_the_id_alone_is_its_own_clients_only() -> None:
+    """Entries written before keys carried the client are found for that client; another
+    client's video with the same operation id gets an entry of its own."""
+    started = _started()
+    scheduled = after_poll(started, 1, VideoStatus(done=False), PollSchedule(), PRICES, T0)[1]
+    legacy = pending_after({}.get, started, 2)[1]
+    table: dict[str, Any] = {"op-1": legacy}
+    assert pending_after(table.get, scheduled, 2)[0] == "op-1"  # updated where it is
+
+    twin = started.model_copy(update={"client_id": "twin"})
+    key, change = pending_after(table.get, twin, 3)
+    assert key == dedup.key("twin", "op-1")
+    assert isinstance(change, dict) and change["video"]["client_id"] == "twin"
 
 
 def _started() -> VideoStarted:
