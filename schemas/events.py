@@ -117,8 +117,11 @@ def json_depth(value: Any, limit: int) -> int:
     return deepest
 
 
-# ids are keys in Kafka, Redis and ClickHouse and land in logs and terminals: printable only
-_ID = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# ids are keys in Kafka, Redis and ClickHouse and land in logs and terminals: printable
+# only. No C0 or C1 control, no line or paragraph separator, and no bidirectional control
+# (which would show another id in a terminal or the UI than the one stored)
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]+$"
+_ID = Annotated[str, Field(min_length=1, max_length=200, pattern=ID_PATTERN)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT), BeforeValidator(_wire_number)]
 Positive = Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(_wire_number)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_wire_number)]
@@ -597,6 +600,11 @@ def _one_sentence(event_type: str, exc: ValidationError) -> str:
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     if first["type"] == "missing":
         return f"Field '{field}' is missing from this {event_type} event; add it{more}."
+    if first["type"] == "string_pattern_mismatch" and first["ctx"]["pattern"] == ID_PATTERN:
+        return (
+            f"Field '{field}' of this {event_type} event holds a control, line-separator or "
+            f"bidirectional character; use printable text only{more}."
+        )
     return (
         f"Field '{field}' of this {event_type} event is invalid: {first['msg']}; "
         f"fix the value{more}."

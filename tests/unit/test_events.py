@@ -94,6 +94,19 @@ def test_a_bad_value_is_named() -> None:
         decode(orjson.dumps(raw))
 
 
+@pytest.mark.parametrize("hidden", ["\x07", "\x85", "\u2028", "\u202e", "\u2066", "\u200f"])
+def test_an_id_with_a_control_or_bidirectional_character_is_refused(hidden: str) -> None:
+    """ids land in terminals and the UI: a C1 control or a bidi override there would show
+    another id than the one stored."""
+    raw = orjson.loads(encode(request()))
+    raw["client_id"] = f"acme{hidden}evil"
+    with pytest.raises(EventDecodeError, match=r"^Field 'client_id' .* holds a control, "
+                                               r"line-separator or bidirectional character"):
+        decode(orjson.dumps(raw))
+    raw["client_id"] = "café 日本-1"  # printable text in any script is an id
+    assert decode(orjson.dumps(raw)).client_id == "café 日本-1"
+
+
 def test_oversized_messages_are_refused() -> None:
     with pytest.raises(EventDecodeError, match="over the 1000000-byte limit"):
         decode(b" " * 1_000_001)
