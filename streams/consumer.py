@@ -52,11 +52,16 @@ high watermark while nothing is in flight and nothing arrives is fetched again.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Set
+from collections.abc import Iterator, Mapping, Set
 from typing import Any
 
 import structlog
+from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.consumer.fetcher import FetchResult
+from aiokafka.errors import CorruptRecordException
+from aiokafka.record.default_records import _DefaultRecordBatchPy
+from aiokafka.record.memory_records import MemoryRecords, _MemoryRecordsPy
+from aiokafka.record.util import decode_varint
 from aiokafka.structs import ConsumerRecord
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.utils.functional import consecutive_numbers
@@ -76,9 +81,11 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
 
     aiokafka decodes header names as strict UTF-8: one record with another header name
     (the broker takes any bytes) raised for its partition on every fetch, which stopped
-    faust's fetcher and the worker, and again after each restart. The record it cannot
-    parse is handed on as a stand-in (no key or value, a ``UNREADABLE`` header with the
-    reason) that the stage dead-letters, and the partition's fetch goes on after it."""
+    faust's fetcher and the worker, and again after each restart. The batch holding it is
+    read again around it (``_read_around``): its other records are handed on as they are,
+    and the one it cannot parse as a stand-in (no key or value, a ``UNREADABLE`` header
+    with the reason) that the stage dead-letters; the partition's fetch goes on after the
+    batch."""
     tp = self._topic_partition
     if not self.check_assignment(tp) or not self.has_more():
         return []
@@ -92,19 +99,84 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
         else:
             self._update_position()
             self._partition_records = None
-    except UnicodeDecodeError as exc:
-        offset = records.next_fetch_offset  # where the record that failed begins
-        log.error("kafka_record_unreadable", topic=tp.topic, partition=tp.partition,
-                  offset=offset, error=str(exc))
-        out.append(ConsumerRecord(
-            topic=tp.topic, partition=tp.partition, offset=offset,
-            timestamp=int(time.time() * 1000), timestamp_type=0, key=None, value=None,
-            checksum=None, serialized_key_size=-1, serialized_value_size=-1,
-            headers=[(UNREADABLE, UNREADABLE_REASON.encode())]))
-        records.next_fetch_offset = offset + 1
+    except (UnicodeDecodeError, CorruptRecordException) as exc:
+        # (aiokafka's pure-Python reader wraps the UnicodeDecodeError)
+        if not isinstance(exc, UnicodeDecodeError) and \
+                not isinstance(exc.__cause__, UnicodeDecodeError):
+            raise
+        read, records.next_fetch_offset = _read_around(records, tp, records.next_fetch_offset)
+        out.extend(read)
         self._update_position()
         self._partition_records = None  # (the rest of that fetch is fetched again)
     return out
+
+
+class _KeptMemoryRecords(MemoryRecords):  # type: ignore[misc]
+    """aiokafka's fetched records, keeping their bytes for ``_read_around``."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.raw = data
+
+
+def _read_around(records: Any, tp: Any, start: int) -> tuple[list[Any], int]:
+    """The records from offset ``start`` to the end of the batch aiokafka could not parse
+    (the first batch of the fetch ending after ``start``: those before it were read), with
+    a stand-in for each record whose header names are not UTF-8; and the offset after the
+    batch.
+
+    aiokafka parses a batch's records before it skips those below the fetch offset, so
+    the bad record fails again on every fetch of its batch, even after its stand-in: the
+    batch is read here with aiokafka's pure-Python reader, one record at a time."""
+    memory = _MemoryRecordsPy(records._records.raw)
+    while memory.has_next():
+        data = memory._next_slice
+        batch = memory.next_batch()
+        if batch.next_offset <= start or batch.is_control_batch:
+            continue
+        batch = _DefaultRecordBatchPy(data)  # (a header names only v2 batches have)
+        read = []
+        for offset, record in _tolerant(batch):
+            if offset < start:
+                continue
+            if record is None:
+                log.error("kafka_record_unreadable", topic=tp.topic, partition=tp.partition,
+                          offset=offset)
+                read.append(_stand_in(tp, offset))
+            else:
+                read.append(records._consumer_record(tp, record))
+        return read, batch.next_offset
+    raise RuntimeError(f"no batch after offset {start} in the fetch of {tp}")
+
+
+def _tolerant(batch: Any) -> Iterator[tuple[int, Any]]:
+    """Each record of ``batch`` (aiokafka's pure-Python reader) as ``(offset, record)``, the
+    record None where a header name is not UTF-8 (its length and offset delta lead the
+    record, so the next one is found all the same)."""
+    batch._maybe_uncompress()
+    buffer = batch._buffer
+    while batch._next_record_index < batch._num_records:
+        at = batch._pos
+        try:
+            record = batch._read_msg()
+        except UnicodeDecodeError:
+            length, body = decode_varint(buffer, at)
+            _, pos = decode_varint(buffer, body)  # attributes
+            _, pos = decode_varint(buffer, pos)  # timestamp delta
+            delta, _ = decode_varint(buffer, pos)
+            batch._pos = body + length
+            yield batch.base_offset + delta, None
+        else:
+            yield record.offset, record
+        batch._next_record_index += 1
+
+
+def _stand_in(tp: Any, offset: int) -> ConsumerRecord[Any, Any]:
+    return ConsumerRecord(
+        topic=tp.topic, partition=tp.partition, offset=offset,
+        timestamp=int(time.time() * 1000), timestamp_type=0, key=None, value=None,
+        checksum=None, serialized_key_size=-1, serialized_value_size=-1,
+        headers=[(UNREADABLE, UNREADABLE_REASON.encode())])
 
 
 class SafeSeekConsumer(faust_aiokafka.Consumer):
@@ -241,3 +313,4 @@ def use_safe_seek_consumer(app: Any) -> None:
     aiokafka cannot parse as a stand-in (``_getall``)."""
     app.transport.Consumer = SafeSeekConsumer
     FetchResult.getall = _getall
+    aiokafka_fetcher.MemoryRecords = _KeptMemoryRecords

@@ -1,0 +1,116 @@
+"""A record aiokafka cannot parse (a header name that is not UTF-8), inside a batch.
+
+aiokafka's own readers parse the real record batches built here; only the fetcher's
+assignment state is a stand-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiokafka.consumer.fetcher import FetchResult, PartitionRecords
+from aiokafka.record.default_records import DefaultRecordBatchBuilder, _DefaultRecordBatchPy
+from aiokafka.record.memory_records import _MemoryRecordsPy
+from aiokafka.structs import TopicPartition
+
+from aipipe.streams import consumer
+
+TP = TopicPartition("requested", 0)
+BAD = b"\xff\xfe"
+
+
+def batch(base: int, values: list[bytes], bad: set[int], compression: int = 0
+          ) -> tuple[int, bytes]:
+    """One record batch from offset ``base``; the records at the indexes ``bad`` carry a
+    header name that is not UTF-8 (the builder takes only str names: the bytes of a
+    placeholder name are swapped after)."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=compression, is_transactional=0, producer_id=-1,
+        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for i, value in enumerate(values):
+        builder.append(i, timestamp=1, key=b"k", value=value,
+                       headers=[("QQ" if i in bad else "ok", b"1")])
+    data = bytearray(builder.build())
+    data[0:8] = base.to_bytes(8, "big")  # (base_offset leads the batch, outside its CRC)
+    if compression == 0:
+        data = bytearray(bytes(data).replace(b"QQ", BAD))
+    return base + len(values), bytes(data)
+
+
+class _State:
+    position, paused = 0, False
+
+    def consumed_to(self, offset: int) -> None:
+        self.position = offset
+
+
+class _Assignment:
+    active = True
+
+    def __init__(self) -> None:
+        self.state = _State()
+
+    def state_value(self, tp: Any) -> _State:
+        return self.state
+
+
+def fetch_all(*batches: tuple[int, bytes], max_records: int | None = None,
+              reader: Any = consumer._KeptMemoryRecords) -> list[tuple[int, bytes | None]]:
+    """Fetch the partition as aiokafka's fetcher does, each time from its position, given
+    ``(next_offset, batch)`` pairs: the broker answers with the batches that end after the
+    position. (offset, value) of every record handed on, once the broker has none left."""
+    assignment, seen = _Assignment(), []
+    for _ in range(20):
+        position = assignment.state.position
+        data = b"".join(b for after, b in batches if after > position)
+        if not data:
+            return seen
+        records = PartitionRecords(TP, reader(data), [], position,
+                                   None, None, False, 0)
+        result = FetchResult(TP, assignment=assignment, partition_records=records, backoff=0)
+        got = consumer._getall(result, max_records)
+        seen += [(r.offset, r.value) for r in got]
+    raise AssertionError(f"the partition did not settle: {seen}")
+
+
+def stand_in(offset: int) -> tuple[int, None]:
+    return offset, None
+
+
+class _PurePythonRecords(_MemoryRecordsPy):
+    """aiokafka's reader without its C extension (``AIOKAFKA_NO_EXTENSIONS``), which wraps
+    the UnicodeDecodeError in a CorruptRecordException."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.raw = data
+
+    def next_batch(self, *args: Any) -> Any:
+        data = self._next_slice
+        super().next_batch()
+        return _DefaultRecordBatchPy(data)
+
+
+@pytest.mark.parametrize("reader", [consumer._KeptMemoryRecords, _PurePythonRecords])
+def test_only_the_unreadable_record_of_a_batch_is_a_stand_in(reader: Any) -> None:
+    handed_on = fetch_all(batch(0, [b"v0", b"v1", b"v2", b"v3"], bad={1}), reader=reader)
+    assert handed_on == [(0, b"v0"), stand_in(1), (2, b"v2"), (3, b"v3")]
+
+
+def test_two_unreadable_records_in_a_row_and_another_batch_after() -> None:
+    first, second = batch(10, [b"a", b"b", b"c", b"d"], bad={1, 2}), batch(14, [b"e", b"f"], set())
+    assert fetch_all(first, second) == [
+        (10, b"a"), stand_in(11), stand_in(12), (13, b"d"), (14, b"e"), (15, b"f")]
+
+
+@pytest.mark.parametrize("max_records", [1, 2, 500])
+def test_fetches_of_a_few_records_at_a_time_hand_each_on_once(max_records: int) -> None:
+    first, second = batch(0, [b"v0"], bad=set()), batch(1, [b"v1", b"v2", b"v3"], bad={0})
+    handed_on = fetch_all(first, second, max_records=max_records)
+    assert handed_on == [(0, b"v0"), stand_in(1), (2, b"v2"), (3, b"v3")]
+
+
+def test_the_first_record_of_a_later_batch() -> None:
+    first, second = batch(0, [b"v0", b"v1"], bad=set()), batch(2, [b"v2", b"v3"], bad={0})
+    assert fetch_all(first, second) == [(0, b"v0"), (1, b"v1"), stand_in(2), (3, b"v3")]
