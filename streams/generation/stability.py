@@ -100,7 +100,7 @@ class StabilityProvider:
             ) as response:
                 ok = response.status_code == 200
                 body = await _read_capped(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BYTES,
-                                          endpoint)
+                                          endpoint, refuse=ok)
         except TimeoutError as exc:
             raise ProviderError(f"stability {endpoint}: timeout", retryable=True) from exc
         except (httpx.HTTPError, OSError) as exc:  # transport, or an answer HTTP cannot read
@@ -137,20 +137,25 @@ class StabilityProvider:
                             retryable=False)
 
 
-async def _read_capped(response: httpx.Response, limit: int, endpoint: str) -> bytes:
-    """The answer's body, refused (not retried: the same request gets the same answer) once
-    it passes ``limit`` bytes, before reading it when its Content-Length says so."""
+async def _read_capped(response: httpx.Response, limit: int, endpoint: str,
+                       refuse: bool = True) -> bytes:
+    """The answer's body, at most ``limit`` bytes. Past it, an image answer is refused (not
+    retried: the same request gets the same answer), before reading it when its
+    Content-Length says so; an error answer (``refuse=False``) is cut there, and its status
+    decides (a proxy's large 502 page is retried like any 502)."""
     def over(size: int) -> ProviderError:
         return ProviderError(f"stability {endpoint}: an answer of over {size} bytes, past the "
                              f"{limit}-byte limit", retryable=False)
 
     declared = response.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+    if refuse and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise over(int(declared))
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > limit:
+            if not refuse:
+                return bytes(body[:limit])
             raise over(len(body))
     return bytes(body)
 

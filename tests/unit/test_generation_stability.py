@@ -186,6 +186,20 @@ def test_an_answer_past_the_size_limit_is_refused_before_it_is_read() -> None:
     assert "past the 67108864-byte limit" in str(error) and seconds < 10
 
 
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (502, True), (400, False)])
+def test_an_error_answer_past_the_size_limit_is_decided_by_its_status(
+    status: int, retryable: bool
+) -> None:
+    """A proxy's 503 page of 70 KB was refused as too large, not retried, and not counted
+    by the breaker."""
+    page = b"<html>" + b"x" * 70_000 + b"</html>"
+    head = (f"HTTP/1.1 {status} Oops\r\nContent-Type: text/html\r\n"
+            f"Content-Length: {len(page)}\r\n\r\n").encode() + page
+    error, _ = hostile(head, timeout=30)
+    assert isinstance(error, ProviderError)
+    assert (error.status, error.retryable) == (status, retryable)
+
+
 @pytest.mark.parametrize("head", [
     b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 15\r\n\r\n<html>hi</html>",
     b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\n"
