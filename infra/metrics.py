@@ -96,6 +96,10 @@ CONSUMER_LAG = Gauge(
     "aipipe_consumer_lag_messages",
     "Messages between a partition's high watermark and this consumer's position.",
     ["group", "topic", "partition"])
+USAGE_PROBLEMS = Counter(
+    "aipipe_usage_problems_total", "Successful operations whose usage the provider left out "
+    "(problem=missing: they cost 0) or gave past any plausible bound (implausible: priced as "
+    "given), per provider and model.", ["provider", "model", "problem"])
 COST_USD = Counter(
     "aipipe_cost_usd_total", "Cost of the operations completed, in US dollars (failed ones "
     "cost 0), per provider and model; the model has a price, so the label set is the price "

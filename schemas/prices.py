@@ -67,6 +67,39 @@ class PriceTable:
     def cost(self, model: str, usage: Usage) -> Decimal:
         return compute_cost(usage, self.price(model))
 
+    def usage_problem(self, model: str, usage: Usage) -> str | None:
+        return usage_problem(usage, self.price(model))
+
+
+#: usage of one operation past these is implausible for any model priced here (Gemini's
+#: context is 1M tokens, OpenAI's ``n`` at most 10, a Veo video seconds long)
+USAGE_BOUNDS: Mapping[str, int] = MappingProxyType({
+    "input_tokens": 10_000_000, "output_tokens": 10_000_000,
+    "image_count": 100, "video_seconds": 3600,
+})
+
+
+def usage_problem(usage: Usage, price: ModelPrice) -> str | None:
+    """What is wrong with a successful operation's ``usage``, or None.
+
+    ``"missing"``: none of the units ``price`` bills is above zero (an answer without its
+    usage would cost nothing); ``"implausible"``: a unit is past ``USAGE_BOUNDS``. Either
+    is flagged, not corrected: the cost stays what the provider reported, for an operator
+    to reconcile with the provider's invoice.
+    """
+    if any((getattr(usage, unit) or 0) > bound for unit, bound in USAGE_BOUNDS.items()):
+        return "implausible"
+    billed = (
+        (usage.input_tokens, price.input_per_million_tokens),
+        (usage.output_tokens, price.output_per_million_tokens),
+        (usage.image_count,
+         1 if isinstance(price, VariantModelPrice) else price.per_image),
+        (usage.video_seconds, price.per_video_second),
+    )
+    if not any(amount and rate for amount, rate in billed):
+        return "missing"
+    return None
+
 
 def compute_cost(usage: Usage, price: ModelPrice) -> Decimal:
     """The exact cost of ``usage`` at ``price``, rounded half-up to nano-dollars."""

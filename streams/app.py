@@ -459,6 +459,11 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 metrics.OPERATIONS_COMPLETED.labels(event.operation_type,
                                                     str(event.success).lower()).inc()
                 metrics.COST_USD.labels(event.provider, event.model).inc(float(event.cost_usd))
+                if problem := event.metadata.get("usage_problem"):
+                    metrics.USAGE_PROBLEMS.labels(event.provider, event.model, problem).inc()
+                    log.warning("usage_problem", problem=problem, model=event.model,
+                                usage=event.usage.model_dump(exclude_none=True),
+                                request_id=event.request_id, client_id=event.client_id)
                 if confirm_completed:  # acked before the final video.polled that follows
                     await sent[-1]
                 log.info("ai_operation", operation_type=event.operation_type, model=event.model,

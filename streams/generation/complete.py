@@ -78,13 +78,17 @@ def completed(
     """The one completed event of ``operation`` (the same ``event_id`` on every re-run).
 
     Its ``outputs`` are those of ``result`` that are stored (or referenced); an output
-    left with bytes only (no store was configured) is counted in ``outputs_not_stored``.
+    left with bytes only (no store was configured) is counted in ``outputs_not_stored``;
+    usage that is missing or implausible (``prices.usage_problem``) is named in
+    ``usage_problem``.
     """
     cost = prices.cost(operation.model, result.usage) if result.success else Decimal(0)
     outputs = [r for r in map(record, result.outputs) if r is not None]
     metadata = bounded_metadata(result.metadata)
     if len(outputs) < len(result.outputs):
         metadata["outputs_not_stored"] = len(result.outputs) - len(outputs)
+    if result.success and (problem := prices.usage_problem(operation.model, result.usage)):
+        metadata["usage_problem"] = problem  # priced as reported, flagged to reconcile
     return OperationCompleted(
         **operation.envelope(derived_event_id(operation.operation_id, "completed")),
         occurred_at=now,
