@@ -122,7 +122,8 @@ class ResultClient:
         self._producer = producer or EventProducer(bootstrap, **(auth or {}))
         self._own_producer = producer is None
         self._consumer = _reader(bootstrap, {**(auth or {}), **config})
-        self._pending: dict[str, concurrent.futures.Future[Outcome]] = {}
+        # by (client_id, event_id): an event_id is unique only within its client
+        self._pending: dict[tuple[str, str], concurrent.futures.Future[Outcome]] = {}
         self._requests: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -139,15 +140,16 @@ class ResultClient:
         with self._lock:
             if self._failure is not None:
                 raise ResultError(f"The result reader failed: {self._failure}") from None
-            future = self._pending.get(request.event_id)
+            key = (request.client_id, request.event_id)
+            future = self._pending.get(key)
             if future is None:
-                future = self._pending[request.event_id] = concurrent.futures.Future()
+                future = self._pending[key] = concurrent.futures.Future()
                 self._requests[request.request_id] += 1
             return future
 
     def _forget(self, request: OperationRequested) -> None:
         with self._lock:
-            if self._pending.pop(request.event_id, None) is not None:
+            if self._pending.pop((request.client_id, request.event_id), None) is not None:
                 self._requests[request.request_id] -= 1
                 if self._requests[request.request_id] <= 0:
                     del self._requests[request.request_id]
@@ -203,7 +205,7 @@ class ResultClient:
                     if outcome is None:
                         continue
                     with self._lock:
-                        future = self._pending.get(outcome.operation_id)
+                        future = self._pending.get((outcome.client_id, outcome.operation_id))
                     if future is not None and not future.done():
                         future.set_result(outcome)
         except BaseException as exc:  # the reader is gone: no pending request waits in vain
@@ -229,10 +231,12 @@ class ResultClient:
 
 
 def find_outcome(bootstrap: str, topics: Topics, wanted: str, wait: float = 0.0,
-                 metadata_timeout: float = 10.0, **config: Any) -> Outcome | None:
-    """The outcome whose ``operation_id`` or ``request_id`` is ``wanted``, read from the
-    beginning of the topics; waits up to ``wait`` seconds for it to arrive, else ``None``.
-    A completion is preferred to a rejection."""
+                 metadata_timeout: float = 10.0, client: str | None = None,
+                 **config: Any) -> Outcome | None:
+    """The outcome whose ``operation_id`` or ``request_id`` is ``wanted`` (of ``client``
+    only, when given: ids are unique within a client), read from the beginning of the
+    topics; waits up to ``wait`` seconds for it to arrive, else ``None``. A completion is
+    preferred to a rejection."""
     consumer = _reader(bootstrap, config)
     try:
         _assign(consumer, [topics.completed, topics.rejected], from_end=False,
@@ -252,7 +256,8 @@ def find_outcome(bootstrap: str, topics: Topics, wanted: str, wait: float = 0.0,
                 if key in behind and int(message.offset() or 0) + 1 >= behind[key]:
                     del behind[key]
                 outcome = _outcome(message.value())
-                if outcome is None or wanted not in (outcome.operation_id, outcome.request_id):
+                if outcome is None or wanted not in (outcome.operation_id, outcome.request_id) \
+                        or client not in (None, outcome.client_id):
                     continue
                 if isinstance(outcome, OperationCompleted):
                     return outcome

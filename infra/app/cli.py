@@ -278,8 +278,11 @@ def emit(
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the outputs' bytes into this directory.")
+@click.option("--client", "client_id", default=None,
+              help="Only this client's outcome (an id is unique within its client).")
 @pass_ctx
-def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | None) -> None:
+def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | None,
+           client_id: str | None) -> None:
     """Print the outcome (completion or rejection) of an operation as JSON."""
     import asyncio
 
@@ -293,7 +296,7 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
 
     s = ctx.settings
     outcome = find_outcome(s.kafka_bootstrap, s.topics, wanted, wait=timeout if wait else 0,
-                           **kafka_config(s))
+                           client=client_id, **kafka_config(s))
     if outcome is None:
         hint = "" if wait else "; add --wait to wait for it"
         raise click.ClickException(
@@ -319,14 +322,15 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
 
 def file_stem(operation_id: str) -> str:
     """The start of an output's file name under ``--out``: the operation's id when it is a
-    plain name; else its letters, digits, ``.``, ``_`` and ``-`` (the rest as ``_``) and a
-    digest of the whole id, so that no two ids share a name. An operation's id is its
-    request's ``event_id``, the emitter's choice: ``../x`` or ``/etc/x`` must not leave DIR."""
+    plain name; else its letters, digits, ``.``, ``_`` and ``-`` (the rest as ``_``), ``~``
+    (which no plain name holds) and a digest of the whole id, so that no two ids share a
+    name. An operation's id is its request's ``event_id``, the emitter's choice: ``../x``
+    or ``/etc/x`` must not leave DIR."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", operation_id).lstrip(".")[:100]
     if safe == operation_id:
         return safe
     digest = hashlib.sha256(operation_id.encode()).hexdigest()[:12]
-    return f"{safe}-{digest}" if safe else digest
+    return f"{safe or 'id'}~{digest}"
 
 
 # -- queries ---------------------------------------------------------------------------

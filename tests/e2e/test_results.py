@@ -70,6 +70,17 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
                 asyncio.run(results.submit(requested(101, simulate={"latency_ms": 3000}),
                                            timeout=0.5))
             blocking = results.submit_blocking(requested(102), timeout=120)
+            # another client using the same event_id: each gets its own outcome
+            mine = requested(104)
+            twin = mine.model_copy(update={"client_id": "twin",
+                                           "params": {"prompt": "a lighthouse at night"}})
+
+
+            async def both() -> list[Any]:
+                return await asyncio.gather(results.submit(mine, timeout=120),
+                                            results.submit(twin, timeout=120))
+
+            pair = asyncio.run(both())
 
         assert isinstance(refused, OperationRejected) and refused.reason == "invalid"
         assert isinstance(blocking, OperationCompleted) and blocking.success
@@ -92,6 +103,13 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
         assert written.read_bytes() == expected_png(first)
         by_request = aipipe(settings, "result", invalid.request_id)
         assert by_request.returncode == 0 and decode(by_request.stdout.encode()) == refused
+
+        for request, outcome in zip((mine, twin), pair, strict=True):
+            assert isinstance(outcome, OperationCompleted) and outcome.client_id == \
+                request.client_id
+            assert asyncio.run(store.get(outcome.outputs[0].uri)) == expected_png(request)
+        of_twin = aipipe(settings, "result", mine.event_id, "--client", "twin")
+        assert of_twin.returncode == 0 and decode(of_twin.stdout.encode()) == pair[1]
 
         missing = aipipe(settings, "result", "no-such-operation")
         assert missing.returncode == 1 and "add --wait" in missing.stderr

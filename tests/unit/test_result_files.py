@@ -1,6 +1,7 @@
 """``aipipe result --out DIR``: an output's file name stays in DIR whatever the operation's id
 (the emitter's ``event_id``) holds."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,10 @@ def test_any_other_id_is_a_name_within_the_folder(operation_id: str, tmp_path: P
 def test_ids_that_look_alike_get_different_names() -> None:
     assert len({file_stem(i) for i in ("a/b", "a_b", "a:b", "a/b ")}) == 4
     assert file_stem("a/b") == file_stem("a/b")
+
+
+def test_a_plain_id_cannot_take_another_ids_name() -> None:
+    """An emitter may pick the plain id that an escaped id's name would be."""
+    escaped = file_stem("a/b")
+    lookalike = f"a_b-{hashlib.sha256(b'a/b').hexdigest()[:12]}"
+    assert file_stem(lookalike) == lookalike != escaped
