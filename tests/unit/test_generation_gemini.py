@@ -6,7 +6,7 @@ Loopback only: the fake listens on 127.0.0.1 in this process; nothing leaves the
 import asyncio
 import base64
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -29,6 +29,7 @@ from aipipe.streams.generation.gemini import GeminiProvider
 from aipipe.streams.generation.guard import ProviderGuard, RetryPolicy
 from aipipe.streams.generation.provider import ProviderError
 from tests.support.fake_gemini import PNG, FakeGemini, prompt_tokens
+from tests.support.raw_http import run_against
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 VEO = "veo-3.0-generate-001"
@@ -184,22 +185,13 @@ def test_a_server_that_hangs_up_gets_one_request_per_attempt() -> None:
     the only ones, so one attempt is one call that a provider may bill."""
     requests = []
 
-    async def go() -> ProviderError:
-        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            requests.append(await reader.readuntil(b"\r\n\r\n"))
-            writer.close()  # no answer at all
+    async def hang_up(head: bytes, writer: asyncio.StreamWriter) -> None:
+        requests.append(head)  # and no answer at all
 
-        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        gemini = GeminiProvider(api_key=SecretStr("k"), base_url=f"http://127.0.0.1:{port}",
-                                timeout_seconds=30)
-        try:
-            await gemini.generate_image(op("image_generation", "gemini-2.5-flash-image"))
-        except ProviderError as exc:
-            return exc
-        finally:
-            server.close()
-        raise AssertionError("a hang-up was taken for an answer")
+    def call(base: str) -> Awaitable[Any]:
+        gemini = GeminiProvider(api_key=SecretStr("k"), base_url=base, timeout_seconds=30)
+        return gemini.generate_image(op("image_generation", "gemini-2.5-flash-image"))
 
-    error = asyncio.run(go())
+    error, _ = run_against(hang_up, call, (ProviderError,))
+    assert isinstance(error, ProviderError), "a hang-up was taken for an answer"
     assert error.retryable and len(requests) == 1

@@ -5,7 +5,7 @@ Loopback only: the fake listens on 127.0.0.1 in this process; nothing leaves the
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -23,6 +23,7 @@ from aipipe.streams.generation.outputs import StoringProvider
 from aipipe.streams.generation.provider import ProviderError
 from aipipe.streams.generation.stability import StabilityProvider
 from tests.support.fake_stability import FakeStability, image_bytes
+from tests.support.raw_http import canned, run_against
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 PROMPT = "a lighthouse at dawn, watercolour"
@@ -139,36 +140,11 @@ def test_a_timeout_is_retryable() -> None:
 def hostile(head: bytes, drip: bytes = b"", timeout: float = 1.0) -> tuple[Any, float]:
     """One image call against a local server that answers ``head``, then ``drip`` a byte
     every 0.1 s: the provider's error (or result) and how long the call took."""
-    async def go() -> tuple[Any, float]:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await reader.read(65536)
-                writer.write(head)
-                for byte in drip:
-                    await writer.drain()
-                    writer.write(bytes([byte]))
-                    await asyncio.sleep(0.1)
-                await writer.drain()
-                await asyncio.sleep(30)
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
+    def call(base: str) -> Awaitable[Any]:
+        slow = StabilityProvider(api_key=SecretStr("k"), base_url=base, timeout_seconds=timeout)
+        return slow.generate_image(op("stable-image-core"))
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        slow = StabilityProvider(api_key=SecretStr("k"), base_url=f"http://127.0.0.1:{port}",
-                                 timeout_seconds=timeout)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            return await slow.generate_image(op("stable-image-core")), loop.time() - started
-        except ProviderError as exc:
-            return exc, loop.time() - started
-        finally:
-            server.close()
-
-    return asyncio.run(go())
+    return run_against(canned(head, drip), call, (ProviderError,))
 
 
 def test_an_answer_that_drips_is_cut_off_at_the_timeout_for_the_whole_answer() -> None:

@@ -1,7 +1,6 @@
 """Answers a provider (or whatever answers at its base URL) should not give: a 2xx that is
 not the API's is a failed attempt the breaker counts, and no more is billed than was asked."""
 
-import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from aipipe.streams.generation.gemini import GeminiProvider
 from aipipe.streams.generation.openai_provider import OpenAIProvider
 from aipipe.streams.generation.provider import ProviderError, VideoJob
 from tests.support.fake_openai import image_bytes
+from tests.support.raw_http import canned, run_against
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
@@ -31,27 +31,10 @@ def answering(body: bytes, content_type: str,
               call: Callable[[str], Awaitable[Any]]) -> Any:
     """``call(base_url)`` against a local server that answers every request 200 ``body``;
     its result, or the ProviderError it raised."""
-    async def go() -> Any:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
-                         + b"\r\nContent-Length: " + str(len(body)).encode()
-                         + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        try:
-            return await call(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        except ProviderError as exc:
-            return exc
-        finally:
-            server.close()
-
-    return asyncio.run(go())
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
+              + b"\r\nContent-Length: " + str(len(body)).encode()
+              + b"\r\nConnection: close\r\n\r\n" + body)
+    return run_against(canned(answer, hold=0), call, (ProviderError,))[0]
 
 
 def openai(base: str) -> OpenAIProvider:

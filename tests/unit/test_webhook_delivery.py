@@ -25,6 +25,7 @@ from aipipe.producers.webhooks import (
 )
 from aipipe.schemas.events import OperationAdmitted, OperationRejected, OperationRequested
 from aipipe.streams.admission.decide import Rules, decide
+from tests.support.raw_http import Handler, canned, run_against
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 BODY = b'{"event_id":"e-1","event_type":"operation.completed"}'
@@ -136,61 +137,28 @@ def test_connection_errors_are_retried_and_the_last_try_gives_the_reason() -> No
     assert len(seen) == 4
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
-
-
 def against_receiver(handle: Handler, policy: RetryPolicy) -> tuple[Outcome, float]:
     """One attempt at a receiver on a real local socket that answers as ``handle`` writes;
     the outcome and how long the attempt took."""
-    async def go() -> tuple[Outcome, float]:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            try:
-                await handle(reader, writer)
-            except (ConnectionError, asyncio.CancelledError):
-                pass  # the client hung up: what it should do with a receiver like this
-            finally:
-                writer.close()
+    async def attempt(base: str) -> Outcome:
+        async with httpx.AsyncClient() as client:
+            return await deliver(client, f"{base}/hook", "e-1", BODY, SECRET, policy,
+                                 first=1, last=1)
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with httpx.AsyncClient() as client:
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                outcome = await deliver(client, f"http://127.0.0.1:{port}/hook", "e-1", BODY,
-                                        SECRET, policy, first=1, last=1)
-                return outcome, loop.time() - started
-        finally:
-            server.close()
-
-    return asyncio.run(go())
-
-
-def answer(head: bytes) -> Handler:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(head)
-        await writer.drain()
-        await asyncio.sleep(30)  # the body (if any) never comes
-
-    return handle
+    outcome, seconds = run_against(handle, attempt)
+    return outcome, seconds
 
 
 def test_a_retry_after_that_is_not_ascii_digits_is_the_backoff() -> None:
     """``"²".isdigit()`` is true and ``float("²")`` raises: the header took the sink down."""
     head = "HTTP/1.1 503 Busy\r\nRetry-After: \u00b2\r\nContent-Length: 0\r\n\r\n"
-    outcome, _ = against_receiver(answer(head.encode("latin-1")), POLICY)
+    outcome, _ = against_receiver(canned(head.encode("latin-1")), POLICY)
     assert (outcome.delivered, outcome.status, outcome.retry_in) == (False, 503, 0.5)
 
 
 def test_a_receiver_that_drips_its_headers_is_cut_off_at_the_attempts_timeout() -> None:
-    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:  # each read within 1 s
-            writer.write(bytes([byte]))
-            await writer.drain()
-            await asyncio.sleep(0.2)
-
-    outcome, seconds = against_receiver(drip, POLICY)
+    drip = canned(b"", drip=b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000, every=0.2)
+    outcome, seconds = against_receiver(drip, POLICY)  # each read within 1 s
     assert (outcome.delivered, outcome.status, outcome.retry_in) == (False, None, 0.5)
     assert outcome.reason.startswith("TimeoutError")
     assert seconds < 10  # the policy's 1 s in all (the drip would take 200 s)
@@ -202,7 +170,7 @@ def test_a_receiver_that_drips_its_headers_is_cut_off_at_the_attempts_timeout() 
 ], ids=["slow-huge-body", "body-not-gzip"])
 def test_an_accepting_answer_is_a_delivery_whatever_its_body(head: bytes) -> None:
     """The status and headers decide; the body is never read (nor inflated, nor waited for)."""
-    outcome, seconds = against_receiver(answer(head), POLICY)
+    outcome, seconds = against_receiver(canned(head), POLICY)
     assert (outcome.delivered, outcome.status) == (True, 200)
     assert seconds < 10
 
