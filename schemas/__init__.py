@@ -16,6 +16,7 @@ from aipipe.schemas.events import (
     decode,
     derived_event_id,
     encode,
+    operation_event_id,
 )
 from aipipe.schemas.prices import PriceTable, compute_cost, price_table_at
 from aipipe.schemas.topics import Topics
@@ -41,5 +42,6 @@ __all__ = [
     "decode",
     "derived_event_id",
     "encode",
+    "operation_event_id",
     "price_table_at",
 ]

@@ -157,8 +157,22 @@ def new_event_id() -> str:
 
 
 def derived_event_id(operation_id: str, step: str) -> str:
-    """The event id of ``step`` for one operation: the same on every re-run."""
+    """The event id of ``step`` of ``operation_id`` (any stable name): the same on every
+    re-run. An operation's events take ``operation_event_id``."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"aipipe:{operation_id}:{step}"))
+
+
+def operation_key(client_id: str, operation_id: str) -> str:
+    """An operation's identity as one string: its client and its id, as the cost table's
+    ``(client_id, operation_id)``. An ``event_id`` is unique only within its client."""
+    return f"{client_id}\x1f{operation_id}"
+
+
+def operation_event_id(client_id: str, operation_id: str, step: str) -> str:
+    """The event id of ``step`` of one client's operation: the same on every re-run, and
+    another than another client's operation with the same id gets (a webhook receiver
+    deduplicates by it)."""
+    return derived_event_id(operation_key(client_id, operation_id), step)
 
 
 def utcnow() -> datetime:

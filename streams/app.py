@@ -56,8 +56,8 @@ from aipipe.schemas.events import (
     VideoPollScheduled,
     VideoStarted,
     decode,
-    derived_event_id,
     encode,
+    operation_event_id,
     utcnow,
 )
 from aipipe.streams import dedup, spans
@@ -324,7 +324,8 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                         model=operation.model)
             await emit(providers_topic, OperationInterrupted(
                 **operation.envelope(
-                    derived_event_id(operation.operation_id, f"interrupted-{before}")),
+                    operation_event_id(operation.client_id, operation.operation_id,
+                                       f"interrupted-{before}")),
                 occurred_at=deps.clock(), operation_id=operation.operation_id,
                 operation_type=operation.operation_type, provider=operation.provider,
                 model=operation.model, attempt=before,

@@ -24,7 +24,7 @@ from aipipe.schemas.events import (
     OperationAdmitted,
     OperationRejected,
     OperationRequested,
-    derived_event_id,
+    operation_event_id,
     shown,
     utcnow,
 )
@@ -62,7 +62,7 @@ def _spec(request: OperationRequested, keep_params: bool = True) -> dict[str, An
 
 def admitted(request: OperationRequested, now: datetime, **facts: Any) -> OperationAdmitted:
     return OperationAdmitted(
-        **request.envelope(derived_event_id(request.event_id, "admitted")),
+        **request.envelope(operation_event_id(request.client_id, request.event_id, "admitted")),
         **_spec(request),
         operation_id=request.event_id,
         requested_at=now,
@@ -79,7 +79,7 @@ def rejected(
     """The rejection; without ``keep_params`` it carries no params (they were the problem),
     without ``keep_callback`` no ``callback_url`` (it was the problem: nothing calls it)."""
     return OperationRejected(
-        **request.envelope(derived_event_id(request.event_id, "rejected")),
+        **request.envelope(operation_event_id(request.client_id, request.event_id, "rejected")),
         **_spec(request, keep_params),
         operation_id=request.event_id,
         requested_at=now,

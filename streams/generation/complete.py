@@ -13,7 +13,7 @@ from aipipe.schemas.events import (
     OperationCompleted,
     Usage,
     VideoStarted,
-    derived_event_id,
+    operation_event_id,
 )
 from aipipe.schemas.prices import PriceTable
 from aipipe.streams.generation.outputs import record
@@ -90,7 +90,8 @@ def completed(
     if result.success and (problem := prices.usage_problem(operation.model, result.usage)):
         metadata["usage_problem"] = problem  # priced as reported, flagged to reconcile
     return OperationCompleted(
-        **operation.envelope(derived_event_id(operation.operation_id, "completed")),
+        **operation.envelope(
+            operation_event_id(operation.client_id, operation.operation_id, "completed")),
         occurred_at=now,
         operation_id=operation.operation_id,
         requested_at=operation.requested_at,

@@ -26,7 +26,7 @@ from aipipe.schemas.events import (
     VideoPolled,
     VideoPollScheduled,
     VideoStarted,
-    derived_event_id,
+    operation_event_id,
 )
 from aipipe.schemas.prices import PriceTable
 from aipipe.streams import dedup
@@ -42,7 +42,8 @@ def schedule_poll(
 ) -> VideoPollScheduled:
     wait = schedule.wait(attempt)
     return VideoPollScheduled(
-        **started.envelope(derived_event_id(started.operation_id, f"poll-scheduled-{attempt}")),
+        **started.envelope(operation_event_id(started.client_id, started.operation_id,
+                                            f"poll-scheduled-{attempt}")),
         occurred_at=now,
         operation_id=started.operation_id,
         provider_operation=started.provider_operation,
@@ -68,7 +69,8 @@ def after_poll(
 
     def polled(final: bool) -> VideoPolled:
         return VideoPolled(
-            **started.envelope(derived_event_id(started.operation_id, f"polled-{attempt}")),
+            **started.envelope(operation_event_id(started.client_id, started.operation_id,
+                                                f"polled-{attempt}")),
             occurred_at=now,
             operation_id=started.operation_id,
             provider_operation=started.provider_operation,

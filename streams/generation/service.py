@@ -23,8 +23,8 @@ from aipipe.schemas.events import (
     ProviderCircuitClosed,
     ProviderCircuitOpened,
     VideoStarted,
-    derived_event_id,
     new_event_id,
+    operation_event_id,
     utcnow,
 )
 from aipipe.schemas.prices import PriceTable, price_table_at
@@ -126,7 +126,8 @@ class Generation:
             return [*events, completed(operation, result, prices, 0, self.clock())]
         if isinstance(outcome, VideoJob):
             video = VideoStarted(
-                **operation.envelope(derived_event_id(operation.operation_id, "video-started")),
+                **operation.envelope(operation_event_id(
+                    operation.client_id, operation.operation_id, "video-started")),
                 occurred_at=self.clock(), operation_id=operation.operation_id,
                 requested_at=operation.requested_at,
                 client_occurred_at=operation.client_occurred_at,

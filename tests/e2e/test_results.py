@@ -108,6 +108,7 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
             assert isinstance(outcome, OperationCompleted) and outcome.client_id == \
                 request.client_id
             assert asyncio.run(store.get(outcome.outputs[0].uri)) == expected_png(request)
+        assert pair[0].event_id != pair[1].event_id  # (a webhook receiver dedups by it)
         of_twin = aipipe(settings, "result", mine.event_id, "--client", "twin")
         assert of_twin.returncode == 0 and decode(of_twin.stdout.encode()) == pair[1]
 

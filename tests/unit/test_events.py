@@ -14,6 +14,7 @@ from aipipe.schemas import (
     decode,
     derived_event_id,
     encode,
+    operation_event_id,
 )
 
 
@@ -64,6 +65,14 @@ def test_cost_survives_the_wire_exactly(cents: Decimal) -> None:
 def test_derived_ids_are_deterministic_per_step() -> None:
     assert derived_event_id("op", "completed") == derived_event_id("op", "completed")
     assert derived_event_id("op", "completed") != derived_event_id("op", "admitted")
+
+
+def test_an_operations_event_ids_are_its_clients_own() -> None:
+    """Two clients' operations with one id: their completions (and webhook ids) differ."""
+    assert operation_event_id("acme", "op", "completed") == \
+        operation_event_id("acme", "op", "completed")
+    assert operation_event_id("acme", "op", "completed") != \
+        operation_event_id("globex", "op", "completed")
 
 
 @pytest.mark.parametrize(
