@@ -51,12 +51,7 @@ from aipipe.infra import metrics
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.producers import tracing
 from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
-from aipipe.schemas.deadletter import (
-    MAX_KEY_BYTES,
-    deadletter_headers,
-    deadletter_value,
-    kept_headers,
-)
+from aipipe.schemas.deadletter import build_dead_letter
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 
 log = structlog.get_logger("aipipe.sink")
@@ -671,20 +666,14 @@ class BatchingSink(Generic[Row]):
         log.warning("event_dead_lettered", stage=stage, reason=reason,
                     topic=topic, partition=partition, offset=offset)
         metrics.DEAD_LETTERS.labels(stage).inc()
-        value, cut = deadletter_value(message.value())  # a dead letter always fits
         headers = message.headers() or []
-        original = list(headers.items()) if isinstance(headers, dict) else headers
-        key = message.key()
-        self.deadletters.send_raw(
-            self.deadletter_topic,
-            key[:MAX_KEY_BYTES] if key else key,
-            value,
-            deadletter_headers(
-                reason=reason, error=error, stage=stage,
-                topic=topic, partition=partition, offset=offset,
-                original=[*kept_headers(original), *cut],
-            ),
-        )
+        letter = build_dead_letter(  # a dead letter always fits
+            message.key(), message.value(),
+            list(headers.items()) if isinstance(headers, dict) else headers,
+            reason=reason, error=error, stage=stage, topic=topic, partition=partition,
+            offset=offset)
+        self.deadletters.send_raw(self.deadletter_topic, letter.key, letter.value,
+                                  letter.headers)
 
     def flush(self, can_poll: bool = True) -> None:
         """Write the batch (retrying, splitting, or failing as ``classify`` says), then commit.

@@ -1,12 +1,14 @@
-"""The headers a dead-lettered message carries: why it failed and where it came from.
+"""A dead-lettered message: why it failed and where it came from, and what it held.
 
-The value and key are the original bytes, untouched, so the message can be fixed and
-re-sent; the original headers are kept and these are added.
+The key and value are the original bytes, so the message can be fixed and re-sent, cut
+only where they would not fit (``dead_letter``); the original headers are kept (or, when
+too many or too large, counted) and these are added.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -45,6 +47,8 @@ def kept_headers(original: Iterable[tuple[str, str | bytes | None]] | None) -> H
 
 
 def cut_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` at most ``limit`` characters, the rest said, not kept (also a provider's
+    strings in a completion: ``streams.generation.complete.cut``)."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
@@ -76,6 +80,29 @@ def deadletter_headers(
         (PARTITION, str(partition).encode()),
         (OFFSET, str(offset).encode()),
     ]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+def build_dead_letter(
+    key: bytes | None, value: bytes | None,
+    headers: Iterable[tuple[str, str | bytes | None]] | None, *,
+    reason: str, error: str, stage: str, topic: str, partition: int, offset: int,
+) -> DeadLetter:
+    """The dead letter of one message, which always fits in a Kafka request: its key cut to
+    ``MAX_KEY_BYTES``, its value to ``MAX_VALUE_BYTES``, its headers kept as
+    ``kept_headers`` says, and the reason and coordinates added."""
+    kept, cut = deadletter_value(value)
+    return DeadLetter(
+        key[:MAX_KEY_BYTES] if key else key, kept,
+        deadletter_headers(reason=reason, error=error, stage=stage, topic=topic,
+                           partition=partition, offset=offset,
+                           original=[*kept_headers(headers), *cut]))
 
 
 def read_headers(headers: Iterable[tuple[str, str | bytes | None]] | None) -> dict[str, str]:

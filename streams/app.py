@@ -38,12 +38,7 @@ from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.infra.settings import Settings
 from aipipe.producers import tracing
 from aipipe.producers.producer import headers_for
-from aipipe.schemas.deadletter import (
-    MAX_KEY_BYTES,
-    deadletter_headers,
-    deadletter_value,
-    kept_headers,
-)
+from aipipe.schemas.deadletter import build_dead_letter
 from aipipe.schemas.errors import EventDecodeError
 from aipipe.schemas.events import (
     Event,
@@ -188,17 +183,12 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         reason = exc.reason if isinstance(exc, EventDecodeError) else str(exc)
         log.warning("event_dead_lettered", stage=stage, reason=reason, topic=message.topic,
                     partition=message.partition, offset=message.offset)
-        value, cut = deadletter_value(message.value)
         metrics.DEAD_LETTERS.labels(stage).inc()
-        await deadletter.send(
-            key=message.key[:MAX_KEY_BYTES] if message.key else message.key,
-            value=value,
-            headers=deadletter_headers(
-                reason=reason, error=type(exc).__name__, stage=stage, topic=message.topic,
-                partition=message.partition, offset=message.offset,
-                original=[*kept_headers(message.headers), *cut],
-            ),
-        )
+        letter = build_dead_letter(
+            message.key, message.value, message.headers, reason=reason,
+            error=type(exc).__name__, stage=stage, topic=message.topic,
+            partition=message.partition, offset=message.offset)
+        await deadletter.send(key=letter.key, value=letter.value, headers=letter.headers)
 
     async def decoded(message: Any, stage: str, expected: type[Event]) -> Any:
         """The event of ``message``, or None after dead-lettering what cannot be decoded."""

@@ -61,7 +61,7 @@ log = structlog.get_logger("aipipe.ui")
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_DAYS = 366
-CHILD_EXIT_SECONDS = 30.0  # a reading child's end, once it has answered
+CHILD_EXIT_SECONDS = 30.0  # a reading child's end, once it has answered or been killed
 # a reading child's start (a fresh interpreter, chDB opened) on top of its queries' own limit
 CHILD_START_SECONDS = 60.0
 MAX_OPERATIONS = 1000

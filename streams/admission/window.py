@@ -54,8 +54,9 @@ class SlidingLog:
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One request to decide: its member (the request's event id) and the client and
-    model logs with their limits; a ``None`` limit means no limit of that kind applies.
+    """One request to decide: its member (the client and the request's event id,
+    ``operation_key``) and the client and model logs with their limits; a ``None`` limit
+    means no limit of that kind applies.
     """
 
     member: str

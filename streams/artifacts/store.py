@@ -32,7 +32,7 @@ EXTENSIONS = {
     "image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
     "video/mp4": ".mp4", "text/plain": ".txt", "application/json": ".json",
 }
-WRITERS = 8  # threads of a local store that create files at once
+WRITERS = 8  # threads of a store (local or fsspec) that write and hash outputs at once
 #: outputs from this size up are hashed off the event loop, with their write: SHA-256 runs at
 #: about 0.5-1 GB/s here, so a 2 MB image held the loop (and every operation in flight) for
 #: milliseconds, and a video of tens of MB for tens

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from aipipe.schemas.deadletter import cut_reason
 from aipipe.schemas.events import (
     OperationAdmitted,
     OperationCompleted,
@@ -30,9 +31,7 @@ _INT64 = 2 ** 63
 
 def cut(text: str | None) -> str | None:
     """``text`` at most ``MAX_PROVIDER_TEXT`` characters (the rest said, not kept)."""
-    if text is None or len(text) <= MAX_PROVIDER_TEXT:
-        return text
-    return f"{text[:MAX_PROVIDER_TEXT]}… ({len(text) - MAX_PROVIDER_TEXT} more characters)"
+    return None if text is None else cut_reason(text, MAX_PROVIDER_TEXT)
 
 
 def bounded(value: Any, depth: int = 1) -> Any:
