@@ -476,9 +476,11 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 "which carries only video.* events; send it to its own topic."))
         elif entry == "delete":
             pending_videos.pop(key, None)
+            due_videos.forget(key)
         elif entry is not None:
             pending_videos[key] = (spans.carry(entry, item.message.headers)
-                                            if tracing.enabled else entry)
+                                   if tracing.enabled else entry)
+            due_videos.scheduled(key, entry)
 
     @app.agent(polls, name="video-polls")
     async def video_polls(stream: Any) -> None:
@@ -503,10 +505,11 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         HEALTH.beat("video-poll-timer")
         metrics.VIDEO_POLLS_PENDING.set(len(pending_videos))
         if app.rebalancing or app.in_recovery:
+            due_videos.rescan()  # the table may change under them
             return
         actives = {tp.partition for tp in app.assignor.assigned_actives()
                    if tp.topic == topics.video_polls}
-        for video, attempt in due_videos.take(pending_videos.items(), actives, deps.clock()):
+        for video, attempt in due_videos.take(pending_videos, actives, deps.clock()):
             due_videos.spawn(poll_once(video, attempt))
 
     app.timer(interval=settings.video_poll_tick_seconds, name="video-poll-timer")(

@@ -7,15 +7,17 @@ completed event comes before the final ``video.polled`` so that a crash between 
 leaves the video pending and the next poll emits the same completed event again (same
 ``event_id``: the cost sink counts it once).
 
-Pending videos live in a changelog-backed table keyed by ``operation_id``, written only
-by the agent that reads the polls topic (``pending_after``); a timer asks ``DueVideos``
-which are due and runs them as tasks, so no wait ever holds up a partition.
+Pending videos live in a changelog-backed table keyed by the client and the operation id
+(``pending_entry``), written only by the agent that reads the polls topic
+(``pending_after``); a timer asks ``DueVideos`` which are due and runs them as tasks, so no
+wait ever holds up a partition.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable
+import heapq
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -150,33 +152,56 @@ def _change(
 
 
 class DueVideos:
-    """Which pending videos this worker polls now; each attempt runs once per worker."""
+    """Which pending videos this worker polls now; each attempt runs once per worker.
+
+    Due polls come off a heap by due time, fed as the polls agent writes the table
+    (``scheduled``), so a tick reads only what is due: scanning every pending video took
+    about 0.7 ms per thousand, four times a second. The whole table is read again
+    (``rescan``) after a rebalance or a recovery, or when the partitions this worker
+    polls change: entries the changelog restored never passed through ``scheduled``.
+    """
 
     def __init__(self, max_in_flight: int = 64) -> None:
         self.max_in_flight = max_in_flight
         self.ran: dict[str, int] = {}  # entry key -> the last attempt started here
         self.tasks: set[asyncio.Future[None]] = set()
+        self._heap: list[tuple[datetime, str, int]] = []  # (due at, key, attempt)
+        self._partitions: set[int] | None = None  # those of the last scan
+        self._scan = True
+
+    def scheduled(self, key: str, entry: Pending) -> None:
+        """``entry`` was written under ``key``: its poll, if one is scheduled, will be due."""
+        if int(entry["attempt"]) >= 1 and entry.get("due_at"):
+            heapq.heappush(self._heap, (datetime.fromisoformat(entry["due_at"]), key,
+                                        int(entry["attempt"])))
+
+    def forget(self, key: str) -> None:
+        """``key``'s video is no longer pending (its stale heap items are dropped when due)."""
+        self.ran.pop(key, None)
+
+    def rescan(self) -> None:
+        self._scan = True
 
     def take(
-        self, entries: Iterable[tuple[str, Pending | None]], partitions: set[int], now: datetime
+        self, table: Mapping[str, Pending | None], partitions: set[int], now: datetime
     ) -> list[tuple[VideoStarted, int]]:
+        if self._scan or partitions != self._partitions:
+            self._scan, self._partitions, self._heap = False, set(partitions), []
+            for key, entry in table.items():
+                if entry:
+                    self.scheduled(key, entry)
+            heapq.heapify(self._heap)
+            self.ran = {k: a for k, a in self.ran.items() if k in table}
         due: list[tuple[VideoStarted, int]] = []
-        pending: set[str] = set()
-        for key, entry in entries:
-            if not entry or int(entry["attempt"]) < 1 or entry["partition"] not in partitions:
-                continue
-            pending.add(key)
-            attempt = int(entry["attempt"])
-            if self.ran.get(key, 0) >= attempt:
-                continue
-            if datetime.fromisoformat(entry["due_at"]) > now:
-                continue
-            if len(self.tasks) + len(due) >= self.max_in_flight:
-                continue
+        while (self._heap and self._heap[0][0] <= now
+               and len(self.tasks) + len(due) < self.max_in_flight):
+            _, key, attempt = heapq.heappop(self._heap)
+            entry = table.get(key)
+            if (not entry or int(entry["attempt"]) != attempt
+                    or entry["partition"] not in partitions or self.ran.get(key, 0) >= attempt):
+                continue  # gone, superseded, another worker's, or started already
             self.ran[key] = attempt
             due.append((VideoStarted.model_validate(entry["video"]), attempt))
-        for gone in self.ran.keys() - pending:
-            del self.ran[gone]
         return due
 
     def spawn(self, poll: Coroutine[Any, Any, None]) -> None:

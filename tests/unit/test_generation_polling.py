@@ -112,9 +112,9 @@ def test_the_pending_entry_follows_the_polls_topic() -> None:
 
     due = DueVideos()
     later = T0 + timedelta(hours=1)
-    assert due.take(table.items(), {0, 1}, later) == []  # not this worker's partition
-    assert [a for _, a in due.take(table.items(), {2}, later)] == [2]
-    assert due.take(table.items(), {2}, later) == []  # once per attempt
+    assert due.take(table, {0, 1}, later) == []  # not this worker's partition
+    assert [a for _, a in due.take(table, {2}, later)] == [2]
+    assert due.take(table, {2}, later) == []  # once per attempt
     final = after_poll(started, 2, VideoStatus(done=True), PollSchedule(), PRICES, T0)[1]
     assert pending_after(table.get, final, 2) == (key, "delete")
 
@@ -132,6 +132,47 @@ def test_an_entry_under_the_id_alone_is_its_own_clients_only() -> None:
     key, change = pending_after(table.get, twin, 3)
     assert key == dedup.key("twin", "op-1")
     assert isinstance(change, dict) and change["video"]["client_id"] == "twin"
+
+
+class _Counted(dict[str, Any]):
+    """A table that counts how often it is read whole."""
+
+    scans = 0
+
+    def items(self) -> Any:
+        self.scans += 1
+        return super().items()
+
+
+def test_a_tick_reads_only_what_is_due_and_the_whole_table_after_a_change() -> None:
+    """Polls come off a heap fed as the table is written; the table is read whole only at
+    the start, after a rebalance (``rescan``) or when the partitions change."""
+    def entry(n: int, partition: int, attempt: int, due_in: float) -> dict[str, Any]:
+        video = _started().model_copy(update={"operation_id": f"op-{n}"})
+        return {"video": video.model_dump(mode="json"), "attempt": attempt,
+                "due_at": (T0 + timedelta(seconds=due_in)).isoformat(), "partition": partition}
+
+    table, due = _Counted(), DueVideos()
+    table.update({f"k{n}": entry(n, 0, 1, n) for n in range(1000)})  # one due each second
+    table["restored"] = entry(5000, 1, 3, 0)  # written by the changelog, partition 1
+    ran = [v.operation_id for v, _ in due.take(table, {0}, T0 + timedelta(seconds=2.5))]
+    assert ran == ["op-0", "op-1", "op-2"] and table.scans == 1
+
+    table["new"] = entry(7000, 0, 1, 1.5)  # written by the polls agent
+    due.scheduled("new", table["new"])
+    table["k3"] = entry(3, 0, 2, 60)  # polled, rescheduled for later
+    due.scheduled("k3", table["k3"])
+    del table["k4"]  # done
+    due.forget("k4")
+    ran = [v.operation_id for v, _ in due.take(table, {0}, T0 + timedelta(seconds=5.5))]
+    assert ran == ["op-7000", "op-5"] and table.scans == 1
+
+    ran = [v.operation_id for v, _ in due.take(table, {0, 1}, T0 + timedelta(seconds=6.5))]
+    assert ran == ["op-5000", "op-6"] and table.scans == 2  # partition 1 is ours now
+    due.rescan()
+    assert due.take(table, {0, 1}, T0 + timedelta(seconds=6.5)) == [] and table.scans == 3
+    ran = [(v.operation_id, a) for v, a in due.take(table, {0, 1}, T0 + timedelta(seconds=61))]
+    assert ran[:3] == [("op-7", 1), ("op-8", 1), ("op-9", 1)] and ("op-3", 2) in ran
 
 
 def _started() -> VideoStarted:
