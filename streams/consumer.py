@@ -105,6 +105,11 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
                 not isinstance(exc.__cause__, UnicodeDecodeError):
             raise
         read, records.next_fetch_offset = _read_around(records, tp, records.next_fetch_offset)
+        if max_records is not None and len(out) + len(read) > max_records:
+            # never more than asked (aiokafka's fetcher asserts it): the rest is fetched
+            # again, and there is room for at least one record, so each pass moves on
+            read = read[:max_records - len(out)]
+            records.next_fetch_offset = read[-1].offset + 1
         out.extend(read)
         self._update_position()
         self._partition_records = None  # (the rest of that fetch is fetched again)

@@ -6,10 +6,11 @@ assignment state is a stand-in.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
-from aiokafka.consumer.fetcher import FetchResult, PartitionRecords
+from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
 from aiokafka.record.default_records import DefaultRecordBatchBuilder, _DefaultRecordBatchPy
 from aiokafka.record.memory_records import _MemoryRecordsPy
 from aiokafka.structs import TopicPartition
@@ -114,3 +115,42 @@ def test_fetches_of_a_few_records_at_a_time_hand_each_on_once(max_records: int) 
 def test_the_first_record_of_a_later_batch() -> None:
     first, second = batch(0, [b"v0", b"v1"], bad=set()), batch(2, [b"v2", b"v3"], bad={0})
     assert fetch_all(first, second) == [(0, b"v0"), (1, b"v1"), stand_in(2), (3, b"v3")]
+
+
+class _Subscriptions:
+    reassignment_in_progress = False
+
+    def is_assigned(self, tp: Any) -> bool:
+        return True
+
+
+class _Fetcher:
+    """What aiokafka's ``Fetcher.fetched_records`` reads of its fetcher."""
+
+    _wait_consume_future = None
+
+    def __init__(self, results: dict[Any, Any]) -> None:
+        self._records, self._subscriptions = results, _Subscriptions()
+
+    def _notify(self, future: Any) -> None:
+        pass
+
+
+def test_the_fetcher_gets_no_more_records_than_it_asked_for(monkeypatch: Any) -> None:
+    """A batch read around its unreadable record is handed on a poll's worth at a time:
+    aiokafka's fetcher asserts it got at most ``max_records``, and the worker died on a
+    600-record batch whose first record was unreadable (and again after each restart)."""
+    monkeypatch.setattr(FetchResult, "getall", consumer._getall)
+    bad = {0, 550}
+    after, data = batch(0, [b"v%d" % i for i in range(600)], bad=bad)
+    assignment, seen, sizes = _Assignment(), [], []
+    while assignment.state.position < after:
+        records = PartitionRecords(TP, consumer._KeptMemoryRecords(data), [],
+                                   assignment.state.position, None, None, False, 0)
+        fetcher = _Fetcher({TP: FetchResult(TP, assignment=assignment,
+                                            partition_records=records, backoff=0)})
+        got = asyncio.run(Fetcher.fetched_records(fetcher, [TP], timeout=0, max_records=500))
+        sizes.append(len(got[TP]))
+        seen += [(r.offset, r.value) for r in got[TP]]
+    assert sizes == [500, 100]
+    assert seen == [(i, None if i in bad else b"v%d" % i) for i in range(600)]
