@@ -43,7 +43,7 @@ def kept_headers(original: Iterable[tuple[str, str | bytes | None]] | None) -> H
                for name, value in headers[:MAX_KEPT_HEADERS + 1])
     if len(headers) <= MAX_KEPT_HEADERS and size <= MAX_KEPT_HEADER_BYTES:
         return headers
-    return [(TRUNCATED + ".headers", f"{len(headers)} headers")]
+    return [(TRUNCATED + ".headers", f"{len(headers)} headers".encode())]
 
 
 def cut_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
