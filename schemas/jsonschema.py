@@ -46,6 +46,24 @@ def _bound_depth(node: Any, defs: dict[str, Any]) -> None:
             _bound_depth(value, defs)
 
 
+def _no_last_newline(node: Any) -> None:
+    """Add ``"not": {"pattern": "\\n"}`` beside each pattern anchored with ``$``.
+
+    In JSON Schema (ECMA-262) ``$`` is the end of the string, but Python's ``re``, which
+    Python validators use, also matches it before a last newline: ``"acme\\n"`` passed
+    the id pattern there and was refused by ``decode``. None of these patterns allows a
+    newline anywhere, and a newline class means the same in every regex dialect."""
+    if isinstance(node, dict):
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and pattern.endswith("$") and "not" not in node:
+            node["not"] = {"pattern": "\n"}
+        for value in node.values():
+            _no_last_newline(value)
+    elif isinstance(node, list):
+        for value in node:
+            _no_last_newline(value)
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of each event type: what ``decode`` accepts for that type."""
     schemas: dict[str, dict[str, Any]] = {}
@@ -55,6 +73,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
                               *(f for f in schema.get("required", []) if f not in WIRE_REQUIRED)]
         defs: dict[str, Any] = {}
         _bound_depth(schema, defs)
+        _no_last_newline(schema)
         if defs:
             schema.setdefault("$defs", {}).update(defs)
         schema["$id"] = f"https://aipipe.dev/schemas/{event_type}.json"
