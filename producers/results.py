@@ -167,7 +167,8 @@ class ResultClient:
         except TimeoutError:
             raise ResultTimeout(
                 f"No outcome for operation {request.event_id} within {timeout:g}s; it may "
-                f"still complete: aipipe result {request.event_id} --wait."
+                f"still complete: aipipe result {request.event_id} --client "
+                f"{request.client_id} --wait."
             ) from None
         finally:
             self._forget(request)
@@ -181,7 +182,8 @@ class ResultClient:
         except concurrent.futures.TimeoutError:
             raise ResultTimeout(
                 f"No outcome for operation {request.event_id} within {timeout:g}s; it may "
-                f"still complete: aipipe result {request.event_id} --wait."
+                f"still complete: aipipe result {request.event_id} --client "
+                f"{request.client_id} --wait."
             ) from None
         finally:
             self._forget(request)

@@ -66,7 +66,7 @@ def test_submit_resolves_for_100_concurrent_requests_and_aipipe_result_returns_o
 
         with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
             *outcomes, refused = asyncio.run(submit_all(results))
-            with pytest.raises(ResultTimeout, match="aipipe result"):
+            with pytest.raises(ResultTimeout, match=r"aipipe result \S+ --client client-1 --wait"):
                 asyncio.run(results.submit(requested(101, simulate={"latency_ms": 3000}),
                                            timeout=0.5))
             blocking = results.submit_blocking(requested(102), timeout=120)
