@@ -87,6 +87,7 @@ class Poison:
     value: bytes
     outcome: set[str]  # what may answer it: "rejected", "deadletter", "failed"
     operation_id: str | None = None
+    headers: list[tuple[str, bytes]] | None = None
 
 
 def js(obj: Any) -> bytes:
@@ -124,6 +125,9 @@ def corpus() -> Iterator[Poison]:
     yield req("occurred_at in year 1", either, occurred_at="0001-01-01T00:00:00Z")
     yield req("occurred_at in year 9999", either, occurred_at="9999-12-31T23:59:59Z")
     yield req("client_id with control characters", either, client_id="mal\u0000lory\u001b[2J")
+    yield req("client_id with a bidi override", DL, client_id="mallory\u202egpj.exe")
+    yield Poison("not json, with 101 headers (a dead letter keeps their count)", R,
+                 b"{not json", DL, headers=[(f"h{i}", b"x") for i in range(101)])
     yield req("model without a price", REJ, model="gemini-99-ultra")
     yield req("provider not offered", REJ, provider="openai-unconfigured")
     yield par("n of 1e30", either, n=1e30)
@@ -143,6 +147,8 @@ def corpus() -> Iterator[Poison]:
         "request_id": "poison", "client_id": "mallory", "amount_usd": "1000000"}), DL)
     # generation's input: a forged admitted operation must still end in one completion
     yield Poison("garbage on the admitted topic", "admitted", b"\x00\xff garbage", DL)
+    yield Poison("garbage with 101 headers on the admitted topic", "admitted", b"\x00",
+                 DL, headers=[(f"h{i}", b"x") for i in range(101)])
     yield Poison("a request on the admitted topic", "admitted", js(request()), DL)
     yield Poison("video polls: not json", "video_polls", b"{{{", DL)
     yield Poison("video polls: a request", "video_polls", js(request()), DL)
@@ -168,12 +174,14 @@ class Coordinates:
                                   "message.max.bytes": 10_000_000})
         self.landed: dict[int, tuple[str, int, int]] = {}
 
-    def send(self, index: int, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, index: int, topic: str, key: bytes, value: bytes,
+             headers: list[tuple[str, bytes]] | None = None) -> None:
         def delivered(err: Any, msg: Any) -> None:
             assert err is None, err
             self.landed[index] = (msg.topic(), msg.partition(), msg.offset())
 
-        self.producer.produce(topic, key=key, value=value, on_delivery=delivered)
+        self.producer.produce(topic, key=key, value=value, headers=headers,
+                              on_delivery=delivered)
         self.producer.poll(0)
 
     def flush(self) -> None:
@@ -209,7 +217,7 @@ def test_a_poison_corpus_among_valid_traffic_loses_and_stops_nothing(
                              value=encode(event))
         if i % stride == 0 and i // stride < len(poisons):
             p = poisons[i // stride]
-            out.send(i // stride, getattr(topics, p.topic), b"mallory", p.value)
+            out.send(i // stride, getattr(topics, p.topic), b"mallory", p.value, p.headers)
         if i % 200 == 0:
             out.producer.poll(0)
     out.flush()
