@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from aipipe.schemas.errors import AipipeError
+from aipipe.schemas.events import MAX_INT  # (a decision's event carries its limit)
 
 US_PER_MS = 1000
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -49,6 +50,12 @@ def parse_limit(text: object, entry: str) -> Limit:
         raise LimitError(
             f"Rate limit {entry} is {text!r}, which is not COUNT/WINDOW; write it like "
             '"60/60s" (window units ms, s, m, h or d).'
+        )
+    if len(match[1]) > 16 or len(match[2]) > 16 or (
+            int(match[1]) > MAX_INT or int(match[2] or 1) * _UNITS_MS[match[3]] > MAX_INT):
+        raise LimitError(
+            f"Rate limit {entry} is {str(text)[:60]!r}; the count and the window (in ms) "
+            f"must be at most {MAX_INT} (2^53 - 1), e.g. \"1000000/1s\" for a high limit."
         )
     count, amount, unit = int(match[1]), int(match[2] or 1), match[3]
     if count < 1 or amount < 1:

@@ -65,6 +65,8 @@ class Limits:
 
 
 MAX_FALLBACKS = 8
+TOP_LEVEL = frozenset({"default", "clients", "models"})
+LIMIT_KEYS, MODEL_KEYS = frozenset({"limit"}), frozenset({"limit", "fallbacks"})
 
 
 def _fallbacks(section: object, entry: str, model: str, source: str) -> tuple[str, ...]:
@@ -88,6 +90,14 @@ def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LimitError(f"Rate limits file {source} is not valid TOML ({exc}); fix it.") from None
+    except RecursionError:
+        raise LimitError(f"Rate limits file {source} nests too deep to read; it needs only "
+                         "[default], [clients.<id>] and [models.\"<model>\"] tables.") from None
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise LimitError(
+            f"Rate limits file {source} has [{str(unknown[0])[:100]}], which is not one of "
+            "[default], [clients.<id>] or [models.\"<model>\"]; fix its name.")
 
     def table(name: str) -> Mapping[str, Any]:
         value = data.get(name, {})
@@ -98,7 +108,15 @@ def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
             )
         return value
 
-    def limit_of(section: object, entry: str) -> Limit:
+    def known_keys(section: object, entry: str, keys: frozenset[str]) -> None:
+        extra = sorted(set(section) - keys) if isinstance(section, dict) else []
+        if extra:
+            raise LimitError(
+                f"Entry {entry} of {source} has {str(extra[0])[:100]!r}, which is not one of "
+                f"{', '.join(sorted(keys))}; fix its name.")
+
+    def limit_of(section: object, entry: str, keys: frozenset[str] = LIMIT_KEYS) -> Limit:
+        known_keys(section, entry, keys)
         if not isinstance(section, dict) or "limit" not in section:
             raise LimitError(
                 f"Entry {entry} of {source} has no limit; add limit = \"COUNT/WINDOW\", "
@@ -108,12 +126,15 @@ def limits_from_toml(text: str, default: Limit, source: str) -> Limits:
 
     base = limit_of(data["default"], "[default]") if "default" in data else default
     models = table("models")
+    for name, section in models.items():  # (one with fallbacks only has no limit_of)
+        known_keys(section, f'[models."{name}"]', MODEL_KEYS)
     fallbacks = {name: _fallbacks(s, f'[models."{name}"]', name, source)
                  for name, s in models.items()}
     return Limits(
         default=base,
         clients={name: limit_of(s, f"[clients.{name}]") for name, s in table("clients").items()},
-        models={name: limit_of(s, f'[models."{name}"]') for name, s in models.items()
+        models={name: limit_of(s, f'[models."{name}"]', MODEL_KEYS)
+                for name, s in models.items()
                 if not (isinstance(s, dict) and "limit" not in s and fallbacks[name])},
         fallbacks={name: routes for name, routes in fallbacks.items() if routes},
     )
@@ -162,11 +183,12 @@ class LimitsSource:
             return
         try:
             limits = limits_from_toml(self.path.read_text(), self.base, str(self.path))
-        except (LimitError, OSError, UnicodeDecodeError) as exc:
+        except Exception as exc:  # (any file an operator can write: the worker goes on)
             if strict:
                 raise
             self._stamp = stamp
-            log.error("rate_limits_refused", error=str(exc), kept="the previous limits")
+            log.error("rate_limits_refused", error=str(exc)[:1000], kept="the previous limits",
+                      error_type=type(exc).__name__)
             return
         self._stamp, self.limits = stamp, limits
         log.info("rate_limits_loaded", path=str(self.path), default=str(limits.default),

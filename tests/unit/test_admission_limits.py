@@ -36,7 +36,22 @@ def test_the_file_overrides_the_default_per_client_and_per_model() -> None:
     [
         ('[clients.acme-1]\nlimit = "ten"', r"Rate limit \[clients\.acme-1\]\.limit in f\.toml"),
         ('[models."m"]\nlimit = "5/0s"', r'Rate limit \[models\."m"\]\.limit in f\.toml'),
-        ("[clients.acme-1]\nrate = 3", r"Entry \[clients\.acme-1\] of f\.toml has no limit"),
+        ("[clients.acme-1]\nrate = 3", r"Entry \[clients\.acme-1\] of f\.toml has 'rate', "
+                                       r"which is not one of limit; fix its name"),
+        ("[clients.acme-1]", r"Entry \[clients\.acme-1\] of f\.toml has no limit"),
+        # misspelt, each would have been ignored: no default, no override, no fallbacks
+        ('[defaults]\nlimit = "5/1s"', r"Rate limits file f\.toml has \[defaults\], which is "
+                                        r"not one of \[default\]"),
+        ('[client.acme-1]\nlimit = "5/1s"', r"has \[client\], which is not one of"),
+        ('[models."m"]\nlimit = "5/1s"\nfallback = ["n"]',
+         r"Entry \[models\.\"m\"\] of f\.toml has 'fallback', which is not one of fallbacks, "
+         r"limit"),
+        ('[default]\nlimit = "5/1s"\nburst = 3', r"Entry \[default\] of f\.toml has 'burst'"),
+        # past what JSON carries exactly (a decision carries its limit), or Python's int()
+        ('[clients.a]\nlimit = "100000000000000000/1s"', r"must be at most 9007199254740991"),
+        ('[clients.a]\nlimit = "1/100000000000000d"', r"must be at most 9007199254740991"),
+        ('[clients.a]\nlimit = "' + "9" * 5000 + '/1s"', r"must be at most 9007199254740991"),
+        ("a = " + "[" * 2000 + "]" * 2000, r"nests too deep to read"),
         ("clients = 3", r"Entry \[clients\] of f\.toml is not a table"),
         ("[default\n", r"Rate limits file f\.toml is not valid TOML"),
     ],
