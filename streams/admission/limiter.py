@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.window import Check, Outcome, SlidingLog, decide_one
 
 Backend = Literal["redis", "memory", "none"]
@@ -251,6 +253,7 @@ class FailoverLimiter:
         self._probe = probe or (primary.ping if primary is not None else None)
         self.healthy = primary is not None
         self._next_probe = 0.0
+        self._swept_us = 0
 
     @property
     def backend(self) -> Backend:
@@ -264,12 +267,48 @@ class FailoverLimiter:
             await self._try_recover()
         if self.healthy and self.primary is not None:
             try:
-                return "redis", await self.primary.decide(checks)
+                return "redis", await self._decide_with_redis(checks)
             except _FAILURES as exc:
                 self._fail(exc)
         if self.failure_mode == "closed":
             return "none", None
         return "memory", await self.fallback.decide(checks)
+
+    async def _decide_with_redis(self, checks: Sequence[Check]) -> list[Outcome]:
+        """Redis's outcomes, counting the admissions the memory store made during an outage
+        that are still in their windows: Redis never saw them, and without them a client
+        got its whole limit again from Redis right after the outage.
+
+        A check whose memory log is full is decided by the memory store (refused, or a
+        duplicate of an admission made there); the others go to Redis with each limit
+        less what memory holds of it."""
+        assert self.primary is not None
+        memory = self.fallback
+        if not memory.logs:
+            return await self.primary.decide(checks)
+        now = memory.now_us()
+        if now - self._swept_us >= 1_000_000:  # (so the memory logs end once they age out)
+            memory.sweep(now)
+            self._swept_us = now
+        to_redis: list[Check] = []
+        held: dict[int, Check] = {}
+        for index, check in enumerate(checks):
+            limits: list[Limit | None] = []
+            for key, limit in check.pairs():
+                past = memory.logs.get(key)
+                if past is not None and limit is not None:
+                    past.prune(now, limit.window_us)
+                    if check.member in past.members or len(past.entries) >= limit.count:
+                        held[index] = check
+                    elif past.entries:
+                        limit = Limit(limit.count - len(past.entries), limit.window_ms)
+                limits.append(limit)
+            if index not in held:
+                to_redis.append(replace(check, client_limit=limits[0], model_limit=limits[1]))
+        decided = iter(await self.primary.decide(to_redis) if to_redis else [])
+        from_memory = iter(memory.decide_now(list(held.values())))
+        return [next(from_memory) if index in held else next(decided)
+                for index in range(len(checks))]
 
     def _fail(self, exc: BaseException) -> None:
         self.healthy = False

@@ -16,6 +16,7 @@ import redis as sync_redis
 
 from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.limiter import (
+    FailoverLimiter,
     MemoryRateLimitStore,
     RateLimitStore,
     RedisRateLimitStore,
@@ -141,3 +142,48 @@ def test_every_redis_key_has_a_ttl_within_its_window(services: Services) -> None
         assert 0 < ttl <= window, (key, ttl)
     sync.delete(*ttls)
     sync.close()
+
+
+def test_admissions_made_in_memory_during_an_outage_count_after_redis_returns(
+    services: Services,
+) -> None:
+    """The real Lua script, Redis made to stop answering (``CLIENT PAUSE``): what the
+    in-process log admitted meanwhile still counts once Redis answers again, so a client
+    does not get its limit twice in one window."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    limit = Limit(5, 60_000)
+    store = RedisRateLimitStore(redis_client(services.redis_url, timeout_ms=200))
+    probe = [0.0]
+    limiter = FailoverLimiter(store, MemoryRateLimitStore(), probe_seconds=1.0,
+                              clock=lambda: probe[0])
+    sync = sync_redis.Redis.from_url(services.redis_url)
+
+    def check(member: str, client: str) -> Check:
+        return Check(member, f"{prefix}:client:{client}", limit, f"{prefix}:model:m", None)
+
+    async def decide(*checks: Check) -> tuple[str, list[bool]]:
+        backend, outcomes = await limiter.decide(checks)
+        assert outcomes is not None
+        return backend, [o.admitted for o in outcomes]
+
+    async def scenario() -> None:
+        sync.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        assert await decide(*(check(f"a{n}", "a") for n in range(6)),
+                            *(check(f"b{n}", "b") for n in range(3))) == \
+            ("memory", [True] * 5 + [False] + [True] * 3)
+        deadline = time.monotonic() + 10
+        while sync.ping() is not True:  # (answers once the pause is over)
+            assert time.monotonic() < deadline
+        probe[0] = 2.0  # the next decision probes Redis, which answers
+        assert await decide(check("a9", "a"), check("a0", "a"),
+                            *(check(f"b{n}", "b") for n in range(3, 7))) == \
+            ("redis", [False, True, True, True, False, False])
+        # a: full in memory (a0 again is the same request: admitted without a slot);
+        # b: 3 in memory, so Redis gives the 2 left of its 5
+
+    try:
+        run(scenario())
+    finally:
+        for key in sync.scan_iter(f"{prefix}:*"):
+            sync.delete(key)
+        sync.close()
