@@ -159,7 +159,10 @@ class Generation:
         ran, result = operation, await self._attempt(events, operation)
         tried: list[str] = []
         down = self._down(ran, result)
-        for provider, model in self.guard.fallbacks(operation.provider, operation.model):
+        # (looked up only for a model that is down: the call already ran, and a lookup
+        # that raised would leave it uncosted)
+        routes = self.guard.fallbacks(operation.provider, operation.model) if down else ()
+        for provider, model in routes:
             if not down:
                 break
             assert isinstance(result, ProviderResult)

@@ -204,3 +204,19 @@ def test_a_video_starts_on_the_fallback_while_its_model_is_down_and_completes_sa
         assert [c.path.rsplit("/models/", 1)[-1] for c in fake.calls("predictLongRunning")] == [
             f"{veo}:predictLongRunning", f"{veo}:predictLongRunning",
             f"{fast}:predictLongRunning"]
+
+
+def test_fallbacks_are_looked_up_only_for_a_model_that_is_down() -> None:
+    """The call has run (and is billed) before the lookup: a lookup that raised (a limits
+    file being rewritten) turned a successful image into an uncosted internal error."""
+    from aipipe.streams.generation.simulated import SimulatedProvider
+
+    def broken(provider: str, model: str) -> Any:
+        raise RecursionError("a limits file nested too deep")
+
+    gen = Generation({"simulated": SimulatedProvider()}, ProviderGuard(fallbacks=broken),
+                     PollSchedule())
+    image = op(1).model_copy(update={"provider": "simulated",
+                                     "model": "gemini-2.5-flash-image"})
+    [done] = asyncio.run(gen.run(image))
+    assert isinstance(done, OperationCompleted) and done.success and done.cost_usd > 0
