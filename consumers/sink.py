@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from clickhouse_connect.driver.exceptions import Error as ClickHouseDriverError
@@ -50,6 +50,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from aipipe.infra import metrics
 from aipipe.infra.metrics import HEALTH, LagGauge
 from aipipe.producers import tracing
+from aipipe.producers.messages import readable
 from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
 from aipipe.schemas.deadletter import build_dead_letter
 from aipipe.schemas.errors import AipipeError, EventDecodeError
@@ -74,35 +75,6 @@ class SinkFatalError(AipipeError):
 
 class InjectedFault(RuntimeError):
     """An unexpected error raised on purpose by ``FaultPoints`` (``sink_raise``)."""
-
-
-class Headerless:
-    """A message whose headers cannot be read, as one without headers; all else as it came.
-
-    confluent-kafka decodes header names as UTF-8: for another name (the broker takes any
-    bytes) ``headers()`` raises, and asking again may crash the interpreter, so it is asked
-    once (``readable``). The sink's thread had ended on the raise, and the process with it,
-    again after every restart."""
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
-
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        return []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.message, name)
-
-
-def readable(message: Message) -> Message:
-    """``message``, or it as ``Headerless`` when its headers cannot be read."""
-    try:
-        message.headers()
-    except (UnicodeDecodeError, SystemError):  # (confluent-kafka 2.x: SystemError from it)
-        log.warning("kafka_headers_unreadable", topic=message.topic(),
-                    partition=message.partition(), offset=message.offset())
-        return cast(Message, Headerless(message))
-    return message
 
 
 def message_digest(message: Message) -> bytes:

@@ -31,6 +31,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from aipipe.producers.messages import readable
 from aipipe.producers.producer import LIBRDKAFKA_LOGGER, EventProducer
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 from aipipe.schemas.events import OperationCompleted, OperationRejected, OperationRequested, decode
@@ -199,6 +200,8 @@ class ResultClient:
                         if error.fatal():
                             raise KafkaException(error)
                         continue
+                    # (another record's header name that is not UTF-8 reads as none)
+                    message = readable(message)
                     with self._lock:
                         wanted = _request_id(message.headers()) in self._requests
                     if not wanted:

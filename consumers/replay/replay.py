@@ -25,11 +25,13 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from aipipe.consumers.costs.rows import CostRow, row_from_completed, to_millis
+from aipipe.consumers.costs.rows import row_from_completed, to_millis
 from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
 from aipipe.consumers.replay.pricefile import price_table_json
 from aipipe.consumers.replay.reprice import RepriceReport, reprice
+from aipipe.consumers.rollups import MONTHS_PER_INSERT, by_months
 from aipipe.consumers.sink import Batch, Entry, coordinates, message_digest
+from aipipe.producers.messages import readable
 from aipipe.producers.producer import LIBRDKAFKA_LOGGER
 from aipipe.schemas.errors import AipipeError, EventDecodeError
 from aipipe.schemas.events import OperationCompleted, decode
@@ -197,13 +199,15 @@ class Replayer:
                     if p not in ends or offset >= ends[p]:
                         continue
                     done += 1
+                    message = readable(message)  # (as the live sink: headers read once)
                     digest = message_digest(message)
                     batch.track(t, p, offset, 0.0, digest)
-                    row = self._row(message.value(), t, p, offset, manifest)
-                    if row is not None:
+                    event = self._completed(message.value(), manifest)
+                    if event is not None:
+                        row = row_from_completed(event, t, p, offset)
                         versions.add(row.price_version)
                         if self.prices is not None and report is not None:
-                            repriced = reprice(row, self.prices)
+                            repriced = reprice(row, self.prices, event.usage)
                             report.add(row, repriced)
                             row = repriced
                         batch.entries.append(Entry(t, p, offset, message, [row], digest))
@@ -235,8 +239,7 @@ class Replayer:
             if tp.offset >= 0 and tp.offset >= ends.get(tp.partition, 0):
                 del ends[tp.partition]
 
-    def _row(self, value: bytes | None, topic: str, partition: int, offset: int,
-             manifest: Manifest) -> CostRow | None:
+    def _completed(self, value: bytes | None, manifest: Manifest) -> OperationCompleted | None:
         try:
             event = decode(value)
         except EventDecodeError:
@@ -245,12 +248,18 @@ class Replayer:
         if not isinstance(event, OperationCompleted):
             manifest.skipped += 1
             return None
-        return row_from_completed(event, topic, partition, offset)
+        return event
 
     def _write(self, batch: Batch, manifest: Manifest) -> None:
-        if batch.rows:
-            self.store.write(batch.rows, dedup_token=f"replay:{batch.dedup_token()}")
-            manifest.rows += len(batch.rows)
+        """The batch's rows, a few months at a time (one batch of a topic's history can
+        span more months than ClickHouse takes in one insert)."""
+        if not batch.rows:
+            return
+        token = f"replay:{batch.dedup_token()}"
+        chunks = list(by_months(batch.rows, MONTHS_PER_INSERT, lambda row: row.requested_at))
+        for number, chunk in enumerate(chunks):
+            self.store.write(chunk, dedup_token=token if len(chunks) == 1 else f"{token}#{number}")
+        manifest.rows += len(batch.rows)
 
 
 def write_manifest(store: ClickHouseCostStore, manifest: Manifest) -> None:

@@ -24,9 +24,11 @@ def usage_of(row: CostRow) -> Usage:
     )
 
 
-def reprice(row: CostRow, table: PriceTable) -> CostRow:
-    """``row`` with its cost recomputed under ``table`` and ``price_version`` set to it."""
-    cost = table.cost(row.model, usage_of(row)) if row.success else Decimal(0)
+def reprice(row: CostRow, table: PriceTable, usage: Usage | None = None) -> CostRow:
+    """``row`` with its cost recomputed under ``table`` and ``price_version`` set to it,
+    from ``usage`` (the completion's own; the row keeps no image size and quality, by
+    which dall-e-3 is priced) or else the row's."""
+    cost = table.cost(row.model, usage or usage_of(row)) if row.success else Decimal(0)
     return replace(row, cost_usd=cost, price_version=table.version)
 
 

@@ -15,10 +15,11 @@ A failed round is retried at the next one. A fatal engine error (see
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeVar
 
 import structlog
 
@@ -35,12 +36,18 @@ Key = tuple[str, date, str, str]
 MONTHS_PER_INSERT = 50
 
 
-def by_months(rows: list[list[Any]], months: int) -> Iterator[list[list[Any]]]:
-    """``rows`` (whose first value is their day) in chunks of at most ``months`` months."""
-    chunk: list[list[Any]] = []
+R = TypeVar("R")
+
+
+def by_months(rows: Sequence[R], months: int,
+              day: Callable[[R], date] = itemgetter(0)  # type: ignore[assignment]
+              ) -> Iterator[list[R]]:
+    """``rows`` in chunks of at most ``months`` months of their ``day`` (by default their
+    first value): ClickHouse refuses an insert into more than 100 partitions."""
+    chunk: list[R] = []
     seen: set[tuple[int, int]] = set()
-    for row in sorted(rows, key=lambda r: r[0]):
-        month = (row[0].year, row[0].month)
+    for row in sorted(rows, key=day):
+        month = (day(row).year, day(row).month)
         if month not in seen and len(seen) == months:
             yield chunk
             chunk, seen = [], set()

@@ -24,6 +24,8 @@ from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.events import OperationCompleted, Usage
 from aipipe.schemas.prices import PRICE_TABLES
+from tests.e2e.test_unreadable_headers import BAD_HEADER, kcat
+from tests.e2e.test_unreadable_headers import completed as unreadable_completed
 from tests.support.pipeline import produce, store_of, wait_recorded
 
 pytestmark = pytest.mark.e2e
@@ -225,3 +227,31 @@ def test_budget_check_as_of_a_past_time_counts_what_the_log_held_then(settings: 
         assert sum(then["log_offsets"].values()) == 12  # type: ignore[arg-type]
     finally:
         worker.stop()
+
+
+def test_replay_takes_what_the_live_sink_takes(settings: Settings, tmp_path: Path) -> None:
+    """Completions over 101 months (more than one insert may touch), a dall-e-3 image
+    re-priced (priced by size and quality, which the row does not keep), and a record
+    whose header name is not UTF-8: the replay rebuilds every one, where it stopped or hung
+    on each."""
+    prepare_topics(settings)
+    spread = [completed(n).model_copy(update={
+        "operation_id": f"month-{n}", "requested_at": START - timedelta(days=31 * n)})
+        for n in range(101)]
+    usage = Usage(image_count=1, image_variant="hd 1024x1792")
+    table = PRICE_TABLES[-1]
+    dalle = completed(1).model_copy(update={
+        "operation_id": "dalle", "provider": "openai", "model": "dall-e-3", "success": True,
+        "operation_type": "image_generation", "usage": usage, "error_message": None,
+        "cost_usd": table.cost("dall-e-3", usage), "price_version": table.version})
+    produce(settings, settings.topics.completed, [*spread, dalle])
+    kcat(settings, settings.topics.completed, "hdr", unreadable_completed("unreadable"),
+         BAD_HEADER)
+
+    out = aipipe(settings, "replay", "--into", f"chdb://{tmp_path / 'rebuilt'}",
+                 "--price-version", table.version, "--json", timeout=300)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads(out.stdout)
+    assert (manifest["events"], manifest["rows"], manifest["skipped"]) == (103, 103, 0)
+    [line] = [x for x in manifest["reprice"]["lines"] if x["model"] == "dall-e-3"]
+    assert Decimal(line["repriced_usd"]) == Decimal(line["recorded_usd"]) == dalle.cost_usd
