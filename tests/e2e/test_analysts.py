@@ -125,6 +125,7 @@ def known_run(settings: Settings, count: int = 36) -> KnownRun:
 
 def expected(run: KnownRun) -> dict[int, list[tuple[Any, ...]]]:
     done = run.completed
+    client_of = {e.operation_id: e.client_id for e in done}
     by_client: dict[str, list[Decimal]] = defaultdict(list)
     by_model: dict[str, list[Decimal]] = defaultdict(list)
     failures: dict[str, list[bool]] = defaultdict(list)
@@ -162,8 +163,8 @@ def expected(run: KnownRun) -> dict[int, list[tuple[Any, ...]]]:
         6: sorted(reasons.items(), key=lambda r: (-r[1], r[0])),
         7: [(c, requested[c], rejected[c], round(rejected[c] / requested[c], 4))
             for c in sorted(requested)],
-        8: sorted(((op, len(e), max(e)) for op, e in run.polls.items()),
-                  key=lambda r: (-r[1], r[0])),
+        8: sorted(((client_of[op], op, len(e), max(e)) for op, e in run.polls.items()),
+                  key=lambda r: (-r[2], r[0], r[1])),
         9: sorted(((e.operation_id, e.client_id, e.model, e.cost_usd) for e in done),
                   key=lambda r: (-r[3], r[0]))[:5],
         10: sorted(((u, len(v), sum(v)) for u, v in users.items()), key=lambda r: (-r[2], r[0])),
