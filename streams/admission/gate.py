@@ -19,10 +19,15 @@ import structlog
 
 from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.infra.settings import Settings
-from aipipe.schemas.events import BudgetThresholdCrossed, OperationRequested, utcnow
+from aipipe.schemas.events import (
+    BudgetThresholdCrossed,
+    OperationAdmitted,
+    OperationRequested,
+    operation_key,
+    utcnow,
+)
 from aipipe.schemas.limits import parse_limit
 from aipipe.schemas.prices import PriceTable, price_table_at
-from aipipe.streams import dedup
 from aipipe.streams.admission.budgets import BudgetGate, BudgetState, RedisLatch
 from aipipe.streams.admission.decide import (
     Decision,
@@ -81,12 +86,30 @@ class AdmissionGate:
             # the client's own request: a duplicate (admitted again without a slot) is the
             # same client's same event_id; another client reusing an admitted id, in the
             # model's shared log, is a new request that needs a slot of its own
-            member=dedup.key(request.client_id, request.event_id),
+            member=operation_key(request.client_id, request.event_id),
             client_key=self.client_prefix + request.client_id,
             client_limit=limits.for_client(request.client_id),
             model_key=self.model_prefix + request.model,
             model_limit=limits.for_model(request.model),
         )
+
+    async def fallback_slot(self, operation: OperationAdmitted) -> bool:
+        """A slot in the model log of the fallback ``operation`` is about to run on.
+
+        Admission counted the request against the model it asked for; a fallback is
+        another provider's quota, which the operations of a model whose circuit is open
+        would otherwise all land on, unlimited. The same operation asking again (a re-run)
+        is a duplicate in the log and takes no second slot. Failing closed with Redis
+        down refuses it."""
+        limit = self.limits.current().for_model(operation.model)
+        if limit is None:
+            return True
+        member = f"{operation_key(operation.client_id, operation.operation_id)}\x1ffallback"
+        _, outcomes = await self.limiter.decide([Check(
+            member=member, client_key=self.client_prefix + operation.client_id,
+            client_limit=None, model_key=self.model_prefix + operation.model,
+            model_limit=limit)])
+        return outcomes is not None and outcomes[0].admitted
 
     async def decide(
         self, requests: Sequence[OperationRequested], now: datetime | None = None

@@ -60,6 +60,13 @@ def _no_report(exc: BaseException, **tags: str) -> None:
     pass
 
 
+FallbackSlot = Callable[[OperationAdmitted], Awaitable[bool]]
+
+
+async def _any_slot(operation: OperationAdmitted) -> bool:
+    return True
+
+
 class Generation:
     def __init__(
         self,
@@ -69,8 +76,12 @@ class Generation:
         clock: Callable[[], datetime] = utcnow,
         report: Report = _no_report,
         artifacts: ArtifactStore | None = None,
+        fallback_slot: FallbackSlot = _any_slot,
     ) -> None:
         self.providers = providers
+        # a slot in the rate limit of the model a fallback runs on (admission took one of
+        # the requested model's only): the fallback's own quota holds
+        self.fallback_slot = fallback_slot
         self.guard = guard
         self.schedule = schedule
         self.clock = clock
@@ -169,6 +180,8 @@ class Generation:
             tried.append(f"{ran.provider}/{ran.model}: {result.error_message}")
             target = operation.model_copy(update={"provider": provider, "model": model})
             why_not = self._unfit(target, prices)
+            if why_not is None and not await self.fallback_slot(target):
+                why_not = f"fallback {target.provider}/{target.model}: its rate limit is reached"
             if why_not is not None:  # passed over: the next one is tried
                 ran, result = target, failed(PROVIDER_UNAVAILABLE, why_not)
                 continue

@@ -220,3 +220,35 @@ def test_fallbacks_are_looked_up_only_for_a_model_that_is_down() -> None:
                                      "model": "gemini-2.5-flash-image"})
     [done] = asyncio.run(gen.run(image))
     assert isinstance(done, OperationCompleted) and done.success and done.cost_usd > 0
+
+
+def test_a_fallback_runs_within_its_own_models_rate_limit(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    """Admission counted the requests against the model they asked for; while its circuit
+    is open they would all land on the fallback, past that provider's quota."""
+    from aipipe.streams.admission.gate import AdmissionGate
+    from aipipe.streams.admission.limiter import FailoverLimiter, MemoryRateLimitStore
+    from aipipe.streams.admission.limits import LimitsSource
+
+    openai_fake, stability_fake = fakes
+    openai_fake.take_down("images", 503)
+    stability_fake.take_down("ultra", 503)
+    path = tmp_path / "limits.toml"
+    path.write_text(LIMITS + '[models."stable-image-core"]\nlimit = "2/60s"\n')
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()),
+                         LimitsSource(parse_limit("60/60s", "x"), path), None, "t")
+    gen = generation(fakes, tmp_path)
+    gen.fallback_slot = gate.fallback_slot
+
+    async def five() -> list[list[Any]]:
+        return [await gen.run(op(n)) for n in range(1, 6)]
+
+    completions = [e for events in asyncio.run(five()) for e in events
+                   if isinstance(e, OperationCompleted)]
+    assert [c.success for c in completions] == [True, True, False, False, False]
+    assert "fallback stability/stable-image-core: its rate limit is reached" in (
+        completions[2].error_message or "")
+    assert len(stability_fake.calls("core")) == 2
+    again = asyncio.run(gen.run(op(1)))  # a re-run of an operation that had its slot
+    assert [c.success for c in again if isinstance(c, OperationCompleted)] == [True]
