@@ -53,6 +53,7 @@ from aipipe.schemas.events import (
     decode,
     encode,
     operation_event_id,
+    operation_key,
     utcnow,
 )
 from aipipe.streams import dedup, spans
@@ -157,7 +158,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     started_operations = dedup_table("started-operations")
 
     def recall(table: Any, key: str, legacy: str) -> Any:
-        """``table``'s value for ``key`` (``dedup.key``), or for the id alone: ``legacy``
+        """``table``'s value for ``key`` (``operation_key``), or for the id alone: ``legacy``
         keys were written before keys carried the client, and expire with the horizon."""
         value = table.get(key)
         return table.get(legacy) if value is None else value
@@ -232,7 +233,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             if request is None:
                 acknowledge(event)
                 continue
-            key = dedup.key(request.client_id, request.event_id)
+            key = operation_key(request.client_id, request.event_id)
             if remembered(seen_requests, key, request.event_id):
                 acknowledge(event)
             elif key in batched:
@@ -256,9 +257,9 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         sent = []
         for decision in result.decisions:
             out = admitted if isinstance(decision, OperationAdmitted) else rejected
-            sent.append(await emit(out, decision, "admission",
-                                   traced.get(dedup.key(decision.client_id, decision.operation_id))
-                                   if traced else None))
+            span = traced.get(operation_key(decision.client_id, decision.operation_id)) \
+                if traced else None
+            sent.append(await emit(out, decision, "admission", span))
             metrics.DECISIONS.labels(
                 "admitted" if out is admitted else "rejected",
                 decision.reason if isinstance(decision, OperationRejected) else "admitted",
@@ -275,7 +276,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         marked = dedup.mark(deps.clock().timestamp())
         for decision, event in zip(result.decisions, carriers, strict=True):
             await remember(seen_requests, event,
-                           dedup.key(decision.client_id, decision.operation_id), marked)
+                           operation_key(decision.client_id, decision.operation_id), marked)
             acknowledge(event)
         for event in repeats:
             acknowledge(event)
@@ -339,10 +340,13 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
         """
         metrics.EVENTS_CONSUMED.labels("generation").inc()
         operation = await decoded(event.message, "generation", OperationAdmitted)
-        key = "" if operation is None else dedup.key(operation.client_id, operation.operation_id)
-        if operation is None:
-            pass
-        elif key in running_operations:
+        if operation is not None:
+            await generate_once(event, operation,
+                                operation_key(operation.client_id, operation.operation_id))
+        acknowledge(event)
+
+    async def generate_once(event: Any, operation: OperationAdmitted, key: str) -> None:
+        if key in running_operations:
             await asyncio.shield(running_operations[key])
         elif not remembered(done_operations, key, operation.operation_id):
             running = running_operations[key] = asyncio.get_running_loop().create_future()
@@ -353,7 +357,6 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 metrics.OPERATIONS_IN_FLIGHT.dec()
                 del running_operations[key]
                 running.set_result(None)
-        acknowledge(event)
 
     async def run_operation(event: Any, operation: OperationAdmitted, key: str) -> None:
         """One attempt at ``operation``: its events on the broker, then its done mark."""

@@ -20,22 +20,10 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from aipipe.schemas.events import operation_key
-
 #: how often the purge timer runs, at most (a 7-day horizon: every 5 minutes)
 PURGE_EVERY_MAX_SECONDS = 300.0
 #: keys the purge checks between two turns of the event loop
 PURGE_CHUNK = 5000
-
-
-def key(client_id: str, operation_id: str) -> str:
-    """The key of an operation in the dedup and pending-videos tables, and its member in
-    the limiter's logs (``operation_key``: the client and the id, as in ClickHouse's cost
-    rows). An ``event_id`` is unique only within its client: another client reusing it is
-    another request, decided, run and costed on its own. (Keys written before this were
-    the id alone; ``legacy`` lookups still find them until they expire.)
-    """
-    return operation_key(client_id, operation_id)
 
 
 def mark(now: float) -> float:

@@ -21,15 +21,14 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from aipipe.producers import tracing
-from aipipe.schemas.events import OperationAdmitted, OperationRejected, VideoStarted
-from aipipe.streams import dedup
+from aipipe.schemas.events import OperationAdmitted, OperationRejected, VideoStarted, operation_key
 from aipipe.streams.generation.polling import pending_entry
 
 
 def admission(requests: Sequence[Any], carriers: Sequence[Any]) -> dict[str, Any]:
-    """A span per request, by its ``dedup.key`` (the client and the ``event_id``, the
+    """A span per request, by its ``operation_key`` (the client and the ``event_id``, the
     decision's ``operation_id``)."""
-    return {dedup.key(request.client_id, request.event_id):
+    return {operation_key(request.client_id, request.event_id):
             tracing.start_consumer("admission", carrier.message.headers, request)
             for request, carrier in zip(requests, carriers, strict=True)}
 
@@ -37,7 +36,7 @@ def admission(requests: Sequence[Any], carriers: Sequence[Any]) -> dict[str, Any
 def decided(spans: Mapping[str, Any], decisions: Sequence[Any]) -> None:
     """End each request's span with its decision (after the decisions are on the broker)."""
     for decision in decisions:
-        span = spans.get(dedup.key(decision.client_id, decision.operation_id))
+        span = spans.get(operation_key(decision.client_id, decision.operation_id))
         if span is None:
             continue
         if span.is_recording():  # (most of a sampled deployment's spans are not)

@@ -29,9 +29,9 @@ from aipipe.schemas.events import (
     VideoPollScheduled,
     VideoStarted,
     operation_event_id,
+    operation_key,
 )
 from aipipe.schemas.prices import PriceTable
-from aipipe.streams import dedup
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.complete import completed, cut, failed
 from aipipe.streams.generation.provider import ProviderError, ProviderResult, VideoStatus
@@ -112,12 +112,12 @@ Change = Pending | Literal["delete", "misrouted"] | None
 def pending_entry(
     lookup: Callable[[str], Pending | None], video: VideoStarted | VideoPollScheduled | VideoPolled
 ) -> tuple[str, Pending | None]:
-    """The key of ``video``'s entry in ``pending-videos`` (``dedup.key``), and the entry.
+    """The key of ``video``'s entry in ``pending-videos`` (``operation_key``), and the entry.
 
     An entry written before keys carried the client is under the operation id alone; it
     is found there only when it is the same client's.
     """
-    key = dedup.key(video.client_id, video.operation_id)
+    key = operation_key(video.client_id, video.operation_id)
     entry = lookup(key)
     if entry is None:
         legacy = lookup(video.operation_id)

@@ -352,7 +352,9 @@ def test_a_batch_that_meets_a_slow_lookup_of_other_clients_asks_about_its_own_ne
         first = await budgets.states([request("alice", 1)])  # its lookup outlives the wait
         second = await budgets.states([request("bob", 1)])  # meets it in flight
         release.set()
-        while budgets._lookup is not None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while budgets._lookup is not None:  # (the lookup in flight ends)
+            assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.01)
         third = await budgets.states([request("alice", 2), request("bob", 2)])
         return first, second, third

@@ -11,9 +11,9 @@ from aipipe.schemas.events import (
     VideoPolled,
     VideoPollScheduled,
     VideoStarted,
+    operation_key,
 )
 from aipipe.schemas.prices import price_table_at
-from aipipe.streams import dedup
 from aipipe.streams.generation import Generation, SimulatedProvider
 from aipipe.streams.generation.backoff import PollSchedule
 from aipipe.streams.generation.guard import ProviderGuard
@@ -106,7 +106,7 @@ def test_the_pending_entry_follows_the_polls_topic() -> None:
         key, change = pending_after(table.get, event, 2)
         if change is not None:
             table[key] = change
-    key = dedup.key("acme", "op-1")
+    key = operation_key("acme", "op-1")
     assert list(table) == [key]
     assert table[key]["attempt"] == 2 and table[key]["partition"] == 2
 
@@ -130,7 +130,7 @@ def test_an_entry_under_the_id_alone_is_its_own_clients_only() -> None:
 
     twin = started.model_copy(update={"client_id": "twin"})
     key, change = pending_after(table.get, twin, 3)
-    assert key == dedup.key("twin", "op-1")
+    assert key == operation_key("twin", "op-1")
     assert isinstance(change, dict) and change["video"]["client_id"] == "twin"
 
 
