@@ -194,6 +194,10 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(5, ge=1)
     breaker_window_seconds: float = Field(60.0, gt=0)
     breaker_cooldown_seconds: float = Field(30.0, gt=0)
+    breaker_client_share: int | None = Field(
+        None, ge=1, description="While another client is being served, one client's failures "
+        "count at most this many times toward opening a breaker (default: half the threshold, "
+        "rounded up).")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "aipipe", description="Downloaded Kafka jars, shared by clones."
     )

@@ -7,10 +7,20 @@ released when it ends saying nothing about the provider (``on_neutral``), so the
 is the trial. Only failures that say the provider is unhealthy (429, 5xx, timeouts)
 count; a rejected request (400, 403, 404), an exception that is not the provider's answer
 and a cancelled call are neutral.
+
+One client cannot open a circuit for everyone: while another client's call succeeded
+within ``window``, a client's failures count at most ``client_share`` times (by default
+half the threshold, rounded up), so opening then takes the failures of two clients or
+more. A client whose requests alone make the provider fail (a prompt that times out, a
+size it chokes on) keeps failing with retries; the others keep being served. When no
+other client is being served (one tenant, or the provider down for all), every failure
+counts, as before.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,6 +32,11 @@ class BreakerPolicy:
     threshold: int = 5
     window: float = 60.0
     cooldown: float = 30.0
+    client_share: int | None = None  # None: (threshold + 1) // 2
+
+    @property
+    def share(self) -> int:
+        return self.client_share or (self.threshold + 1) // 2
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,9 @@ class BreakerState:
     failures: tuple[float, ...] = ()  # times of recent failures while closed
     opened_at: float | None = None
     trial_in_flight: bool = False
+    sources: tuple[str, ...] = ()  # the client of each of ``failures``
+    # the latest success of the two clients served most recently: (client, time)
+    served: tuple[tuple[str, float], ...] = ()
 
 
 CLOSED = BreakerState()
@@ -51,20 +69,50 @@ def before_call(
     return True, replace(state, trial_in_flight=True)
 
 
-def on_success(state: BreakerState) -> BreakerState:
-    """A trial that succeeds closes the circuit; while closed, failures age out on their own."""
-    return CLOSED if state.status == "half_open" else state
-
-
-def on_failure(state: BreakerState, policy: BreakerPolicy, now: float) -> BreakerState:
+def on_success(state: BreakerState, now: float = 0.0, client: str = "") -> BreakerState:
+    """A trial that succeeds closes the circuit; while closed, failures age out on their own
+    and the success is remembered for ``client`` (see ``on_failure``)."""
+    served = state.served
+    if not served or served[0][0] != client or now - served[0][1] >= 1.0:
+        served = ((client, now), *(s for s in served if s[0] != client))[:2]
     if state.status == "half_open":
-        return BreakerState(status="open", opened_at=now)
+        return replace(CLOSED, served=served)
+    return state if served is state.served else replace(state, served=served)
+
+
+def counted(failures: Sequence[tuple[float, str]], served: Sequence[tuple[str, float]],
+            policy: BreakerPolicy, now: float) -> int:
+    """How many of ``failures`` (time, client), all within the window, count: a client's
+    count is capped at ``policy.share`` while another client was served within the window."""
+    per_client = Counter(client for _, client in failures)
+    total = 0
+    for client, n in per_client.items():
+        others_served = any(c != client and now - t < policy.window for c, t in served)
+        total += min(n, policy.share) if others_served else n
+    return total
+
+
+def on_failure(state: BreakerState, policy: BreakerPolicy, now: float,
+               client: str = "") -> BreakerState:
+    if state.status == "half_open":
+        return BreakerState(status="open", opened_at=now, served=state.served)
     if state.status == "open":
         return state
-    recent = (*(t for t in state.failures if now - t < policy.window), now)
-    if len(recent) >= policy.threshold:
-        return BreakerState(status="open", failures=recent, opened_at=now)
-    return replace(state, failures=recent)
+    kept: list[tuple[float, str]] = [(now, client)]
+    per_client = Counter([client])
+    # newest first; a client's failures beyond the threshold can never count, so they are
+    # not kept (a client that fails without end keeps the state small)
+    for t, c in zip(reversed(state.failures), reversed(state.sources), strict=True):
+        if now - t < policy.window and per_client[c] < policy.threshold:
+            per_client[c] += 1
+            kept.append((t, c))
+    kept.reverse()
+    recent = tuple(t for t, _ in kept)
+    sources = tuple(c for _, c in kept)
+    if counted(kept, state.served, policy, now) >= policy.threshold:
+        return BreakerState(status="open", failures=recent, opened_at=now,
+                            sources=sources, served=state.served)
+    return replace(state, failures=recent, sources=sources)
 
 
 def on_neutral(state: BreakerState) -> BreakerState:

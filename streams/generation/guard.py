@@ -126,8 +126,10 @@ class ProviderGuard:
             ))
 
     async def call(
-        self, provider: str, model: str, fn: Callable[[], Awaitable[T]]
+        self, provider: str, model: str, fn: Callable[[], Awaitable[T]], client: str = ""
     ) -> Guarded[T]:
+        """``fn`` through the breaker of ``provider``/``model``, retried; ``client`` is whose
+        call it is (one client's failures alone do not open the circuit, see ``breaker``)."""
         out: Guarded[T] = Guarded()
         for attempt in range(1, self.retry.attempts + 1):
             before = self.state(provider, model)
@@ -155,7 +157,8 @@ class ProviderGuard:
                         self._set(out, provider, model, on_neutral(self.state(provider, model)),
                                   str(exc))
                     return out
-                failed = on_failure(self.state(provider, model), self.breaker, self.clock())
+                failed = on_failure(self.state(provider, model), self.breaker, self.clock(),
+                                    client)
                 self._set(out, provider, model, failed, str(exc))
                 if attempt == self.retry.attempts:
                     return out
@@ -169,7 +172,8 @@ class ProviderGuard:
             else:
                 metrics.PROVIDER_CALLS.labels(provider, model, "ok").inc()
                 out.error = None
-                self._set(out, provider, model, on_success(self.state(provider, model)), "ok")
+                self._set(out, provider, model,
+                          on_success(self.state(provider, model), self.clock(), client), "ok")
                 return out
         return out
 

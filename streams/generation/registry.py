@@ -106,6 +106,7 @@ def guard_from_settings(settings: Settings) -> ProviderGuard:
             threshold=settings.breaker_failure_threshold,
             window=settings.breaker_window_seconds,
             cooldown=settings.breaker_cooldown_seconds,
+            client_share=settings.breaker_client_share,
         ),
         retry=RetryPolicy(
             attempts=settings.provider_retry_attempts,

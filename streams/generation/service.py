@@ -248,7 +248,8 @@ class Generation:
                                          retryable=False)
         else:
             guarded = await self.guard.call(
-                video.provider, video.model, lambda: provider.poll_video(video.model, job, attempt)
+                video.provider, video.model, lambda: provider.poll_video(video.model, job, attempt),
+                video.client_id,
             )
             events += self._transitions(video, guarded.transitions)
             outcome = guarded.value if guarded.error is None else guarded.error
@@ -262,7 +263,8 @@ class Generation:
     async def _guarded(
         self, events: list[Event], operation: OperationAdmitted, call: Callable[[], Awaitable[T]]
     ) -> T | ProviderResult:
-        guarded: Guarded[T] = await self.guard.call(operation.provider, operation.model, call)
+        guarded: Guarded[T] = await self.guard.call(operation.provider, operation.model, call,
+                                                     operation.client_id)
         events += self._transitions(operation, guarded.transitions)
         if guarded.error is None:
             assert guarded.value is not None

@@ -127,3 +127,51 @@ def test_each_provider_end_to_end_and_a_fallback_while_a_model_is_down(
         assert done.metadata["fallback"]["reason"] == "circuit_open"
     log = worker.log_path.read_text()
     assert "sk-openai-test" not in log and "sk-stability-test" not in log
+
+
+def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
+    settings: Settings,
+) -> None:
+    """A client whose prompts the provider answers with 503 gets its failures (after the
+    retries); the other clients' requests to the same model go on being served, and an
+    outage that fails them too still opens the circuit."""
+    def image(client: str, prompt: str = PROMPT) -> OperationRequested:
+        return OperationRequested(request_id=f"req-{uuid.uuid4()}", client_id=client,
+                                  provider="openai", operation_type="image_generation",
+                                  model="dall-e-3", params={"prompt": prompt})
+
+    with FakeOpenAI() as openai:
+        openai.poison("POISON", 503)
+        settings = settings.model_copy(update={
+            "providers": "openai", "openai_api_key": SecretStr("sk-openai-test"),
+            "openai_base_url": openai.base_url, "breaker_failure_threshold": 3,
+            "provider_retry_attempts": 2, "provider_retry_base_seconds": 0.02,
+            "provider_retry_cap_seconds": 0.05,
+        })
+        prepare_topics(settings)
+        worker = WorkerProcess(settings, "streams").start()
+        try:
+            with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
+                def submit(*requests: OperationRequested) -> list[OperationCompleted]:
+                    async def all_of() -> list[Any]:
+                        return await asyncio.gather(*(results.submit(r, timeout=120)
+                                                      for r in requests))
+                    outcomes = asyncio.run(all_of())
+                    assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
+                    return outcomes
+
+                first = submit(image("steady"))
+                hostile = submit(*(image("hostile", f"POISON {i}") for i in range(3)))
+                steady = submit(*(image("steady") for _ in range(5)))
+                poisoned_calls = len([c for c in openai.calls("images")
+                                      if "POISON" in str(c.body.get("prompt"))])
+                openai.take_down("images", 503)
+                down = [submit(image("steady"))[0] for _ in range(3)]
+        finally:
+            worker.stop()
+
+    assert first[0].success and all(done.success for done in steady), steady
+    for done in hostile:  # failed on the provider's answers, each attempt made
+        assert not done.success and done.error_message != "provider_unavailable"
+    assert poisoned_calls == 3 * 2  # 6 failures past a threshold of 3, and no circuit
+    assert down[-1].error_message == "provider_unavailable"  # an outage still opens it

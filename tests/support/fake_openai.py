@@ -61,6 +61,7 @@ class Scripted(LoopbackServer):
         self.requests: list[Recorded] = []
         self.scripts: dict[str, deque[int]] = defaultdict(deque)
         self.down: dict[str, int] = {}
+        self.poisoned: dict[str, int] = {}  # a prompt containing the key answers the status
         self._lock = threading.Lock()
         super().__init__(handler)
 
@@ -72,6 +73,17 @@ class Scripted(LoopbackServer):
     def take_down(self, kind: str, status: int = 503) -> None:
         with self._lock:
             self.down[kind] = status
+
+    def poison(self, marker: str, status: int = 503) -> None:
+        """Every request whose prompt contains ``marker`` answers ``status``: one client's
+        requests that the provider fails on, while it serves everyone else."""
+        with self._lock:
+            self.poisoned[marker] = status
+
+    def status_for_prompt(self, kind: str, prompt: str) -> int:
+        with self._lock:
+            hit = next((st for m, st in self.poisoned.items() if m in prompt), None)
+        return hit or self.status_for(kind)
 
     def recover(self, kind: str) -> None:
         with self._lock:
@@ -103,7 +115,7 @@ class FakeOpenAI(Scripted):
         return f"http://{self.address}/v1"
 
     def _answer(self, kind: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        status = self.status_for(kind)
+        status = self.status_for_prompt(kind, str(body.get("prompt", "")))
         if status != 200:
             return status, {"error": {"message": f"fake {kind} answered {status}",
                                       "type": "server_error", "code": f"fake_{status}"}}

@@ -158,3 +158,23 @@ def test_a_non_provider_error_outside_a_trial_leaves_the_circuit_alone() -> None
     with pytest.raises(ValueError):
         asyncio.run(g.call("gemini", "m", broken))
     assert g.state("gemini", "m").status == "closed"
+
+
+def test_one_clients_failing_requests_leave_the_circuit_closed_for_the_others() -> None:
+    """The retries of a client whose requests make the provider fail count at most half
+    the threshold while another client is being served; the others' calls go through."""
+    clock = Clock()
+    g = guard(clock, attempts=4, threshold=5)
+    assert asyncio.run(g.call("openai", "m", scripted()[1], "steady")).value == "ok"
+    for _ in range(3):  # 12 failed attempts in all
+        out = asyncio.run(g.call("openai", "m", scripted(503, 503, 503, 503)[1], "hostile"))
+        assert isinstance(out.error, ProviderError) and out.attempts == 4
+        assert not isinstance(out.error, CircuitOpenError) and out.transitions == []
+    assert g.state("openai", "m").status == "closed"
+    calls, call = scripted()
+    assert asyncio.run(g.call("openai", "m", call, "steady")).value == "ok"
+    assert calls == [1]
+    # an outage that fails the others too opens it: 3 of the hostile's and 2 of steady's
+    out = asyncio.run(g.call("openai", "m", scripted(503, 503, 503, 503)[1], "steady"))
+    assert g.state("openai", "m").status == "open"
+    assert [(t.before, t.after) for t in out.transitions] == [("closed", "open")]
