@@ -150,7 +150,8 @@ class Settings(BaseSettings):
     dedup_horizon_hours: float = Field(
         168.0, gt=0, le=87_600,
         description="How long the streams remember a request or operation they handled: "
-        "a redelivery within it is skipped, an older one is handled again (README).",
+        "a redelivery within it is skipped; a request whose occurred_at is older than it "
+        "(less AIPIPE_CLOCK_SKEW_SECONDS) is refused (README).",
     )
     # -- generation: providers, video polling, retries, circuit breaker --
     simulated_failure_rate: float = Field(0.0, ge=0, le=1)
@@ -411,6 +412,17 @@ class Settings(BaseSettings):
         if url and urlparse(url).scheme not in ("chdb", "http", "https"):
             raise ValueError("must be chdb:///path or an http(s):// ClickHouse URL")
         return value
+
+    @model_validator(mode="after")
+    def _horizon_past_the_skew(self) -> Settings:
+        if self.dedup_horizon_hours * 3600 <= self.clock_skew_seconds:
+            raise ValueError(
+                f"AIPIPE_DEDUP_HORIZON_HOURS ({self.dedup_horizon_hours:g} h) must be longer "
+                f"than AIPIPE_CLOCK_SKEW_SECONDS ({self.clock_skew_seconds:g} s): a request is "
+                "refused when its occurred_at is older than the horizon less the skew; raise "
+                "the horizon or lower the skew"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:

@@ -51,6 +51,9 @@ class Rules:
     providers: Collection[str] = KNOWN_PROVIDERS  # the offered ones
     params: ParamLimits = field(default_factory=ParamLimits)
     max_ahead: timedelta = timedelta(minutes=5)  # AIPIPE_CLOCK_SKEW_SECONDS
+    # an occurred_at older than this may be a request already run and forgotten since:
+    # AIPIPE_DEDUP_HORIZON_HOURS less AIPIPE_CLOCK_SKEW_SECONDS (None: no limit)
+    max_age: timedelta | None = None
     callback_prefixes: tuple[str, ...] = ()  # AIPIPE_WEBHOOK_ALLOWED_URLS
 
 
@@ -91,21 +94,35 @@ def rejected(
     )
 
 
-def clock_problem(occurred_at: datetime, now: datetime, max_ahead: timedelta) -> str | None:
+def clock_problem(occurred_at: datetime, now: datetime, max_ahead: timedelta,
+                  max_age: timedelta | None = None) -> str | None:
     """Why the client's ``occurred_at`` is not believable, or ``None``.
 
     Any time since 2000 up to ``max_ahead`` past the pipeline's clock is accepted and kept;
-    it never bills (``requested_at`` does).
+    it never bills (``requested_at`` does). A time older than ``max_age`` is refused: the
+    streams remember a request for the dedup horizon after deciding it, and a request
+    decided at D has ``occurred_at`` >= D - ``max_ahead``, so with ``max_age`` = horizon -
+    ``max_ahead`` a redelivery is either still remembered (skipped) or refused here, never
+    run and billed by the provider a second time.
     """
     when = f"{occurred_at:%Y-%m-%dT%H:%M:%SZ}"
     if occurred_at < EARLIEST:
         return (f"Field 'occurred_at' is {when}, before 2000-01-01; send the time the event "
                 "happened, in UTC.")
+    if max_age is not None and occurred_at < now - max_age:
+        return (f"Field 'occurred_at' is {when}, older than the {_span(max_age)} this "
+                "pipeline remembers requests for, so it may have run already; send a new "
+                "request with a new event_id if it is still wanted.")
     if occurred_at > now + max_ahead:
         return (f"Field 'occurred_at' is {when}, more than {max_ahead.total_seconds():g} s "
                 f"ahead of the pipeline's clock ({now:%Y-%m-%dT%H:%M:%SZ}); send the time the "
                 "event happened, in UTC, from a synchronised clock.")
     return None
+
+
+def _span(length: timedelta) -> str:
+    seconds = length.total_seconds()
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 def invalid(
@@ -125,7 +142,7 @@ def invalid(
                              rules.params)
     if problem is not None:
         return rejected(request, now, "invalid", problem, keep_params=False)
-    problem = clock_problem(request.occurred_at, now, rules.max_ahead)
+    problem = clock_problem(request.occurred_at, now, rules.max_ahead, rules.max_age)
     if problem is not None:
         return rejected(request, now, "invalid", problem)
     try:

@@ -233,5 +233,7 @@ def rules_from_settings(settings: Settings) -> Rules:
                 b.strip() for b in settings.video_output_buckets.split(",") if b.strip()),
         ),
         max_ahead=timedelta(seconds=settings.clock_skew_seconds),
+        max_age=(timedelta(hours=settings.dedup_horizon_hours)
+                 - timedelta(seconds=settings.clock_skew_seconds)),
         callback_prefixes=settings.webhook_prefixes,
     )

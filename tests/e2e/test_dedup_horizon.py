@@ -5,8 +5,9 @@ decision and its completion share a partition and a marker request produced afte
 others is handled after them. A redelivery inside the horizon is skipped: exactly one
 decision and one completion per request. Once the horizon has passed the purge empties
 the dedup tables (the worker's ``aipipe_dedup_keys`` gauge), and after a restart (which
-replays the changelogs) a redelivery is handled again: a second decision and completion,
-and the cost table still counts each operation once (``FINAL``), its row re-ingested.
+replays the changelogs) a redelivery is no longer remembered, but its ``occurred_at`` is
+older than the horizon less the clock skew: it is refused (one ``invalid`` rejection
+each), never run again, and the cost table keeps one row per operation.
 """
 
 from __future__ import annotations
@@ -74,6 +75,31 @@ def uncommitted(settings: Settings, topic: str) -> int:
         consumer.close()
 
 
+def rejected(settings: Settings) -> list[tuple[str, str]]:
+    """``(detail, operation_id)`` of every rejection so far."""
+    topic = settings.topics.rejected
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"{settings.topic_prefix}-rejected-{time.monotonic_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+                for p in partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        out: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 60
+        while any(consumer.position([TopicPartition(topic, p)])[0].offset < end
+                  for p, end in ends.items() if end > 0):
+            assert time.monotonic() < deadline, "the rejections could not be read"
+            for message in consumer.consume(num_messages=500, timeout=0.5):
+                if message.error() is None:
+                    event = orjson.loads(message.value())
+                    out.append((event["detail"], event["operation_id"]))
+        return out
+    finally:
+        consumer.close()
+
+
 def dedup_keys(port: int) -> dict[str, float]:
     try:
         status, body = get(f"http://127.0.0.1:{port}/metrics")
@@ -93,21 +119,22 @@ def ready(port: int, worker: WorkerProcess) -> bool:
 
 
 @pytest.mark.alone  # the redelivery must be handled within the 20 s horizon
-def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_handled_again(
+def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_refused(
     settings: Settings,
 ) -> None:
     settings = settings.model_copy(update={
         "dedup_horizon_hours": HORIZON / 3600, "rate_limit": "1000000/1s",
+        "clock_skew_seconds": 2.0,  # requests older than 18 s are refused
     })
     prepare_topics(settings)
     topics = settings.topics
-    requests = image_requests(COUNT, 1, prefix="h-")
-    ops = [r.event_id for r in requests]
     port = free_port()
     worker = WorkerProcess(settings, "all", log_path=settings.home / "all-0.log").start(
         metrics_port=str(port))
     try:
         wait_for(lambda: ready(port, worker), 120, "the worker ready")
+        requests = image_requests(COUNT, 1, prefix="h-")  # occurred_at: now
+        ops = [r.event_id for r in requests]
         # -- inside the horizon: the redelivered requests are skipped --
         started = time.monotonic()  # before any request is marked
         produce_backlog(settings, requests)
@@ -141,22 +168,34 @@ def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_handled_
         # one batch, where each used to get a decision (test_admission_restart.py)
         produce_backlog(settings, [*requests, marker("m2")])
         decisions = per_operation(settings, topics.admitted, until="m2")
-        assert decisions == Counter({**dict.fromkeys(ops, 2), "m1": 1, "m2": 1})
-        wait_for(lambda: per_operation(settings, topics.completed, until="m2")
-                 == Counter({**dict.fromkeys(ops, 2), "m1": 1, "m2": 1}),
-                 120, "every redelivered operation completed a second time", interval=1)
+        assert decisions == Counter({**dict.fromkeys(ops, 1), "m1": 1, "m2": 1})
+        refused: dict[str, list[str]] = {}
 
-        # -- the cost table counts each operation once, its row written again --
+        def rejections() -> Counter[str]:
+            refused.clear()
+            for detail, op in rejected(settings):
+                refused.setdefault(op, []).append(detail)
+            return Counter({op: len(details) for op, details in refused.items()})
+
+        wait_for(lambda: rejections() == Counter(dict.fromkeys(ops, 1)), 120,
+                 "each redelivered request refused once", interval=1)
+        assert all("older than the 18 s this pipeline remembers requests for" in d[0]
+                   for d in refused.values()), refused
+        assert per_operation(settings, topics.completed, until="m2") == Counter(
+            {**dict.fromkeys(ops, 1), "m1": 1, "m2": 1})  # nothing ran a second time
+
+        # -- the cost table: one row per operation, only the marker's written since --
         store = store_of(settings, worker)
 
-        def rewritten() -> int:
+        def written_since_restart() -> int:
             assert worker.alive(), worker.log_tail()
             return int(store.client.query(
-                f"SELECT countIf(ingested_at >= {{t:DateTime64(3, 'UTC')}}) FROM {store.table} "
-                "FINAL", parameters={"t": restarted}).result_rows[0][0])
+                f"SELECT countIf(ingested_at >= {{t:DateTime64(3, 'UTC')}}) FROM {store.table}",
+                parameters={"t": restarted}).result_rows[0][0])
 
-        wait_for(lambda: rewritten() == COUNT + 1, 120, "the re-run operations' rows stored")
+        wait_for(lambda: written_since_restart() == 1, 120, "the marker's row stored")
         assert store.totals() == {CLIENT: (COUNT + 2, (COUNT + 2) * IMAGE_COST)}
         assert rows_and_operations(store) == (COUNT + 2, COUNT + 2)
+        assert rejections() == Counter(dict.fromkeys(ops, 1))  # and still once each
     finally:
         worker.stop()

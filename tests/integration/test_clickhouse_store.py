@@ -262,9 +262,10 @@ class TestClickHouseCostStore(CostStoreContract):
         assert raw == [(50,)]  # without FINAL: the retries never reached the table
 
     def test_an_operation_re_run_after_its_dedup_horizon_counts_once(self) -> None:
-        """A redelivery older than AIPIPE_DEDUP_HORIZON_HOURS runs the operation again
-        (streams/dedup.py): its completion comes months later, with another event id, at a
-        later offset and under another batch token, after the first row was merged."""
+        """An operation's row written a second time long after the first (a re-run after a
+        crash, an id sent again with a fresh occurred_at): its completion comes months
+        later, with another event id, at a later offset and under another batch token,
+        after the first row was merged."""
         store = self.make_store()
         requested = T0 + timedelta(hours=1)
         first = row("op-1", "1.5", requested_at=requested, created_at=requested + MS)

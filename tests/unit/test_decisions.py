@@ -61,6 +61,28 @@ def test_the_edges_of_the_accepted_skew_are_admitted(occurred_at: datetime) -> N
     assert isinstance(decide(request(occurred_at=occurred_at), NOW), OperationAdmitted)
 
 
+def test_a_request_older_than_the_dedup_horizon_less_the_skew_is_refused() -> None:
+    """Remembered for the horizon after its decision, and decided no earlier than its
+    occurred_at less the skew: past horizon - skew a redelivery could run a second time."""
+    rules = Rules(max_age=timedelta(hours=168) - timedelta(minutes=5))
+    edge = NOW - rules.max_age  # type: ignore[operator]
+    assert isinstance(decide(request(occurred_at=edge), NOW, rules), OperationAdmitted)
+    decision = decide(request(occurred_at=edge - timedelta(milliseconds=1)), NOW, rules)
+    assert isinstance(decision, OperationRejected) and decision.reason == "invalid"
+    assert decision.detail == (
+        "Field 'occurred_at' is 2026-11-19T00:04:59Z, older than the 167.917 h this pipeline "
+        "remembers requests for, so it may have run already; send a new request with a new "
+        "event_id if it is still wanted.")
+
+
+def test_the_horizon_must_outlast_the_skew() -> None:
+    from aipipe.infra.settings import Settings
+
+    with pytest.raises(ValueError, match=r"AIPIPE_DEDUP_HORIZON_HOURS .* must be longer"):
+        Settings(dedup_horizon_hours=0.05, clock_skew_seconds=300)
+    assert Settings(dedup_horizon_hours=0.05, clock_skew_seconds=10).dedup_horizon_hours == 0.05
+
+
 def test_a_provider_that_is_not_offered_is_invalid_with_the_offered_ones() -> None:
     decision = decide(request(), NOW, Rules(providers=frozenset({"gemini"})))
     assert isinstance(decision, OperationRejected) and decision.reason == "invalid"
