@@ -45,6 +45,7 @@ class CostRow:
     kafka_partition: int
     kafka_offset: int
     client_occurred_at: datetime | None = None  # the client's clock; requested_at bills
+    attempt: int = 1  # which run of the generation step (2 and more after a crash)
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CostRow))
@@ -88,4 +89,5 @@ def row_from_completed(
         kafka_offset=offset,
         client_occurred_at=(to_millis(event.client_occurred_at)
                             if event.client_occurred_at is not None else None),
+        attempt=event.attempt,
     )

@@ -27,6 +27,7 @@ from aipipe.schemas.errors import AipipeError
 from aipipe.schemas.prices import COST_QUANTUM
 
 TABLE = "ai_cost_tracking"
+ROLLUP_STATE = "ai_cost_daily_state"  # the rollup's change counts (0011_cost_rollups.sql)
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEDUP_WINDOW = 1000  # the table's non_replicated_deduplication_window
 
@@ -192,6 +193,13 @@ class ClickHouseCostStore:
     def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
         if not rows:
             return
+        # an operation re-run after a crash may have a row already, in another rollup
+        # bucket (its first run completed on a fallback model): once this row replaces it,
+        # that bucket's seal would still count it, so the bucket is touched (its `rows`
+        # moves, the views answer it from the raw table until it is sealed again), before
+        # the insert and after it, so a seal taken in between is not trusted either
+        moved = self._buckets_left([row for row in rows if row.attempt > 1])
+        self._touch(moved)
         with _wrapped(f"insert {len(rows)} rows into {self.table}"):
             self.client.insert(
                 TABLE,
@@ -199,6 +207,37 @@ class ClickHouseCostStore:
                 column_names=list(COLUMNS),
                 database=self.database,
                 settings={"insert_deduplication_token": dedup_token},
+            )
+        self._touch(moved)
+
+    def _buckets_left(self, reruns: Sequence[CostRow]) -> list[list[Any]]:
+        """The rollup buckets ``(day, client, type, model)`` where an earlier row of one of
+        ``reruns`` lies, other than the re-run's own (every copy still stored, merged or not:
+        one key lookup per re-run, and re-runs are rare)."""
+        if not reruns:
+            return []
+        sql = (f"SELECT DISTINCT client_id, operation_id, toDate(requested_at), "
+               f"operation_type, model FROM {self.table} "
+               "WHERE (client_id, operation_id) IN {keys:Array(Tuple(String, String))}")
+        keys = sorted({(r.client_id, r.operation_id) for r in reruns})
+        with _wrapped(f"look up the earlier rows of {len(keys)} re-run operations"):
+            found = self.client.query(sql, parameters={"keys": keys}).result_rows
+        own = {(r.client_id, r.operation_id): (r.requested_at.date(), r.operation_type, r.model)
+               for r in reruns}
+        left = {(day, client, kind, model) for client, op, day, kind, model in found
+                if own.get((client, op)) not in (None, (day, kind, model))}
+        return [[day, client, kind, model, 1, 0, Decimal(0), 0]
+                for day, client, kind, model in sorted(left)]
+
+    def _touch(self, buckets: Sequence[list[Any]]) -> None:
+        if not buckets:
+            return
+        with _wrapped(f"mark {len(buckets)} rollup buckets changed"):
+            self.client.insert(
+                ROLLUP_STATE, buckets,
+                column_names=["day", "client_id", "operation_type", "model", "rows",
+                              "successes", "cost_usd", "duration_ms"],
+                database=self.database,
             )
 
     def _where(

@@ -287,6 +287,36 @@ class TestClickHouseCostStore(CostStoreContract):
         ).result_rows
         assert physical == [(50, 1, Decimal("50.75"))]  # without FINAL: merged into one row
 
+    def test_a_re_run_on_another_model_leaves_no_stale_seal_behind(self) -> None:
+        """A crash re-run (attempt 2) that completes on another model than the first run
+        (its fallback) replaces the first row; the first row's bucket was sealed. The sink
+        touches that bucket, so ai_cost_daily answers it from the raw table until the next
+        seal, which no longer counts the operation there: one operation, at any moment."""
+        from aipipe.consumers.rollups import Sealer
+
+        store = self.make_store()
+        assert isinstance(store, ClickHouseCostStore)
+        first = row("op-1", "0.04", model="dall-e-3", created_at=T0 + MS)
+        store.write([first, row("op-2", "0.04", model="dall-e-3", offset=1)],
+                    dedup_token="t:0:0-1")
+        sealer = Sealer(self.client, store.database, today=lambda: date(2025, 12, 1))
+        assert sealer.seal() == 1
+
+        def daily() -> list[tuple[Any, ...]]:
+            return self.client.query(
+                f"SELECT model, operations, cost_usd, source FROM `{store.database}`.ai_cost_daily "
+                "ORDER BY model").result_rows
+
+        assert daily() == [("dall-e-3", 2, Decimal("0.08"), "sealed")]
+        rerun = replace(first, event_id="evt-op-1-2", model="stable-image-core",
+                        cost_usd=Decimal("0.03"), attempt=2, kafka_offset=7)
+        store.write([rerun], dedup_token="t:0:7-7")
+        expected = [("dall-e-3", 1, Decimal("0.04")), ("stable-image-core", 1, Decimal("0.03"))]
+        assert [r[:3] for r in daily()] == expected  # the stale seal is no longer trusted
+        assert sealer.seal() == 2
+        assert daily() == [(*e, "sealed") for e in expected]
+        assert store.totals() == {"acme": (2, Decimal("0.07"))}
+
     def test_rows_read_back_exactly(self) -> None:
         store = self.make_store()
         written = [

@@ -26,6 +26,7 @@ from aipipe.consumers.costs.migrations import (
     placed,
     statements,
 )
+from aipipe.consumers.costs.rows import COLUMNS
 from aipipe.consumers.costs.store import ClickHouseCostStore
 from tests.support.rows import T0
 from tests.support.rows import cost_row as row
@@ -65,8 +66,12 @@ def test_a_release_0_1_database_is_migrated_once_and_keeps_its_data(
 ) -> None:
     database = release_0_1_database(chdb_client)
     store = ClickHouseCostStore(chdb_client, database)
-    store.write([row(f"op-{i}", "0.000000007", client_id=f"c{i % 3}", created_at=T0, offset=i)
-                 for i in range(30)], dedup_token="before-upgrade")
+    # rows as release 0.1 wrote them: its columns only (0015 adds `attempt`)
+    old_columns = [c for c in COLUMNS if c != "attempt"]
+    chdb_client.insert("ai_cost_tracking", [
+        [getattr(row(f"op-{i}", "0.000000007", client_id=f"c{i % 3}", created_at=T0,
+                     offset=i), c) for c in old_columns] for i in range(30)],
+        column_names=old_columns, database=database)
     chdb_client.command(f"INSERT INTO `{database}`.client_budgets VALUES "
                         "('c1', 12.5, 'month', '2025-11-01 00:00:00', 'evt-b')")
     assert indexes(chdb_client, database) == []
@@ -82,6 +87,9 @@ def test_a_release_0_1_database_is_migrated_once_and_keeps_its_data(
     # what 0014 adds to tables that already existed
     assert indexes(chdb_client, database) == [("ai_cost_tracking", "request_id_bloom"),
                                               ("events_archive", "request_id_bloom")]
+    # what 0015 adds: those rows read attempt 1
+    assert chdb_client.query(f"SELECT DISTINCT attempt FROM `{database}`.ai_cost_tracking"
+                             ).result_rows == [(1,)]
     # the rollup view still answers from the rows written before the upgrade
     [(operations, cost)] = chdb_client.query(
         f"SELECT sum(operations), sum(cost_usd) FROM `{database}`.ai_cost_daily").result_rows

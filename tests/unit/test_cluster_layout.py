@@ -109,6 +109,9 @@ def test_the_rollup_view_is_fed_by_the_local_tables_and_alters_reach_both(
         "ALTER TABLE aipipe.ai_cost_tracking_local ON CLUSTER main",
         "ALTER TABLE aipipe.events_archive_local ON CLUSTER main",
         "ALTER TABLE aipipe.events_archive_local ON CLUSTER main",
+        # 0015 adds a column, as 0013
+        "ALTER TABLE aipipe.ai_cost_tracking_local ON CLUSTER main",
+        "ALTER TABLE aipipe.ai_cost_tracking ON CLUSTER main",
     ]
 
 
