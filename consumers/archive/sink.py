@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -41,6 +41,14 @@ class ArchiveRow:
     kafka_timestamp: datetime
 
 
+# ``occurred_at`` picks an archive row's month partition, and on the requests topic a
+# client writes it: one request a month apart each made a partition each (12,000 requests,
+# 12,000 partitions). So an event whose own time lies further than this from its record's
+# (the broker's append time on the requests topic, see ``runner.prepare_topics``) is filed
+# under the record's time; its payload keeps the time it was sent with.
+FILED_BEFORE = timedelta(days=31)
+FILED_AFTER = timedelta(days=1)
+
 ARCHIVE_COLUMNS = tuple(f.name for f in fields(ArchiveRow))
 # a row's values in column order (``dataclasses.astuple`` deep-copies each value: 6 % of
 # a busy ``aipipe run all`` worker went there)
@@ -73,8 +81,18 @@ def archive_row(value: bytes | None, headers: Any, topic: str, partition: int, o
         event.event_id, event.event_type, event.client_id, event.request_id,
         str(event.__dict__.get("operation_id") or (
             event.event_id if event.event_type == "operation.requested" else "")),
-        to_millis(event.occurred_at), raw, "", topic, partition, offset, to_millis(at),
+        to_millis(filed_at(event.occurred_at, at if timestamp_ms >= 0 else None)), raw, "",
+        topic, partition, offset, to_millis(at),
     )
+
+
+def filed_at(occurred_at: datetime, record_time: datetime | None) -> datetime:
+    """The time an event is archived under: its own, unless that lies more than
+    ``FILED_BEFORE`` before or ``FILED_AFTER`` after its record's (then the record's)."""
+    if record_time is None or (record_time - FILED_BEFORE <= occurred_at
+                               <= record_time + FILED_AFTER):
+        return occurred_at
+    return record_time
 
 
 def _field(value: bytes | None, name: str) -> str:

@@ -73,6 +73,12 @@ def prepare_topics(settings: Settings) -> int:
     # a dedup changelog an older release created (compacted only), or another horizon
     set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config,
                      client_config=kafka_config(settings))
+    # the one topic outsiders write: its records' timestamps are the broker's, not the
+    # producer's (which may be any time since 1970), so replay by time, retention and the
+    # archive's month partitions (consumers/archive/sink.py) go by when records arrived
+    set_topic_config(settings.kafka_bootstrap, [settings.topics.requested],
+                     {"message.timestamp.type": "LogAppendTime"},
+                     client_config=kafka_config(settings))
     return replicas
 
 
