@@ -81,7 +81,7 @@ def archive_row(value: bytes | None, headers: Any, topic: str, partition: int, o
         event.event_id, event.event_type, event.client_id, event.request_id,
         str(event.__dict__.get("operation_id") or (
             event.event_id if event.event_type == "operation.requested" else "")),
-        to_millis(filed_at(event.occurred_at, at if timestamp_ms >= 0 else None)), raw, "",
+        to_millis(filed_at(event.occurred_at, at if timestamp_ms > 0 else None)), raw, "",
         topic, partition, offset, to_millis(at),
     )
 

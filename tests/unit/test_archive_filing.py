@@ -38,6 +38,7 @@ def test_one_far_from_it_is_filed_under_the_records_time(occurred_at: datetime) 
     assert row_for(occurred_at) == RECORD
 
 
-def test_a_record_without_a_timestamp_keeps_the_event_time() -> None:
-    assert row_for(datetime(2001, 1, 1, tzinfo=UTC), record_ms=-1) == datetime(2001, 1, 1,
-                                                                               tzinfo=UTC)
+@pytest.mark.parametrize("record_ms", [-1, 0])
+def test_a_record_without_a_timestamp_keeps_the_event_time(record_ms: int) -> None:
+    when = datetime(2001, 1, 1, tzinfo=UTC)
+    assert row_for(when, record_ms=record_ms) == when

@@ -43,8 +43,8 @@ def test_an_event_is_archived_with_its_envelope_and_coordinates() -> None:
     event = OperationRejected(request_id="r1", client_id="acme", operation_id="op-1",
                               requested_at=T, occurred_at=T, operation_type="image_generation",
                               model="m", reason="over_budget")
-    row = archive_row(encode(event), None, "p.operations.rejected", 2, 41, 1_700_000_000_000,
-                      "p.deadletter")
+    row = archive_row(encode(event), None, "p.operations.rejected", 2, 41,
+                      int(T.timestamp() * 1000) + 7, "p.deadletter")
     assert (row.event_id, row.event_type, row.client_id, row.request_id, row.operation_id) == (
         event.event_id, "operation.rejected", "acme", "r1", "op-1")
     assert row.occurred_at == T and json.loads(row.payload)["reason"] == "over_budget"
