@@ -60,6 +60,8 @@ _INSERT = re.compile(r"^INSERT INTO ", re.DOTALL)
 _ORDER_BY = re.compile(r"ORDER BY\s+(?:\((?P<many>[^()]*)\)|(?P<one>\w+))")
 _SETTINGS = re.compile(r"\s*SETTINGS\s+(?P<settings>.*)$", re.DOTALL)
 _COLUMN_ALTER = re.compile(r"^(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR)\s+COLUMN\b", re.IGNORECASE)
+# a sorting key change beside a column's (only the MergeTree table has a sorting key)
+_SORTING_KEY = re.compile(r",\s*MODIFY\s+ORDER\s+BY\s+(?:\([^()]*\)|\w+)", re.IGNORECASE)
 
 
 class LayoutError(StoreError):
@@ -103,7 +105,8 @@ class Layout:
         if m := _ALTER.match(statement):
             local = f"ALTER TABLE {_local(m['name'])} {on} {m['commands']}"
             if _COLUMN_ALTER.match(m["commands"].strip()):
-                return [local, f"ALTER TABLE {m['name']} {on} {m['commands']}"]
+                columns_only = _SORTING_KEY.sub("", m["commands"])
+                return [local, f"ALTER TABLE {m['name']} {on} {columns_only}"]
             return [local]  # indexes, settings, mutations: the Distributed table has none
         if _INSERT.match(statement):
             return [statement]  # through the Distributed tables, like the sink's inserts

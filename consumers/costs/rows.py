@@ -46,9 +46,26 @@ class CostRow:
     kafka_offset: int
     client_occurred_at: datetime | None = None  # the client's clock; requested_at bills
     attempt: int = 1  # which run of the generation step (2 and more after a crash)
+    # the run's key beside (client_id, operation_id): its admission, requested_at (the
+    # default); stored as 1970-01-01 for one requested before migration 0016 (``run_key``)
+    admitted_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.admitted_at is None:
+            object.__setattr__(self, "admitted_at", self.requested_at)
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CostRow))
+
+
+LEGACY_RUN = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def run_key(requested_at: datetime, legacy_until: datetime) -> datetime:
+    """A cost row's ``admitted_at``: ``requested_at``, or ``LEGACY_RUN`` for an operation
+    requested at or before ``legacy_until`` (the latest ``requested_at`` stored before
+    migration 0016, whose rows have no admission time: a later copy must match them)."""
+    return requested_at if requested_at > legacy_until else LEGACY_RUN
 
 
 def to_millis(moment: datetime) -> datetime:
@@ -90,4 +107,5 @@ def row_from_completed(
         client_occurred_at=(to_millis(event.client_occurred_at)
                             if event.client_occurred_at is not None else None),
         attempt=event.attempt,
+        admitted_at=to_millis(event.requested_at),
     )

@@ -10,11 +10,12 @@ ranges half-open, ``[start, end)``, on ``created_at`` (when the cost was incurre
 from __future__ import annotations
 
 import re
+import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from operator import attrgetter
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -22,12 +23,13 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from aipipe.consumers.costs.rows import COLUMNS, CostRow, to_millis
+from aipipe.consumers.costs.rows import COLUMNS, LEGACY_RUN, CostRow, run_key, to_millis
 from aipipe.schemas.errors import AipipeError
 from aipipe.schemas.prices import COST_QUANTUM
 
 TABLE = "ai_cost_tracking"
 ROLLUP_STATE = "ai_cost_daily_state"  # the rollup's change counts (0011_cost_rollups.sql)
+RUN_KEYS = "ai_cost_run_keys"  # until when rows keep the key they had before 0016
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEDUP_WINDOW = 1000  # the table's non_replicated_deduplication_window
 
@@ -168,6 +170,7 @@ def _money_buckets(buckets: dict[_K, Bucket]) -> dict[_K, Bucket]:
 # -- ClickHouse --------------------------------------------------------------------------
 
 _row_values = attrgetter(*COLUMNS)
+assert COLUMNS[-1] == "admitted_at"  # written as its run_key
 
 
 @contextmanager
@@ -189,6 +192,7 @@ class ClickHouseCostStore:
         self.client = client
         self.database = database_name(database)
         self.table = f"`{database}`.{TABLE}"
+        self._legacy: datetime | None = None
 
     def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
         if not rows:
@@ -201,14 +205,26 @@ class ClickHouseCostStore:
         moved = self._buckets_left([row for row in rows if row.attempt > 1])
         self._touch(moved)
         with _wrapped(f"insert {len(rows)} rows into {self.table}"):
+            legacy_until = self._legacy_until()
             self.client.insert(
                 TABLE,
-                [_row_values(row) for row in rows],
+                [(*_row_values(row)[:-1], run_key(row.requested_at, legacy_until))
+                 for row in rows],
                 column_names=list(COLUMNS),
                 database=self.database,
                 settings={"insert_deduplication_token": dedup_token},
             )
         self._touch(moved)
+
+    def _legacy_until(self) -> datetime:
+        """The latest ``requested_at`` stored before migration 0016 (read once)."""
+        if self._legacy is None:
+            sql = f"SELECT max(legacy_until) FROM `{self.database}`.{RUN_KEYS}"
+            found = self.client.query(sql).result_rows
+            at = found[0][0] if found else None
+            self._legacy = LEGACY_RUN if at is None else to_millis(
+                at if at.tzinfo else at.replace(tzinfo=UTC))
+        return self._legacy
 
     def _buckets_left(self, reruns: Sequence[CostRow]) -> list[list[Any]]:
         """The rollup buckets ``(day, client, type, model)`` where an earlier row of one of
@@ -238,6 +254,9 @@ class ClickHouseCostStore:
                 column_names=["day", "client_id", "operation_type", "model", "rows",
                               "successes", "cost_usd", "duration_ms"],
                 database=self.database,
+                # each touch counts: a replicated table (a cluster) would drop a second
+                # identical block as a retry of the first
+                settings={"insert_deduplication_token": f"touch-{uuid.uuid4()}"},
             )
 
     def _where(
@@ -287,7 +306,8 @@ class MemoryCostStore:
     """The same contract in a dict, for tests of the logic around the store."""
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], CostRow] = {}
+        # one row per run, as ai_cost_tracking's sorting key (its latest copy)
+        self.rows: dict[tuple[str, str, datetime | None], CostRow] = {}
         self._tokens: OrderedDict[str, None] = OrderedDict()
 
     def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
@@ -297,7 +317,7 @@ class MemoryCostStore:
         if len(self._tokens) > DEDUP_WINDOW:
             self._tokens.popitem(last=False)
         for row in rows:
-            self.rows[(row.client_id, row.operation_id)] = row
+            self.rows[(row.client_id, row.operation_id, row.admitted_at)] = row
 
     def _selected(
         self, client_id: str, start: datetime | None, end: datetime | None

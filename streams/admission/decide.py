@@ -101,7 +101,7 @@ def clock_problem(occurred_at: datetime, now: datetime, max_ahead: timedelta,
     Any time since 2000 up to ``max_ahead`` past the pipeline's clock is accepted and kept;
     it never bills (``requested_at`` does). A time older than ``max_age`` is refused: the
     streams remember a request for the dedup horizon after deciding it, and a request
-    decided at D has ``occurred_at`` >= D - ``max_ahead``, so with ``max_age`` = horizon -
+    decided at D has ``occurred_at`` <= D + ``max_ahead``, so with ``max_age`` = horizon -
     ``max_ahead`` a redelivery is either still remembered (skipped) or refused here, never
     run and billed by the provider a second time.
     """

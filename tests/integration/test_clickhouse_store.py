@@ -317,6 +317,46 @@ class TestClickHouseCostStore(CostStoreContract):
         assert daily() == [(*e, "sealed") for e in expected]
         assert store.totals() == {"acme": (2, Decimal("0.07"))}
 
+    def test_each_touch_counts_where_the_rollup_deduplicates_inserts(self) -> None:
+        """On a cluster the rollup's replicated table drops an insert block equal to an
+        earlier one (its deduplication window): two re-runs, hours apart, that touch the
+        same bucket send the same block. Here the single-node equivalent, the window on
+        the state table: the second re-run must still unseal the bucket."""
+        from aipipe.consumers.rollups import Sealer
+
+        store = self.make_store()
+        assert isinstance(store, ClickHouseCostStore)
+        self.client.command(f"ALTER TABLE `{store.database}`.ai_cost_daily_state "
+                            "MODIFY SETTING non_replicated_deduplication_window = 1000")
+        first = [row(f"op-{i}", "0.04", model="dall-e-3", offset=i) for i in (1, 2)]
+        store.write(first, dedup_token="t:0:1-2")
+        sealer = Sealer(self.client, store.database, today=lambda: date(2025, 12, 1))
+        for n, (op, offset) in enumerate(((first[0], 7), (first[1], 8))):
+            assert sealer.seal() >= 1
+            store.write([replace(op, event_id=f"{op.event_id}-2", model="stable-image-core",
+                                 cost_usd=Decimal("0.03"), attempt=2, kafka_offset=offset)],
+                        dedup_token=f"t:0:{offset}-{offset}")
+            daily = self.client.query(
+                f"SELECT sum(operations), sum(cost_usd) FROM `{store.database}`.ai_cost_daily"
+            ).result_rows
+            assert daily == [(2, Decimal("0.04") * (1 - n) + Decimal("0.03") * (n + 1))]
+
+    def test_an_id_admitted_again_is_another_run_and_costs_again(self) -> None:
+        """A client that sends an id again after the dedup horizon, with a fresh
+        occurred_at, has it admitted and run again (the provider bills again): another
+        run, another row, whatever its month. A copy of either run still counts once."""
+        store = self.make_store()
+        once = row("op-1", "0.04", requested_at=T0 + MS, created_at=T0 + 2 * MS)
+        again = replace(once, event_id="evt-op-1-again", requested_at=T0 + timedelta(days=8),
+                        created_at=T0 + timedelta(days=8, milliseconds=1), kafka_offset=5)
+        store.write([once], dedup_token="t:0:0-0")
+        store.write([again], dedup_token="t:0:5-5")
+        store.write([replace(again, cost_usd=Decimal("0.05"), kafka_offset=9)],
+                    dedup_token="t:0:9-9")  # a copy of the second run, re-priced
+        assert store.totals() == {"acme": (2, Decimal("0.09"))}
+        self.client.command(f"OPTIMIZE TABLE {store.table} FINAL")
+        assert self.client.query(f"SELECT count() FROM {store.table}").result_rows == [(2,)]
+
     def test_rows_read_back_exactly(self) -> None:
         store = self.make_store()
         written = [

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import replace
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -66,8 +68,8 @@ def test_a_release_0_1_database_is_migrated_once_and_keeps_its_data(
 ) -> None:
     database = release_0_1_database(chdb_client)
     store = ClickHouseCostStore(chdb_client, database)
-    # rows as release 0.1 wrote them: its columns only (0015 adds `attempt`)
-    old_columns = [c for c in COLUMNS if c != "attempt"]
+    # rows as release 0.1 wrote them: its columns only (0015 and 0016 add two)
+    old_columns = [c for c in COLUMNS if c not in ("attempt", "admitted_at")]
     chdb_client.insert("ai_cost_tracking", [
         [getattr(row(f"op-{i}", "0.000000007", client_id=f"c{i % 3}", created_at=T0,
                      offset=i), c) for c in old_columns] for i in range(30)],
@@ -90,15 +92,26 @@ def test_a_release_0_1_database_is_migrated_once_and_keeps_its_data(
     # what 0015 adds: those rows read attempt 1
     assert chdb_client.query(f"SELECT DISTINCT attempt FROM `{database}`.ai_cost_tracking"
                              ).result_rows == [(1,)]
+    # what 0016 adds: a copy of a row written before it (a completion redelivered across
+    # the upgrade) replaces it; a run admitted after it is another row
+    copy = row("op-1", "0.000000009", client_id="c1", created_at=T0, offset=31)
+    later = replace(row("op-2", "0.000000001", client_id="c2", created_at=T0, offset=32),
+                    requested_at=T0 + timedelta(minutes=1), event_id="evt-op-2-again")
+    store.write([copy, later], dedup_token="after-upgrade")
+    assert store.totals() == {"c0": (10, Decimal("0.000000070")),
+                              "c1": (10, Decimal("0.000000072")),
+                              "c2": (11, Decimal("0.000000071"))}
     # the rollup view still answers from the rows written before the upgrade
     [(operations, cost)] = chdb_client.query(
         f"SELECT sum(operations), sum(cost_usd) FROM `{database}`.ai_cost_daily").result_rows
-    assert (operations, cost) == (30, Decimal("0.000000210"))
+    assert (operations, cost) == (31, Decimal("0.000000213"))
 
     # a second start: nothing to do, nothing recorded twice, the data unchanged
     assert migrate(chdb_client, database) == []
     assert recorded(chdb_client, database) == expected
-    assert store.totals() == {c: (10, Decimal("0.000000070")) for c in ("c0", "c1", "c2")}
+    assert chdb_client.query(f"SELECT count() FROM `{database}`.ai_cost_run_keys"
+                             ).result_rows == [(1,)]
+    assert store.totals()["c2"] == (11, Decimal("0.000000071"))
 
 
 def test_a_migration_changed_after_it_was_applied_is_refused(

@@ -42,7 +42,8 @@ def test_every_cluster_statement_parses_and_runs_on_the_cluster(chdb_client: Cli
     out = [formatted(chdb_client, s) for s in cluster_statements()]
 
     inserts = [s for s in out if s.startswith("INSERT")]
-    assert len(inserts) == 1  # 0011's one-off backfill, through the Distributed tables
+    # 0011's one-off backfill and 0016's run-key cut-off, through the Distributed tables
+    assert len(inserts) == 2
     assert all(" ON CLUSTER main " in s or s.endswith(" ON CLUSTER main")
                for s in out if not s.startswith("INSERT"))
 
@@ -74,6 +75,8 @@ def test_each_table_is_replicated_on_the_shards_and_distributed_by_its_key(
                                 "aipipe/ai_cost_daily_sealed_local', '{replica}', sealed_at)",
         "events_archive": "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/aipipe/"
                           "events_archive_local', '{replica}', archived_at)",
+        "ai_cost_run_keys": "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/aipipe/"
+                            "ai_cost_run_keys_local', '{replica}', recorded_at)",
     }
     assert distributed == {
         "aipipe_schema_migrations": "cityHash64(version)",
@@ -83,9 +86,10 @@ def test_each_table_is_replicated_on_the_shards_and_distributed_by_its_key(
         "ai_cost_daily_state": "cityHash64(client_id)",
         "ai_cost_daily_sealed": "cityHash64(client_id)",
         "events_archive": "cityHash64(client_id)",
+        "ai_cost_run_keys": "cityHash64(legacy_until)",
     }
     replicated = [s for s in out if "ENGINE = Replicated" in s]
-    assert len(replicated) == 7
+    assert len(replicated) == 8
     for statement in replicated:
         assert statement.endswith(" SETTINGS replicated_deduplication_window = 1000, "
                                   "replicated_deduplication_window_seconds = 604800")
@@ -112,7 +116,12 @@ def test_the_rollup_view_is_fed_by_the_local_tables_and_alters_reach_both(
         # 0015 adds a column, as 0013
         "ALTER TABLE aipipe.ai_cost_tracking_local ON CLUSTER main",
         "ALTER TABLE aipipe.ai_cost_tracking ON CLUSTER main",
+        # 0016 adds a column to both and extends the sorting key of the replicated one
+        "ALTER TABLE aipipe.ai_cost_tracking_local ON CLUSTER main",
+        "ALTER TABLE aipipe.ai_cost_tracking ON CLUSTER main",
     ]
+    run_key = [s for s in out if s.startswith("ALTER") and "admitted_at" in s]
+    assert [("MODIFY ORDER BY" in s) for s in run_key] == [True, False]
 
 
 def test_one_node_keeps_the_statements_as_written() -> None:

@@ -121,7 +121,7 @@ def test_times_are_utc_to_the_millisecond() -> None:
 def test_columns_follow_the_dataclass_and_the_table() -> None:
     assert fields(CostRow)[0].name == "operation_id"
     assert tuple(f.name for f in fields(CostRow)) == COLUMNS
-    assert len(COLUMNS) == 27
+    assert len(COLUMNS) == 28
 
     scripts = dict(migration_scripts())
     create_table = next(s for s in statements(scripts["0001_ai_cost_tracking.sql"], "db")
