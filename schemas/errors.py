@@ -27,3 +27,8 @@ class EventDecodeError(AipipeError):
 
 class PricingError(AipipeError):
     """The price table has no price for a model, or the usage cannot be priced."""
+
+
+class StaleOperationError(AipipeError):
+    """An admitted operation older than the dedup horizon: it may have run already, so it is
+    dead-lettered with the reason instead of run (``streams.dedup.stale_operation``)."""

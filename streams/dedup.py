@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 #: how often the purge timer runs, at most (a 7-day horizon: every 5 minutes)
@@ -103,6 +104,21 @@ async def purge(
         expired, dated = expired + done.expired, dated + done.dated
         await pause()
     return Purged(expired=expired, dated=dated, kept=len(store))
+
+
+def stale_operation(requested_at: datetime, now: datetime, horizon: float,
+                    skew: float) -> str | None:
+    """Why an admitted operation is not run, or ``None``: admitted longer ago than the
+    horizon less the clock skew between workers. Its done mark, taken no earlier than its
+    admission, may have expired (a consumer group reset to old offsets, workers stopped for
+    longer than the horizon), so it may have run already, and the provider would bill again.
+    """
+    if (now - requested_at).total_seconds() < horizon - skew:
+        return None
+    return (f"Operation admitted at {requested_at:%Y-%m-%dT%H:%M:%SZ}, longer ago than the "
+            f"{(horizon - skew) / 3600:g} h the streams remember a completed operation for, "
+            "so it may have run already and is not run again; send a new request if it is "
+            "still wanted.")
 
 
 def purge_interval(horizon: float) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -24,10 +24,12 @@ from confluent_kafka import Consumer, TopicPartition
 from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
-from aipipe.schemas.events import OperationRequested
+from aipipe.schemas.deadletter import REASON, STAGE, read_headers
+from aipipe.schemas.events import OperationAdmitted, OperationRequested
+from aipipe.streams.admission import decide
 from tests.e2e.test_metrics import free_port, get
 from tests.support.ledger import IMAGE_COST, image_requests, produce_backlog
-from tests.support.pipeline import rows_and_operations, store_of
+from tests.support.pipeline import consume, produce, rows_and_operations, store_of
 
 pytestmark = pytest.mark.e2e
 
@@ -199,3 +201,34 @@ def test_a_redelivery_inside_the_horizon_is_skipped_and_one_after_it_is_refused(
         assert rejections() == Counter(dict.fromkeys(ops, 1))  # and still once each
     finally:
         worker.stop()
+
+
+def test_an_admitted_operation_older_than_the_horizon_is_dead_lettered_not_run(
+    settings: Settings,
+) -> None:
+    """An admission read again after its done mark may have expired (a consumer group reset
+    to old offsets, workers stopped for longer than the horizon) is not run a second time:
+    it goes to the dead-letter topic with the reason. A recent one beside it runs."""
+    prepare_topics(settings)
+    old, recent = image_requests(2, 1, prefix="stale-")
+    now = datetime.now(UTC)
+    then = now - timedelta(hours=168, minutes=1)
+    week_ago = decide(old.model_copy(update={"occurred_at": then}), then)
+    just_now = decide(recent, now)
+    assert isinstance(week_ago, OperationAdmitted) and isinstance(just_now, OperationAdmitted)
+    produce(settings, settings.topics.admitted, [week_ago, just_now])
+    worker = WorkerProcess(settings, "streams").start()
+    try:
+        [letter] = consume(settings, settings.topics.deadletter, 1, timeout=120)
+        completions = consume(settings, settings.topics.completed, 1, timeout=120)
+        assert worker.alive(), worker.log_tail()
+    finally:
+        worker.stop()
+    headers = read_headers(letter.headers())
+    assert headers[STAGE] == "generation" and orjson.loads(letter.value())["operation_id"] == \
+        week_ago.operation_id
+    assert headers[REASON].startswith("Operation admitted at ") and \
+        "so it may have run already and is not run again" in headers[REASON]
+    assert [orjson.loads(m.value())["operation_id"] for m in completions] == [
+        just_now.operation_id]
+    assert len(consume(settings, settings.topics.completed, 2, timeout=3)) == 1

@@ -105,3 +105,18 @@ def test_purge_pauses_between_chunks_and_skips_keys_gone_meanwhile() -> None:
     purged = asyncio.run(dedup.purge(store, T0 + HOUR, HOUR, pause=pause, chunk=2))
     assert pauses == [3, 0, 0]
     assert purged == dedup.Purged(expired=4, dated=0, kept=0)
+
+
+def test_an_operation_admitted_longer_ago_than_the_horizon_less_the_skew_is_stale() -> None:
+    """Its done mark, taken no earlier than its admission, may be gone: not run again."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    horizon, skew = 168 * 3600.0, 300.0
+    edge = now - timedelta(seconds=horizon - skew)
+    assert dedup.stale_operation(edge + timedelta(milliseconds=1), now, horizon, skew) is None
+    reason = dedup.stale_operation(edge, now, horizon, skew)
+    assert reason == (
+        "Operation admitted at 2026-11-26T12:05:00Z, longer ago than the 167.917 h the streams "
+        "remember a completed operation for, so it may have run already and is not run again; "
+        "send a new request if it is still wanted.")
