@@ -9,9 +9,9 @@ count; a rejected request (400, 403, 404), an exception that is not the provider
 and a cancelled call are neutral.
 
 One client cannot open a circuit for everyone: while another client's call succeeded
-within ``window``, a client's failures count at most ``client_share`` times (by default
-half the threshold, rounded up), so opening then takes the failures of two clients or
-more. A client whose requests alone make the provider fail (a prompt that times out, a
+within ``window`` and after this client's first failure in it, a client's failures count
+at most ``client_share`` times (by default half the threshold, rounded up), so opening
+then takes the failures of two clients or more. A client whose requests alone make the provider fail (a prompt that times out, a
 size it chokes on) keeps failing with retries; the others keep being served. When no
 other client is being served (one tenant, or the provider down for all), every failure
 counts, as before.
@@ -83,11 +83,18 @@ def on_success(state: BreakerState, now: float = 0.0, client: str = "") -> Break
 def counted(failures: Sequence[tuple[float, str]], served: Sequence[tuple[str, float]],
             policy: BreakerPolicy, now: float) -> int:
     """How many of ``failures`` (time, client), all within the window, count: a client's
-    count is capped at ``policy.share`` while another client was served within the window."""
-    per_client = Counter(client for _, client in failures)
+    count is capped at ``policy.share`` while another client was served after that client's
+    first failure in the window (the provider answers others now, not only before an
+    outage began)."""
+    first: dict[str, float] = {}
+    per_client: Counter[str] = Counter()
+    for t, client in failures:
+        first[client] = min(t, first.get(client, t))
+        per_client[client] += 1
     total = 0
     for client, n in per_client.items():
-        others_served = any(c != client and now - t < policy.window for c, t in served)
+        others_served = any(c != client and now - t < policy.window and t > first[client]
+                            for c, t in served)
         total += min(n, policy.share) if others_served else n
     return total
 
@@ -98,21 +105,26 @@ def on_failure(state: BreakerState, policy: BreakerPolicy, now: float,
         return BreakerState(status="open", opened_at=now, served=state.served)
     if state.status == "open":
         return state
-    kept: list[tuple[float, str]] = [(now, client)]
-    per_client = Counter([client])
-    # newest first; a client's failures beyond the threshold can never count, so they are
-    # not kept (a client that fails without end keeps the state small)
-    for t, c in zip(reversed(state.failures), reversed(state.sources), strict=True):
-        if now - t < policy.window and per_client[c] < policy.threshold:
-            per_client[c] += 1
+    # newest first, within the window
+    recent = [(now, client), *((t, c) for t, c in zip(reversed(state.failures),
+                                                      reversed(state.sources), strict=True)
+                               if now - t < policy.window)]
+    oldest = {c: i for i, (_, c) in enumerate(recent)}
+    kept: list[tuple[float, str]] = []
+    seen: Counter[str] = Counter()
+    # of each client, its newest failures up to the threshold and its first in the window:
+    # more can never count, so a client that fails without end keeps the state small
+    for i, (t, c) in enumerate(recent):
+        if seen[c] < policy.threshold - 1 or i == oldest[c]:
             kept.append((t, c))
+        seen[c] += 1
     kept.reverse()
-    recent = tuple(t for t, _ in kept)
+    times = tuple(t for t, _ in kept)
     sources = tuple(c for _, c in kept)
     if counted(kept, state.served, policy, now) >= policy.threshold:
-        return BreakerState(status="open", failures=recent, opened_at=now,
+        return BreakerState(status="open", failures=times, opened_at=now,
                             sources=sources, served=state.served)
-    return replace(state, failures=recent, sources=sources)
+    return replace(state, failures=times, sources=sources)
 
 
 def on_neutral(state: BreakerState) -> BreakerState:

@@ -160,8 +160,12 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
                     assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
                     return outcomes
 
+                # one at a time, so the order is the test's: the hostile client's first
+                # request fails (2 attempts, under the threshold of 3), the steady client is
+                # served after it, then the hostile client's next two fail as well
+                hostile = submit(image("hostile", "POISON 0"))
                 first = submit(image("steady"))
-                hostile = submit(*(image("hostile", f"POISON {i}") for i in range(3)))
+                hostile += [submit(image("hostile", f"POISON {i}"))[0] for i in (1, 2)]
                 steady = submit(*(image("steady") for _ in range(5)))
                 poisoned_calls = len([c for c in openai.calls("images")
                                       if "POISON" in str(c.body.get("prompt"))])

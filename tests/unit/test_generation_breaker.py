@@ -66,14 +66,27 @@ def test_success_while_closed_keeps_the_recent_failures() -> None:
 
 
 def test_one_client_alone_cannot_open_it_while_another_is_served() -> None:
-    """threshold 3, so a client counts at most 2 while another client succeeds."""
-    state = on_success(CLOSED, 0.0, "steady")
-    for now in (1.0, 1.1, 1.2, 1.3, 1.4, 1.5):
+    """threshold 3, so a client counts at most 2 while another client is served after its
+    first failure."""
+    state = on_failure(CLOSED, POLICY, 1.0, "hostile")
+    state = on_success(state, 1.05, "steady")
+    for now in (1.1, 1.2, 1.3, 1.4, 1.5):
         state = on_failure(state, POLICY, now, "hostile")
         assert state.status == "closed"
-    assert len(state.failures) == 3  # a client's failures past the threshold are not kept
+    # a client's failures past the threshold are not kept, but its first in the window is
+    assert (state.failures, state.sources) == ((1.0, 1.4, 1.5), ("hostile",) * 3)
     state = on_failure(state, POLICY, 2.0, "steady")  # a second client fails too: 2 + 1
     assert (state.status, state.opened_at) == ("open", 2.0)
+
+
+def test_a_success_from_before_a_clients_first_failure_does_not_cap_it() -> None:
+    """The provider went down after the last success: only one client still sends, and its
+    failures open the circuit at the threshold, as without other clients."""
+    state = on_success(CLOSED, 0.0, "other")
+    for now in (0.1, 0.2):
+        state = on_failure(state, POLICY, now, "only")
+        assert state.status == "closed"
+    assert on_failure(state, POLICY, 0.3, "only").status == "open"
 
 
 def test_every_failure_counts_when_no_other_client_was_served_within_the_window() -> None:
@@ -96,9 +109,10 @@ def test_the_two_clients_served_last_are_remembered() -> None:
 
 def test_a_configured_share_replaces_the_default() -> None:
     strict = BreakerPolicy(threshold=3, window=10.0, cooldown=5.0, client_share=1)
-    state = on_success(CLOSED, 0.0, "steady")
-    for now in (1.0, 1.1, 1.2):
+    state = on_failure(CLOSED, strict, 1.0, "hostile")
+    state = on_success(state, 1.05, "steady")
+    for now in (1.1, 1.2):
         state = on_failure(state, strict, now, "hostile")
     state = on_failure(state, strict, 1.3, "other")
-    assert state.status == "closed"  # 1 + 1 of 3
-    assert on_failure(state, strict, 1.4, "third").status == "open"
+    assert state.status == "closed"  # 1 + 1 of 3: "other" failed after the last success
+    assert on_failure(state, strict, 1.4, "other").status == "open"  # 1 + 2

@@ -165,15 +165,23 @@ def test_one_clients_failing_requests_leave_the_circuit_closed_for_the_others() 
     the threshold while another client is being served; the others' calls go through."""
     clock = Clock()
     g = guard(clock, attempts=4, threshold=5)
-    assert asyncio.run(g.call("openai", "m", scripted()[1], "steady")).value == "ok"
-    for _ in range(3):  # 12 failed attempts in all
+
+    def hostile() -> None:
         out = asyncio.run(g.call("openai", "m", scripted(503, 503, 503, 503)[1], "hostile"))
         assert isinstance(out.error, ProviderError) and out.attempts == 4
         assert not isinstance(out.error, CircuitOpenError) and out.transitions == []
+
+    def steady() -> None:
+        calls, call = scripted()
+        assert asyncio.run(g.call("openai", "m", call, "steady")).value == "ok"
+        assert calls == [1]
+
+    hostile()  # 4 failures, under the threshold
+    steady()  # served after them
+    hostile()
+    hostile()  # 12 failed attempts in all, counted as 3
     assert g.state("openai", "m").status == "closed"
-    calls, call = scripted()
-    assert asyncio.run(g.call("openai", "m", call, "steady")).value == "ok"
-    assert calls == [1]
+    steady()
     # an outage that fails the others too opens it: 3 of the hostile's and 2 of steady's
     out = asyncio.run(g.call("openai", "m", scripted(503, 503, 503, 503)[1], "steady"))
     assert g.state("openai", "m").status == "open"
