@@ -11,10 +11,10 @@ and a cancelled call are neutral.
 One client cannot open a circuit for everyone: while another client's call succeeded
 within ``window`` and after this client's first failure in it, a client's failures count
 at most ``client_share`` times (by default half the threshold, rounded up), so opening
-then takes the failures of two clients or more. A client whose requests alone make the provider fail (a prompt that times out, a
-size it chokes on) keeps failing with retries; the others keep being served. When no
-other client is being served (one tenant, or the provider down for all), every failure
-counts, as before.
+then takes the failures of two clients or more. A client whose requests alone make the
+provider fail (a prompt that times out, a size it chokes on) keeps failing with retries;
+the others keep being served. When no other client was served since a client's first
+failure (one tenant, or the provider down for all), its failures all count, as before.
 """
 
 from __future__ import annotations
