@@ -53,6 +53,7 @@ WIRE = {"wire": True}  # the validation context of ``decode``
 # the envelope fields a message must carry, though a Python constructor defaults them
 WIRE_REQUIRED = ("event_id", "event_type", "schema_version", "occurred_at")
 MAX_DEPTH = 32  # the event object is level 1; its params/metadata/job at most MAX_DEPTH - 1
+MAX_BRACKETS = 20_000  # '{' and '[' characters in one message (``parse``)
 MAX_INT = 2**53 - 1  # the largest integer every JSON parser keeps exactly
 # RFC 3339 in UTC, to the microsecond. [0-9], not \d: \d is any Unicode digit in Python.
 TIME_PATTERN = (
@@ -213,8 +214,10 @@ class OperationSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     operation_type: OperationType
-    provider: Annotated[str, Field(min_length=1)] = "simulated"
-    model: Annotated[str, Field(min_length=1)]
+    # bounded: every decision repeats them (a 510 KB model name made a rejection over the
+    # producer's 1 MB limit, and the worker died on it after each restart)
+    provider: Annotated[str, Field(min_length=1, max_length=64)] = "simulated"
+    model: Annotated[str, Field(min_length=1, max_length=200)]
     params: JsonObject = Field(default_factory=dict)
 
 
@@ -560,6 +563,17 @@ def parse(data: bytes | None) -> tuple[Any, bool]:
             f"The message is {len(data)} bytes, over the {MAX_EVENT_BYTES}-byte limit; "
             "keep large payloads out of events and send a reference instead."
         )
+    # counted at C speed (those inside strings only overcount): each object or array opens
+    # one. Walking 330,000 empty lists in a 1 MB message took a second of the event loop,
+    # so a message with more is refused before it is parsed; no event of the pipeline comes
+    # near (params, metadata and inline text are each limited far below)
+    brackets = data.count(b"{") + data.count(b"[")
+    if brackets > MAX_BRACKETS:
+        raise EventDecodeError(
+            f"The message has {brackets} '{{' and '[' characters (objects, arrays, or "
+            f"brackets in text), over the limit of {MAX_BRACKETS}; send flatter JSON, and "
+            "long text by reference."
+        )
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -567,8 +581,8 @@ def parse(data: bytes | None) -> tuple[Any, bool]:
             f"The message is not valid JSON ({exc}); send a JSON object."
         ) from None
     # each level of nesting opens a bracket, so a message with at most MAX_DEPTH of them
-    # (counted at C speed; those inside strings only overcount) cannot nest deeper
-    return raw, data.count(b"{") + data.count(b"[") <= MAX_DEPTH
+    # cannot nest deeper
+    return raw, brackets <= MAX_DEPTH
 
 
 def decode_obj(raw: object, depth_checked: bool = False) -> AnyEvent:

@@ -132,12 +132,15 @@ def invalid(
     rules = rules or Rules()
     if request.provider not in rules.providers:
         offered = ", ".join(sorted(rules.providers)) or "none"
+        # no params on a rejection decided before their limits are checked: a request near
+        # the size limit would make a rejection over the producer's (the worker died on it)
         return rejected(request, now, "invalid",
                         f"Provider {shown(request.provider, 40)} is not offered here; use one "
-                        f"of: {offered}.")
+                        f"of: {offered}.", keep_params=False)
     problem = callback_problem(request.callback_url, rules.callback_prefixes)
     if problem is not None:
-        return rejected(request, now, "invalid", problem, keep_callback=False)
+        return rejected(request, now, "invalid", problem, keep_params=False,
+                        keep_callback=False)
     problem = params_problem(request.provider, request.operation_type, request.params,
                              rules.params)
     if problem is not None:

@@ -139,6 +139,15 @@ def corpus() -> Iterator[Poison]:
     yield par("a prompt of 200,000 characters", either, prompt="x" * 200_000)
     yield Poison("a prompt over the event size limit", R,
                  js(with_params(prompt="x" * 1_020_000)), DL)  # under the broker limit
+    # near the size limit, each decided before its params are checked: a rejection that
+    # carried them was over the producer's 1 MB limit, and the worker died on it
+    yield req("provider not offered, params near the size limit", REJ,
+              provider="openai-unconfigured", params={"prompt": "p", "pad": "x" * 990_000})
+    yield req("callback not allowed, params near the size limit", REJ,
+              callback_url="https://elsewhere.example/hook",
+              params={"prompt": "p", "pad": "x" * 990_000})
+    yield req("a model name of 510,000 characters", DL, model="m" * 510_000)
+    yield par("params of 330,000 empty lists", DL, a=[[] for _ in range(330_000)])
     yield par("simulated latency of a day", either, simulate={"latency_ms": 86_400_000})
     yield par("simulated polls of a million", either, simulate={"polls": 1_000_000})
     yield Poison("a completed event on the requests topic", R, js(completed()), DL)
