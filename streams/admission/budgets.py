@@ -97,6 +97,11 @@ def budget_report(
     return budget_verdict(client_id, budget, period, bounds, spend)
 
 
+# how long a client's last known budget state is kept without a request of its own: while
+# ClickHouse does not answer, an idle client forgotten is admitted as unknown
+CACHE_KEEP_SECONDS = 600.0
+
+
 class ThresholdLatch(Protocol):
     async def first(self, key: str, ttl_ms: int) -> bool:
         """True for the first caller with ``key`` (until it expires)."""
@@ -146,9 +151,20 @@ class BudgetGate:
         self.now = now
         self._store: BudgetStore | None = None
         self._cache: dict[str, tuple[float, BudgetState | None]] = {}
+        self._swept = clock()
         self._failing = False
         self._lookup: asyncio.Future[dict[str, BudgetState | None]] | None = None
         self._asked: set[str] = set()  # the clients the lookup in flight asks about
+
+    def _sweep(self, moment: float) -> None:
+        """Forget clients not asked about for ``CACHE_KEEP_SECONDS`` (once a minute at most):
+        a client_id is whatever a sender writes, and a new one per request kept an entry
+        each for good (100,000 ids, 60 MiB)."""
+        if moment - self._swept < 60.0:
+            return
+        self._swept = moment
+        keep = max(CACHE_KEEP_SECONDS, self.cache_seconds)
+        self._cache = {c: entry for c, entry in self._cache.items() if moment - entry[0] < keep}
 
     async def _fresh(self, clients: set[str],
                      moment: float) -> tuple[dict[str, BudgetState | None], set[str]]:
@@ -194,6 +210,7 @@ class BudgetGate:
             for client, state in fresh.items():
                 self._cache[client] = (moment, state)
         states = {c: self._cache[c][1] if c in self._cache else None for c in clients}
+        self._sweep(moment)
         first_request = {r.client_id: r for r in reversed(requests)}
         notices = []
         for client, state in fresh.items():

@@ -410,3 +410,22 @@ def test_another_clients_request_reusing_an_admitted_event_id_needs_a_slot_of_it
         "OperationAdmitted", "OperationAdmitted", "OperationRejected", "OperationRejected"]
     assert all(isinstance(d, OperationRejected) and d.reason == "rate_limited"
                for d in decided[2:])
+
+
+def test_the_budget_cache_forgets_clients_not_seen_for_ten_minutes() -> None:
+    """A client_id is whatever a sender writes: one per request kept an entry each."""
+    clock = Clock()
+    store = FakeStore({}, {})
+    budgets = BudgetGate(lambda: store, RedisLatch(LocalRedis(), "p:budget"),  # type: ignore[arg-type, return-value]
+                         default_usd=Decimal("50"), clock=clock, now=lambda: NOW)
+
+    async def ask(*clients: str) -> None:
+        await budgets.states([request(c, 1) for c in clients])
+
+    asyncio.run(ask(*(f"rotating-{i}" for i in range(1000))))
+    clock.now = 300.0
+    asyncio.run(ask("steady"))
+    assert len(budgets._cache) == 1001
+    clock.now = 650.0  # the rotating ids were last asked about 650 s ago, steady 350 s
+    asyncio.run(ask("steady"))
+    assert set(budgets._cache) == {"steady"}
