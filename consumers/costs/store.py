@@ -185,6 +185,16 @@ def _param_time(moment: datetime) -> str:
     return to_millis(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+def _touch_row(day: date, client: str, kind: str, model: str) -> list[Any]:
+    """An ``ai_cost_daily_state`` row that changes only its bucket's ``rows``."""
+    return [day, client, kind, model, 1, 0, Decimal(0), 0]
+
+
+def _buckets_of(rows: Sequence[CostRow]) -> list[list[Any]]:
+    return [_touch_row(*bucket) for bucket in sorted(
+        {(r.requested_at.date(), r.client_id, r.operation_type, r.model) for r in rows})]
+
+
 class ClickHouseCostStore:
     """``ai_cost_tracking`` in ``database``, read with ``FINAL`` so duplicates never count."""
 
@@ -197,14 +207,17 @@ class ClickHouseCostStore:
     def write(self, rows: Sequence[CostRow], dedup_token: str) -> None:
         if not rows:
             return
-        # an operation re-run after a crash may have a row already, in another rollup
-        # bucket (its first run completed on a fallback model): once this row replaces it,
-        # that bucket's seal would still count it, so the bucket is touched (its `rows`
-        # moves, the views answer it from the raw table until it is sealed again), before
-        # the insert and after it, so a seal taken in between is not trusted either
+        # A touched bucket's `rows` moves, so the views answer it from the raw table until
+        # it is sealed again. Each bucket written to is touched before the insert: the
+        # materialized view counts the rows only after the table has them, and in between
+        # a sealed bucket was answered from a seal that missed a replaced row. And an
+        # operation re-run after a crash may have a row already in another bucket (its first
+        # run completed on a fallback model): once this row replaces it, that bucket's seal
+        # would still count it, so it is touched before the insert and after it, so a seal
+        # taken in between is not trusted either.
         moved = self._buckets_left([row for row in rows if row.attempt > 1])
-        self._touch(moved)
         with _wrapped(f"insert {len(rows)} rows into {self.table}"):
+            self._touch(sorted({*map(tuple, moved), *map(tuple, _buckets_of(rows))}))
             legacy_until = self._legacy_until()
             self.client.insert(
                 TABLE,
@@ -214,7 +227,8 @@ class ClickHouseCostStore:
                 database=self.database,
                 settings={"insert_deduplication_token": dedup_token},
             )
-        self._touch(moved)
+        with _wrapped(f"mark {len(moved)} rollup buckets changed"):
+            self._touch(moved)
 
     def _legacy_until(self) -> datetime:
         """The latest ``requested_at`` stored before migration 0016 (read once)."""
@@ -242,22 +256,20 @@ class ClickHouseCostStore:
                for r in reruns}
         left = {(day, client, kind, model) for client, op, day, kind, model in found
                 if own.get((client, op)) not in (None, (day, kind, model))}
-        return [[day, client, kind, model, 1, 0, Decimal(0), 0]
-                for day, client, kind, model in sorted(left)]
+        return [_touch_row(*bucket) for bucket in sorted(left)]
 
-    def _touch(self, buckets: Sequence[list[Any]]) -> None:
+    def _touch(self, buckets: Sequence[Sequence[Any]]) -> None:
         if not buckets:
             return
-        with _wrapped(f"mark {len(buckets)} rollup buckets changed"):
-            self.client.insert(
-                ROLLUP_STATE, buckets,
-                column_names=["day", "client_id", "operation_type", "model", "rows",
-                              "successes", "cost_usd", "duration_ms"],
-                database=self.database,
-                # each touch counts: a replicated table (a cluster) would drop a second
-                # identical block as a retry of the first
-                settings={"insert_deduplication_token": f"touch-{uuid.uuid4()}"},
-            )
+        self.client.insert(
+            ROLLUP_STATE, buckets,
+            column_names=["day", "client_id", "operation_type", "model", "rows",
+                          "successes", "cost_usd", "duration_ms"],
+            database=self.database,
+            # each touch counts: a replicated table (a cluster) would drop a second
+            # identical block as a retry of the first
+            settings={"insert_deduplication_token": f"touch-{uuid.uuid4()}"},
+        )
 
     def _where(
         self, client_id: str, start: datetime | None, end: datetime | None

@@ -42,7 +42,7 @@ def spend_as_of(client: Any, database: str, topic: str, ranges: Sequence[Range],
         "SELECT sum(cost) FROM (SELECT operation_id, argMax(cost_usd, kafka_offset) AS cost, "
         "argMax(created_at, kafka_offset) AS created "
         f"FROM `{database_name(database)}`.ai_cost_tracking "
-        f"WHERE client_id = {{client:String}} AND {held} GROUP BY operation_id) "
+        f"WHERE client_id = {{client:String}} AND {held} GROUP BY operation_id, admitted_at) "
         "WHERE created >= {start:DateTime64(3, 'UTC')} AND created < {end:DateTime64(3, 'UTC')}"
     )
     rows = client.query(sql, parameters={**params, "client": client_id, "start": _time(start),

@@ -52,15 +52,17 @@ class RepriceReport:
     """
 
     price_version: str
-    _rows: dict[tuple[str, str], tuple[str, Decimal, Decimal]] = field(default_factory=dict)
+    _rows: dict[tuple[str, str, Any], tuple[str, Decimal, Decimal]] = field(
+        default_factory=dict)
 
     def add(self, recorded: CostRow, repriced: CostRow) -> None:
-        self._rows[(recorded.client_id, recorded.operation_id)] = (
+        # by run, as the cost table: an id run again after the dedup horizon counts again
+        self._rows[(recorded.client_id, recorded.operation_id, recorded.requested_at)] = (
             recorded.model, recorded.cost_usd, repriced.cost_usd)
 
     def lines(self) -> dict[tuple[str, str], Line]:
         out: dict[tuple[str, str], Line] = {}
-        for (client, _), (model, before, after) in self._rows.items():
+        for (client, _, _), (model, before, after) in self._rows.items():
             line = out.setdefault((client, model), Line())
             line.operations += 1
             line.recorded_usd += before

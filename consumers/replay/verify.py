@@ -18,7 +18,11 @@ from aipipe.consumers.costs.rows import COLUMNS
 from aipipe.consumers.costs.store import TABLE, database_name
 from aipipe.consumers.replay.replay import Manifest
 
-_HASHED = ", ".join(COLUMNS)
+# every column but admitted_at: a run's key is stored as 1970-01-01 for rows older than
+# migration 0016 in a database migrated then, and as the admission time in a fresh one
+# (``rows.run_key``), so the same run differs there between the live and rebuilt sides
+COMPARED = tuple(c for c in COLUMNS if c != "admitted_at")
+_HASHED = ", ".join(COMPARED)
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ def rows_of(client: Any, database: str, manifest: Manifest, client_id: str,
         f"AND {range_condition(manifest)}"
     )
     result = client.query(sql, parameters={"client": client_id, "day": day.isoformat()})
-    return {row[0]: dict(zip(COLUMNS, map(_same_kind, row), strict=True))
-            for row in result.result_rows}
+    rows = [dict(zip(COMPARED, map(_same_kind, row), strict=True)) for row in result.result_rows]
+    # keyed by run: an id run twice (after the dedup horizon) has a row per admission
+    return {f"{r['operation_id']} (requested {r['requested_at']:%Y-%m-%dT%H:%M:%S.%fZ})": r
+            for r in rows}
 
 
 def _same_kind(value: Any) -> Any:
@@ -114,7 +120,7 @@ def diff_rows(client_id: str, day: date, live: dict[str, dict[str, Any]],
                               "but missing from the live one"))
     for op in sorted(live.keys() & rebuilt.keys()):
         changed = [f"{col} live {live[op][col]!s} rebuilt {rebuilt[op][col]!s}"
-                   for col in COLUMNS if live[op][col] != rebuilt[op][col]]
+                   for col in COMPARED if live[op][col] != rebuilt[op][col]]
         if changed:
             out.append(Difference(client_id, day,
                                   f"operation {op} differs: {'; '.join(changed)}"))

@@ -23,7 +23,7 @@ from aipipe.infra.settings import Settings
 from aipipe.processes import WorkerProcess, wait_for
 from aipipe.runner import prepare_topics
 from aipipe.schemas.deadletter import read_headers
-from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage, encode
+from aipipe.schemas.events import OperationCompleted, OperationRequested, Usage, decode, encode
 from tests.support.pipeline import (
     consume,
     operations_recorded,
@@ -126,8 +126,13 @@ def test_the_same_requests_twice_count_once(settings: Settings, pipeline: Worker
     wait_recorded(store, len(events), timeout=180, worker=pipeline)
 
     produce(settings, settings.topics.requested, events)  # an upstream retry: same event_ids
-    # and a completed event delivered twice (a re-run generation step after a crash)
-    produce(settings, settings.topics.completed, [_completed_copy(events[0])])
+    # and a completed event delivered twice (a re-run generation step after a crash): the
+    # same run, so the same admission time, priced the same
+    [first] = [m for m in consume(settings, settings.topics.completed, len(events))
+               if orjson.loads(m.value())["operation_id"] == events[0].event_id]
+    copy = _completed_copy(events[0]).model_copy(update={
+        "requested_at": decode(first.value()).requested_at})  # type: ignore[union-attr]
+    produce(settings, settings.topics.completed, [copy])
     marker = requests(1)[0].model_copy(update={"event_id": "marker", "client_id": "marker"})
     produce(settings, settings.topics.requested, [marker])
     wait_for(lambda: "marker" in store.totals(), 120, "the marker after the duplicates")
