@@ -45,6 +45,16 @@ def fakes() -> Iterator[tuple[FakeOpenAI, FakeStability, FakeGemini]]:
         yield openai, stability, gemini
 
 
+def completions(results: ResultClient, *requests: OperationRequested
+                ) -> list[OperationCompleted]:
+    """Submit ``requests`` together and wait for each completion."""
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(results.submit(r, timeout=120) for r in requests))
+    outcomes = asyncio.run(all_of())
+    assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
+    return outcomes
+
+
 def request(provider: str, model: str, kind: str = "image_generation",
             **params: Any) -> OperationRequested:
     return OperationRequested(
@@ -76,12 +86,7 @@ def test_each_provider_end_to_end_and_a_fallback_while_a_model_is_down(
     try:
         with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
             def submit(*requests: OperationRequested) -> list[OperationCompleted]:
-                async def all_of() -> list[Any]:
-                    return await asyncio.gather(*(results.submit(r, timeout=120)
-                                                  for r in requests))
-                outcomes = asyncio.run(all_of())
-                assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
-                return outcomes
+                return completions(results, *requests)
 
             gpt_image, dalle, text, sd35, flash = submit(
                 request("openai", "gpt-image-1", quality="low"),
@@ -153,12 +158,7 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
         try:
             with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
                 def submit(*requests: OperationRequested) -> list[OperationCompleted]:
-                    async def all_of() -> list[Any]:
-                        return await asyncio.gather(*(results.submit(r, timeout=120)
-                                                      for r in requests))
-                    outcomes = asyncio.run(all_of())
-                    assert all(isinstance(o, OperationCompleted) for o in outcomes), outcomes
-                    return outcomes
+                    return completions(results, *requests)
 
                 # one at a time, so the order is the test's: the hostile client's first
                 # request fails (2 attempts, under the threshold of 3), the steady client is
