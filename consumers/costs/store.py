@@ -185,14 +185,19 @@ def _param_time(moment: datetime) -> str:
     return to_millis(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _touch_row(day: date, client: str, kind: str, model: str) -> list[Any]:
-    """An ``ai_cost_daily_state`` row that changes only its bucket's ``rows``."""
-    return [day, client, kind, model, 1, 0, Decimal(0), 0]
+RollupKey = tuple[int, str, str, str]  # a time in its day (epoch ms), client, type, model
 
 
-def _buckets_of(rows: Sequence[CostRow]) -> list[list[Any]]:
-    return [_touch_row(*bucket) for bucket in sorted(
-        {(r.requested_at.date(), r.client_id, r.operation_type, r.model) for r in rows})]
+def _day_ms(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+
+
+def _buckets_of(rows: Sequence[CostRow]) -> list[RollupKey]:
+    """The rollup buckets of ``rows``, each named by its ``requested_at``: ClickHouse
+    takes its day (``toDate``) as the materialized view does, also for a time past the
+    ``Date`` range, which a day computed here would not be."""
+    return sorted({(int(r.requested_at.timestamp() * 1000), r.client_id, r.operation_type,
+                    r.model) for r in rows})
 
 
 class ClickHouseCostStore:
@@ -217,7 +222,7 @@ class ClickHouseCostStore:
         # taken in between is not trusted either.
         moved = self._buckets_left([row for row in rows if row.attempt > 1])
         with _wrapped(f"insert {len(rows)} rows into {self.table}"):
-            self._touch(sorted({*map(tuple, moved), *map(tuple, _buckets_of(rows))}))
+            self._touch(sorted({*moved, *_buckets_of(rows)}))
             legacy_until = self._legacy_until()
             self.client.insert(
                 TABLE,
@@ -240,7 +245,7 @@ class ClickHouseCostStore:
                 at if at.tzinfo else at.replace(tzinfo=UTC))
         return self._legacy
 
-    def _buckets_left(self, reruns: Sequence[CostRow]) -> list[list[Any]]:
+    def _buckets_left(self, reruns: Sequence[CostRow]) -> list[RollupKey]:
         """The rollup buckets ``(day, client, type, model)`` where an earlier row of one of
         ``reruns`` lies, other than the re-run's own (every copy still stored, merged or not:
         one key lookup per re-run, and re-runs are rare)."""
@@ -256,16 +261,19 @@ class ClickHouseCostStore:
                for r in reruns}
         left = {(day, client, kind, model) for client, op, day, kind, model in found
                 if own.get((client, op)) not in (None, (day, kind, model))}
-        return [_touch_row(*bucket) for bucket in sorted(left)]
+        return [(_day_ms(day), client, kind, model) for day, client, kind, model in sorted(left)]
 
-    def _touch(self, buckets: Sequence[Sequence[Any]]) -> None:
+    def _touch(self, buckets: Sequence[RollupKey]) -> None:
+        """Add 1 to the ``rows`` of each bucket in ``ai_cost_daily_state`` (only that)."""
         if not buckets:
             return
-        self.client.insert(
-            ROLLUP_STATE, buckets,
-            column_names=["day", "client_id", "operation_type", "model", "rows",
-                          "successes", "cost_usd", "duration_ms"],
-            database=self.database,
+        self.client.command(
+            f"INSERT INTO `{self.database}`.{ROLLUP_STATE} (day, client_id, operation_type, "
+            "model, rows, successes, cost_usd, duration_ms) "
+            "SELECT toDate(fromUnixTimestamp64Milli(b.1, 'UTC')), b.2, b.3, b.4, 1, 0, 0, 0 "
+            "FROM (SELECT arrayJoin({buckets:Array(Tuple(Int64, String, String, String))}) "
+            "AS b)",
+            parameters={"buckets": list(buckets)},
             # each touch counts: a replicated table (a cluster) would drop a second
             # identical block as a retry of the first
             settings={"insert_deduplication_token": f"touch-{uuid.uuid4()}"},
