@@ -348,11 +348,12 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     async def generate_once(event: Any, operation: OperationAdmitted, key: str) -> None:
         if key in running_operations:
             await asyncio.shield(running_operations[key])
+        elif remembered(done_operations, key, operation.operation_id):
+            pass
         elif (stale := dedup.stale_operation(operation.requested_at, deps.clock(), horizon,
                                              settings.clock_skew_seconds)) is not None:
-            if not remembered(done_operations, key, operation.operation_id):
-                await dead_letter(event.message, "generation", StaleOperationError(stale))
-        elif not remembered(done_operations, key, operation.operation_id):
+            await dead_letter(event.message, "generation", StaleOperationError(stale))
+        else:
             running = running_operations[key] = asyncio.get_running_loop().create_future()
             metrics.OPERATIONS_IN_FLIGHT.inc()
             try:

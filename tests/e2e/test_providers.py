@@ -14,6 +14,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,7 @@ def test_each_provider_end_to_end_and_a_fallback_while_a_model_is_down(
     store = LocalArtifactStore(settings.home / "artifacts")
     try:
         with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
-            def submit(*requests: OperationRequested) -> list[OperationCompleted]:
-                return completions(results, *requests)
+            submit = partial(completions, results)
 
             gpt_image, dalle, text, sd35, flash = submit(
                 request("openai", "gpt-image-1", quality="low"),
@@ -157,8 +157,7 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
         worker = WorkerProcess(settings, "streams").start()
         try:
             with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
-                def submit(*requests: OperationRequested) -> list[OperationCompleted]:
-                    return completions(results, *requests)
+                submit = partial(completions, results)
 
                 # one at a time, so the order is the test's: the hostile client's first
                 # request fails (2 attempts, under the threshold of 3), the steady client is
