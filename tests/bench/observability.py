@@ -2,7 +2,8 @@
 
 The burst's pipeline run (``tests.bench.burst.pipeline_burst``: ``N`` pre-produced
 requests, one ``aipipe run all`` worker, 0 ms simulated provider, chDB, exact row count
-checked) twice per round, in alternating order:
+checked) once per side per round, in the orders of ``tests.bench.report.round_order``
+(over six rounds each side runs first twice and right after each other side twice):
 
 - **on**: ``OTEL_TRACES_EXPORTER=otlp`` to an OTLP/HTTP receiver in this process (a span
   per hop of every request, batched and exported as in production), and Prometheus
@@ -17,7 +18,9 @@ The figures are end-to-end operations/s on (and on, sampled) against off (goal a
 0.9 times); the receiver's span count shows that tracing was on (the worker exports the
 spans of every stage).
 
-Run alone: ``python -m tests.bench.observability --count 10000``.
+Run alone: ``python -m tests.bench.observability --count 10000 --rounds 6``; with
+``--no-every`` the sampled side and off only (two sides alternate, so a pair of rounds
+is two runs back to back).
 """
 
 from __future__ import annotations
@@ -71,12 +74,17 @@ def sampled(ratio: float | None) -> Iterator[None]:
 
 
 def bench_observability(settings: Settings, say: Say, count: int = 10_000,
-                        rounds: int = 2, ratio: float = 0.1) -> list[Figure]:
+                        rounds: int = 2, ratio: float = 0.1, every: bool = True) -> list[Figure]:
+    """``every``: also the side that records every trace (False: the sampled side and off
+    only, so that more rounds fit in the same time and each pair of them runs back to
+    back)."""
     say(f"[bold]observability[/bold]: {count:,} requests end to end, traces and metrics "
-        f"on (every trace, and {ratio:g} of them) vs off, {rounds} round(s) each")
+        f"on ({'every trace, and ' if every else ''}{ratio:g} of them) vs off, {rounds} "
+        "round(s) each")
     counter = OtlpReceiver(keep=False)  # counts the spans it is sent
-    spans: dict[str, list[int]] = {"on": [], "on, sampled": []}
-    cpu: dict[str, list[float]] = {"on": [], "on, sampled": [], "off": []}
+    on_sides = ("on", "on, sampled") if every else ("on, sampled",)
+    spans: dict[str, list[int]] = {side: [] for side in on_sides}
+    cpu: dict[str, list[float]] = {side: [] for side in (*on_sides, "off")}
 
     def run(side: str, target: Settings, sampling: float | None = None) -> Sample:
         before = counter.count
@@ -90,16 +98,18 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
         # per CPU-second of the worker and its span export helper
         return Sample(rates["end_to_end"], 1000 / rates["cpu_ms_per_operation"])
 
+    sides: dict[str, Callable[[int], Sample]] = {
+        "on": lambda r: run("on", observed(settings, counter.endpoint)),
+        "on, sampled": lambda r: run("on, sampled", observed(settings, counter.endpoint),
+                                     ratio),
+        "off": lambda r: run("off", unobserved(settings)),
+    }
     with counter:
-        samples = best_of(rounds, {
-            "on": lambda r: run("on", observed(settings, counter.endpoint)),
-            "on, sampled": lambda r: run("on, sampled", observed(settings, counter.endpoint),
-                                         ratio),
-            "off": lambda r: run("off", unobserved(settings)),
-        }, say, "ops/s")
+        samples = best_of(rounds, {side: sides[side] for side in (*on_sides, "off")}, say,
+                          "ops/s")
     # a span per hop of every request when every trace is recorded; about the ratio of
     # them when sampled (the exporter may still hold the last batch when the worker stops)
-    if min(spans["on"]) < count or min(spans["on, sampled"]) < 1:
+    if (every and min(spans["on"]) < count) or min(spans["on, sampled"]) < 1:
         raise AssertionError(f"tracing was not on: spans received per round {spans} for "
                              f"{count:,} requests")
     say(f"    spans received per traced round: {spans}")
@@ -107,7 +117,7 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
     # slow drifts, and the median of them is steadier than the best rounds' ratio
     paired = {side: [round(on.per_second / off.per_second, 3)
                      for on, off in zip(samples[side], samples["off"], strict=True)]
-              for side in ("on", "on, sampled")}
+              for side in on_sides}
     for side, ratios in paired.items():
         say(f"    {side:<11} vs off, round by round: {', '.join(f'{r:.2f}x' for r in ratios)}"
             f" (median {statistics.median(ratios):.2f}x)")
@@ -123,14 +133,15 @@ def bench_observability(settings: Settings, say: Say, count: int = 10_000,
                 for side, ratios in paired.items()},
              **{f"worker_cpu_ms_per_operation_{side.replace(', ', '_')}":
                 [round(c, 2) for c in values] for side, values in cpu.items()}}
-    return [
+    figures = [
         compare("end to end operations/s, traces (every one) + metrics on vs off", "ops/s",
                 0.9, method, samples["on"], samples["off"], notes),
-        compare(f"end to end operations/s, traces ({ratio:g} sampled) + metrics on vs off",
-                "ops/s", 0.9, method + f"; on, sampled: OTEL_TRACES_SAMPLER="
-                f"parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG={ratio:g}",
-                samples["on, sampled"], samples["off"], notes),
-    ]
+    ] if every else []
+    figures.append(compare(
+        f"end to end operations/s, traces ({ratio:g} sampled) + metrics on vs off", "ops/s",
+        0.9, method + f"; on, sampled: OTEL_TRACES_SAMPLER=parentbased_traceidratio, "
+        f"OTEL_TRACES_SAMPLER_ARG={ratio:g}", samples["on, sampled"], samples["off"], notes))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--no-every", dest="every", action="store_false",
+                        help="skip the side that records every trace")
     args = parser.parse_args(argv)
-    for f in bench_observability(bench_settings(), print, args.count, args.rounds, args.ratio):
+    for f in bench_observability(bench_settings(), print, args.count, args.rounds, args.ratio,
+                                 args.every):
         print(f"{f.metric}: {f.ours:,.0f} {f.unit} vs {f.baseline:,.0f} ({f.ratio:.2f}x)")
     return 0
 

@@ -84,13 +84,29 @@ class Stopwatch:
         return Sample(rate(count, self.wall), rate(count, self.cpu))
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The order of the sides in round ``r``: over ``2 * len(names)`` rounds each goes first
+    as often as the others, and (with two or three sides, as the benches have) each
+    follows each other side as often.
+
+    The first ``len(names)`` rounds rotate the list, the next rotate it reversed. Rotation
+    alone puts the same side after the same other side in every round (with three sides,
+    the second always after the first): a side that leaves work behind it (a broker
+    deleting its topics, spans still arriving at a receiver) then slows down the same
+    neighbour every time.
+    """
+    cycle, shift = divmod(r % (2 * len(names)), len(names))
+    base = names if cycle == 0 else names[::-1]
+    return base[shift:] + base[:shift]
+
+
 def best_of(
     rounds: int,
     sides: dict[str, Callable[[int], Sample]],
     say: Callable[[str], None],
     unit: str,
 ) -> dict[str, list[Sample]]:
-    """Run every side ``rounds`` times, rotating which goes first each round.
+    """Run every side ``rounds`` times, in the orders of ``round_order``.
 
     Each side is a function of the round number returning its sample; the best round of
     each side is what the report compares (the one least disturbed by the other
@@ -99,8 +115,7 @@ def best_of(
     names = list(sides)
     samples: dict[str, list[Sample]] = {name: [] for name in names}
     for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, r):
             sample = sides[name](r)
             samples[name].append(sample)
             say(
