@@ -15,6 +15,12 @@ then takes the failures of two clients or more. A client whose requests alone ma
 provider fail (a prompt that times out, a size it chokes on) keeps failing with retries;
 the others keep being served. When no other client was served since a client's first
 failure (one tenant, or the provider down for all), its failures all count, as before.
+
+Nor can one client keep a circuit open by taking every trial with a request that fails:
+a client whose trial failed since the circuit last closed (the latest ``TRIAL_MEMORY`` of
+them) may not take the trial again until a second cool-down has passed since the circuit
+reopened, so another client's call is the trial first. With one tenant, or the provider
+down for all, the circuit is tried every two cool-downs instead of every one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Status = Literal["closed", "open", "half_open"]
+TRIAL_MEMORY = 8  # the clients whose trials failed that a circuit remembers
 
 
 @dataclass(frozen=True)
@@ -48,19 +55,25 @@ class BreakerState:
     sources: tuple[str, ...] = ()  # the client of each of ``failures``
     # the latest success of the two clients served most recently: (client, time)
     served: tuple[tuple[str, float], ...] = ()
+    # the clients whose trials failed since the circuit last closed, the latest last
+    failed_trials: tuple[str, ...] = ()
 
 
 CLOSED = BreakerState()
 
 
 def before_call(
-    state: BreakerState, policy: BreakerPolicy, now: float
+    state: BreakerState, policy: BreakerPolicy, now: float, client: str = ""
 ) -> tuple[bool, BreakerState]:
-    """May a call go through now? Open turns half-open after the cool-down (one trial)."""
+    """May ``client``'s call go through now? Open turns half-open after the cool-down (one
+    trial), which a client whose trial failed takes only after a second cool-down."""
     if state.status == "closed":
         return True, state
+    assert state.opened_at is not None
+    if (client and client in state.failed_trials
+            and now - state.opened_at < 2 * policy.cooldown):
+        return False, state
     if state.status == "open":
-        assert state.opened_at is not None
         if now - state.opened_at < policy.cooldown:
             return False, state
         return True, replace(state, status="half_open", trial_in_flight=True)
@@ -101,8 +114,11 @@ def counted(failures: Sequence[tuple[float, str]], served: Sequence[tuple[str, f
 
 def on_failure(state: BreakerState, policy: BreakerPolicy, now: float,
                client: str = "") -> BreakerState:
-    if state.status == "half_open":
-        return BreakerState(status="open", opened_at=now, served=state.served)
+    if state.status == "half_open":  # the trial failed
+        failed = (*(c for c in state.failed_trials if c != client), client) if client else (
+            state.failed_trials)
+        return BreakerState(status="open", opened_at=now, served=state.served,
+                            failed_trials=failed[-TRIAL_MEMORY:])
     if state.status == "open":
         return state
     # newest first, within the window

@@ -133,7 +133,7 @@ class ProviderGuard:
         out: Guarded[T] = Guarded()
         for attempt in range(1, self.retry.attempts + 1):
             before = self.state(provider, model)
-            allowed, state = before_call(before, self.breaker, self.clock())
+            allowed, state = before_call(before, self.breaker, self.clock(), client)
             self._store(provider, model, state)
             if not allowed:
                 out.error = CircuitOpenError(provider, model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -178,3 +179,56 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
         assert not done.success and done.error_message != "provider_unavailable"
     assert poisoned_calls == 3 * 2  # 6 failures past a threshold of 3, and no circuit
     assert down[-1].error_message == "provider_unavailable"  # an outage still opens it
+
+
+def test_a_client_whose_trial_failed_does_not_take_the_next_trial(settings: Settings) -> None:
+    """After an outage the circuit is open; a client whose requests the provider still
+    fails keeps sending them. Its first one after the cool-down is the trial and reopens the
+    circuit; it may not take the next trial before a second cool-down, so a steady client's
+    request after one cool-down is the trial, succeeds and closes the circuit."""
+    cooldown = 2.0
+
+    def image(client: str, prompt: str = PROMPT) -> OperationRequested:
+        return OperationRequested(request_id=f"req-{uuid.uuid4()}", client_id=client,
+                                  provider="openai", operation_type="image_generation",
+                                  model="dall-e-3", params={"prompt": prompt})
+
+    def poisoned_calls() -> int:
+        return len([c for c in openai.calls("images") if "POISON" in str(c.body.get("prompt"))])
+
+    with FakeOpenAI() as openai:
+        settings = settings.model_copy(update={
+            "providers": "openai", "openai_api_key": SecretStr("sk-openai-test"),
+            "openai_base_url": openai.base_url, "breaker_failure_threshold": 3,
+            "breaker_cooldown_seconds": cooldown, "provider_retry_attempts": 1,
+        })
+        prepare_topics(settings)
+        worker = WorkerProcess(settings, "streams").start()
+        try:
+            with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
+                submit = partial(completions, results)
+                openai.take_down("images", 503)  # an outage opens the circuit
+                outage = [submit(image("steady"))[0] for _ in range(3)]
+                openai.recover("images")
+                openai.poison("POISON", 503)
+                # the hostile client's requests are refused while the circuit is open; its
+                # first after the cool-down is the trial, and fails
+                deadline = time.monotonic() + 60
+                while poisoned_calls() == 0:
+                    assert time.monotonic() < deadline, "no trial reached the provider"
+                    submit(image("hostile", "POISON"))
+                reopened = time.monotonic()
+                # it keeps sending, past the next cool-down
+                hammered = []
+                while time.monotonic() - reopened < 1.5 * cooldown:
+                    hammered += submit(image("hostile", "POISON"))
+                steady = submit(image("steady"))[0]
+                trials_taken = poisoned_calls()
+        finally:
+            worker.stop()
+
+    assert outage[-1].error_message != "provider_unavailable"  # the third failure opened it
+    assert all(not done.success for done in hammered)
+    assert {done.error_message for done in hammered} == {"provider_unavailable"}
+    assert trials_taken == 1  # the hostile client took the first trial only
+    assert steady.success, steady  # the steady client's trial closed the circuit

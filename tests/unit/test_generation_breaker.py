@@ -2,7 +2,9 @@
 
 from aipipe.streams.generation.breaker import (
     CLOSED,
+    TRIAL_MEMORY,
     BreakerPolicy,
+    BreakerState,
     before_call,
     on_failure,
     on_neutral,
@@ -116,3 +118,56 @@ def test_a_configured_share_replaces_the_default() -> None:
     state = on_failure(state, strict, 1.3, "other")
     assert state.status == "closed"  # 1 + 1 of 3: "other" failed after the last success
     assert on_failure(state, strict, 1.4, "other").status == "open"  # 1 + 2
+
+
+def _opened_at(now: float) -> BreakerState:
+    state = CLOSED
+    for _ in range(3):
+        state = on_failure(state, POLICY, now, "")
+    return state
+
+
+def test_a_client_whose_trial_failed_waits_a_second_cooldown_another_client_tries_first() -> None:
+    """cool-down 5: opened at 0, hostile's trial at 5 fails (reopened at 5.5); hostile may
+    not take the trial again before 15.5, another client may from 10.5."""
+    opened = _opened_at(0.0)
+    allowed, trial = before_call(opened, POLICY, 5.0, "hostile")
+    assert allowed and trial.status == "half_open"
+    reopened = on_failure(trial, POLICY, 5.5, "hostile")
+    assert (reopened.status, reopened.opened_at, reopened.failed_trials) == (
+        "open", 5.5, ("hostile",))
+    assert not before_call(reopened, POLICY, 10.6, "hostile")[0]
+    assert not before_call(reopened, POLICY, 15.4, "hostile")[0]
+    allowed, steady_trial = before_call(reopened, POLICY, 10.6, "steady")
+    assert allowed and steady_trial.status == "half_open"
+    assert not before_call(steady_trial, POLICY, 10.7, "hostile")[0]  # one trial at a time
+    closed = on_success(steady_trial, 10.8, "steady")
+    assert (closed.status, closed.failed_trials) == ("closed", ())
+    assert before_call(closed, POLICY, 10.9, "hostile")[0]  # closed: everyone goes through
+    # no one else came: hostile takes the trial after the second cool-down
+    assert before_call(reopened, POLICY, 15.6, "hostile")[0]
+
+
+def test_while_half_open_a_barred_client_does_not_take_a_released_trial() -> None:
+    opened = _opened_at(0.0)
+    _, trial = before_call(opened, POLICY, 5.0, "hostile")
+    reopened = on_failure(trial, POLICY, 5.0, "hostile")
+    _, trial = before_call(reopened, POLICY, 10.0, "steady")
+    freed = on_neutral(trial)  # steady's call said nothing about the provider
+    assert not before_call(freed, POLICY, 10.1, "hostile")[0]
+    assert before_call(freed, POLICY, 10.1, "other")[0]
+
+
+def test_each_failed_trial_is_remembered_up_to_the_bound_and_calls_without_a_client_never_wait(
+) -> None:
+    state = _opened_at(0.0)
+    now = 0.0
+    for i in range(TRIAL_MEMORY + 2):
+        now += 2 * POLICY.cooldown
+        allowed, state = before_call(state, POLICY, now, f"c{i}")
+        assert allowed
+        state = on_failure(state, POLICY, now, f"c{i}")
+    assert state.failed_trials == tuple(f"c{i}" for i in range(2, TRIAL_MEMORY + 2))
+    _, trial = before_call(state, POLICY, now + POLICY.cooldown, "")
+    assert trial.status == "half_open"  # no client named: it cannot be told apart
+    assert on_failure(trial, POLICY, now + 6, "").failed_trials == state.failed_trials
