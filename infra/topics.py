@@ -131,3 +131,25 @@ def set_topic_config(
             future.result(timeout)
         except KafkaException as exc:
             raise TopicError(f"Topic {resource.name} could not be configured: {exc}.") from exc
+    _wait_applied(admin, list(topics), config, timeout)
+
+
+def _wait_applied(admin: AdminClient, names: list[str], config: dict[str, str],
+                  timeout: float) -> None:
+    """Return once the broker answers ``config`` for each of ``names``: the controller
+    accepts a change before a broker applies it, and a record written in between is
+    written under the old settings (a producer's timestamp on a ``LogAppendTime`` topic)."""
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending:
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in sorted(pending)]
+        for resource, future in admin.describe_configs(resources).items():
+            entries = future.result(timeout)
+            if all(key in entries and entries[key].value == value
+                   for key, value in config.items()):
+                pending.discard(resource.name)
+        if pending and time.monotonic() > deadline:
+            raise TopicError(f"Topics {sorted(pending)} did not take {config} within "
+                             f"{timeout:.0f}s.")
+        if pending:
+            time.sleep(0.05)

@@ -46,6 +46,21 @@ def prepare_topics(settings: Settings) -> int:
     replicas = replication_factor_for(
         settings.kafka_bootstrap, settings.topics.requested, settings.replication_factor,
         client_config=kafka_config(settings))
+    # the one topic outsiders write: its records' timestamps are the broker's, not the
+    # producer's (which may be any time since 1970), so replay by time, retention and the
+    # archive's month partitions (consumers/archive/sink.py) go by when records arrived.
+    # Set when the topic is created, so that no record is ever written under the
+    # producer's time; set again below for a topic an older release created
+    requests_config = {"retention.ms": str(settings.topic_retention_ms),
+                       "message.timestamp.type": "LogAppendTime"}
+    ensure_topics(
+        settings.kafka_bootstrap,
+        [settings.topics.requested],
+        client_config=kafka_config(settings),
+        partitions=settings.partitions,
+        replication_factor=replicas,
+        config=requests_config,
+    )
     ensure_topics(
         settings.kafka_bootstrap,
         settings.topics.created(),
@@ -73,9 +88,6 @@ def prepare_topics(settings: Settings) -> int:
     # a dedup changelog an older release created (compacted only), or another horizon
     set_topic_config(settings.kafka_bootstrap, changelogs(*DEDUP_TABLES), dedup_config,
                      client_config=kafka_config(settings))
-    # the one topic outsiders write: its records' timestamps are the broker's, not the
-    # producer's (which may be any time since 1970), so replay by time, retention and the
-    # archive's month partitions (consumers/archive/sink.py) go by when records arrived
     set_topic_config(settings.kafka_bootstrap, [settings.topics.requested],
                      {"message.timestamp.type": "LogAppendTime"},
                      client_config=kafka_config(settings))
