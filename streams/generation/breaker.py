@@ -115,10 +115,11 @@ def counted(failures: Sequence[tuple[float, str]], served: Sequence[tuple[str, f
 def on_failure(state: BreakerState, policy: BreakerPolicy, now: float,
                client: str = "") -> BreakerState:
     if state.status == "half_open":  # the trial failed
-        failed = (*(c for c in state.failed_trials if c != client), client) if client else (
-            state.failed_trials)
+        failed = state.failed_trials
+        if client:  # (a call that names no client cannot be told apart: not remembered)
+            failed = (*(c for c in failed if c != client), client)[-TRIAL_MEMORY:]
         return BreakerState(status="open", opened_at=now, served=state.served,
-                            failed_trials=failed[-TRIAL_MEMORY:])
+                            failed_trials=failed)
     if state.status == "open":
         return state
     # newest first, within the window

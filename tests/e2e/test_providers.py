@@ -57,6 +57,17 @@ def completions(results: ResultClient, *requests: OperationRequested
     return outcomes
 
 
+def dalle_image(client: str, prompt: str = PROMPT) -> OperationRequested:
+    return OperationRequested(request_id=f"req-{uuid.uuid4()}", client_id=client,
+                              provider="openai", operation_type="image_generation",
+                              model="dall-e-3", params={"prompt": prompt})
+
+
+def poisoned_calls(openai: FakeOpenAI) -> int:
+    """The image calls the fake received with a prompt it was told to fail on."""
+    return len([c for c in openai.calls("images") if "POISON" in str(c.body.get("prompt"))])
+
+
 def request(provider: str, model: str, kind: str = "image_generation",
             **params: Any) -> OperationRequested:
     return OperationRequested(
@@ -141,11 +152,6 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
     """A client whose prompts the provider answers with 503 gets its failures (after the
     retries); the other clients' requests to the same model go on being served, and an
     outage that fails them too still opens the circuit."""
-    def image(client: str, prompt: str = PROMPT) -> OperationRequested:
-        return OperationRequested(request_id=f"req-{uuid.uuid4()}", client_id=client,
-                                  provider="openai", operation_type="image_generation",
-                                  model="dall-e-3", params={"prompt": prompt})
-
     with FakeOpenAI() as openai:
         openai.poison("POISON", 503)
         settings = settings.model_copy(update={
@@ -163,21 +169,20 @@ def test_one_clients_failing_requests_do_not_open_the_circuit_for_the_others(
                 # one at a time, so the order is the test's: the hostile client's first
                 # request fails (2 attempts, under the threshold of 3), the steady client is
                 # served after it, then the hostile client's next two fail as well
-                hostile = submit(image("hostile", "POISON 0"))
-                first = submit(image("steady"))
-                hostile += [submit(image("hostile", f"POISON {i}"))[0] for i in (1, 2)]
-                steady = submit(*(image("steady") for _ in range(5)))
-                poisoned_calls = len([c for c in openai.calls("images")
-                                      if "POISON" in str(c.body.get("prompt"))])
+                hostile = submit(dalle_image("hostile", "POISON 0"))
+                first = submit(dalle_image("steady"))
+                hostile += [submit(dalle_image("hostile", f"POISON {i}"))[0] for i in (1, 2)]
+                steady = submit(*(dalle_image("steady") for _ in range(5)))
+                poisoned = poisoned_calls(openai)
                 openai.take_down("images", 503)
-                down = [submit(image("steady"))[0] for _ in range(3)]
+                down = [submit(dalle_image("steady"))[0] for _ in range(3)]
         finally:
             worker.stop()
 
     assert first[0].success and all(done.success for done in steady), steady
     for done in hostile:  # failed on the provider's answers, each attempt made
         assert not done.success and done.error_message != "provider_unavailable"
-    assert poisoned_calls == 3 * 2  # 6 failures past a threshold of 3, and no circuit
+    assert poisoned == 3 * 2  # 6 failures past a threshold of 3, and no circuit
     assert down[-1].error_message == "provider_unavailable"  # an outage still opens it
 
 
@@ -187,14 +192,6 @@ def test_a_client_whose_trial_failed_does_not_take_the_next_trial(settings: Sett
     circuit; it may not take the next trial before a second cool-down, so a steady client's
     request after one cool-down is the trial, succeeds and closes the circuit."""
     cooldown = 2.0
-
-    def image(client: str, prompt: str = PROMPT) -> OperationRequested:
-        return OperationRequested(request_id=f"req-{uuid.uuid4()}", client_id=client,
-                                  provider="openai", operation_type="image_generation",
-                                  model="dall-e-3", params={"prompt": prompt})
-
-    def poisoned_calls() -> int:
-        return len([c for c in openai.calls("images") if "POISON" in str(c.body.get("prompt"))])
 
     with FakeOpenAI() as openai:
         settings = settings.model_copy(update={
@@ -208,22 +205,22 @@ def test_a_client_whose_trial_failed_does_not_take_the_next_trial(settings: Sett
             with ResultClient(settings.kafka_bootstrap, settings.topics) as results:
                 submit = partial(completions, results)
                 openai.take_down("images", 503)  # an outage opens the circuit
-                outage = [submit(image("steady"))[0] for _ in range(3)]
+                outage = [submit(dalle_image("steady"))[0] for _ in range(3)]
                 openai.recover("images")
                 openai.poison("POISON", 503)
                 # the hostile client's requests are refused while the circuit is open; its
                 # first after the cool-down is the trial, and fails
                 deadline = time.monotonic() + 60
-                while poisoned_calls() == 0:
+                while poisoned_calls(openai) == 0:
                     assert time.monotonic() < deadline, "no trial reached the provider"
-                    submit(image("hostile", "POISON"))
+                    submit(dalle_image("hostile", "POISON"))
                 reopened = time.monotonic()
                 # it keeps sending, past the next cool-down
                 hammered = []
                 while time.monotonic() - reopened < 1.5 * cooldown:
-                    hammered += submit(image("hostile", "POISON"))
-                steady = submit(image("steady"))[0]
-                trials_taken = poisoned_calls()
+                    hammered += submit(dalle_image("hostile", "POISON"))
+                steady = submit(dalle_image("steady"))[0]
+                trials_taken = poisoned_calls(openai)
         finally:
             worker.stop()
 
