@@ -85,8 +85,9 @@ SINK_RETRIES = Counter(
 DEAD_LETTERS = Counter(
     "aipipe_dead_letters_total", "Messages sent to the dead-letter topic.", ["stage"])
 WEBHOOK_DELIVERIES = Counter(
-    "aipipe_webhook_deliveries_total", "Webhook attempts by how they ended: delivered, retried "
-    "(handed to the retry topic) or dead_lettered (the last try, or a final answer).",
+    "aipipe_webhook_deliveries_total", "Webhook deliveries by how a pass ended: delivered, "
+    "retried (handed to the retry topic), deferred (a slow receiver's first try, handed to "
+    "the retry topic untried) or dead_lettered (the last try, or a final answer).",
     ["outcome"])
 SPANS_DROPPED = Counter(
     "aipipe_spans_dropped_total", "Ended spans a traced worker dropped before their export: "

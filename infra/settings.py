@@ -317,6 +317,10 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         default=10.0, gt=0, description="One delivery attempt."
     )
+    webhook_slow_seconds: float = Field(
+        default=2.0, gt=0, description="A first try's time (at most the timeout); a receiver "
+        "whose attempt took this long gets its first tries from the retry consumer for a minute."
+    )
     webhook_max_attempts: int = Field(
         default=5, ge=1, le=20, description="Tries per delivery before it is dead-lettered."
     )

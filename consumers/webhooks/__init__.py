@@ -2,7 +2,9 @@
 signed (``aipipe.producers.webhooks``), retried with capped backoff, dead-lettered after the
 last try."""
 
-from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver
+from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, SlowHosts, deliver
 from aipipe.consumers.webhooks.sink import STAGE, WebhookProjection, WebhookSink
 
-__all__ = ["STAGE", "Outcome", "RetryPolicy", "WebhookProjection", "WebhookSink", "deliver"]
+__all__ = [
+    "STAGE", "Outcome", "RetryPolicy", "SlowHosts", "WebhookProjection", "WebhookSink", "deliver",
+]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Outcome:
     status: int | None  # the last HTTP status, None when no answer came
     reason: str  # why it was not delivered ("" when it was; the last error when retry_in is set)
     retry_in: float | None = None  # attempts are left: the wait before the next one
+    deferred: bool = False  # not tried here: its receiver is slow (``SlowHosts``)
 
 
 def retryable(status: int) -> bool:
@@ -78,6 +80,48 @@ async def _post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[
         async with client.stream("POST", url, content=body, headers=headers,
                                  timeout=seconds) as response:
             return response
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a URL names: its scheme, host and port (no user, path or query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}"
+
+
+class SlowHosts:
+    """Receivers (``receiver_of``) whose last attempt took ``seconds`` or more, remembered
+    for ``window`` seconds after it; an attempt that took less forgets the receiver.
+
+    The webhook consumer hands a remembered receiver's first tries straight to the retry
+    topic, so that a receiver that holds its connections open (a tarpit) holds no batch of
+    other receivers' first tries. Shared by a process's two webhook consumers (thread-safe);
+    at most ``MAX_RECEIVERS`` are remembered, the oldest forgotten first."""
+
+    WINDOW_SECONDS = 60.0
+    MAX_RECEIVERS = 10_000
+
+    def __init__(self, seconds: float, window: float = WINDOW_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.window = window
+        self.clock = clock
+        self._until: dict[str, float] = {}  # receiver: remembered until (clock), oldest first
+        self._lock = threading.Lock()
+
+    def slow(self, url: str) -> bool:
+        with self._lock:
+            return self._until.get(receiver_of(url), 0.0) > self.clock()
+
+    def observe(self, url: str, took: float) -> None:
+        """Record that an attempt to ``url`` took ``took`` seconds."""
+        receiver = receiver_of(url)
+        with self._lock:
+            self._until.pop(receiver, None)
+            if took < self.seconds:
+                return
+            self._until[receiver] = self.clock() + self.window
+            while len(self._until) > self.MAX_RECEIVERS:
+                del self._until[next(iter(self._until))]
 
 
 def shown_url(url: str) -> str:

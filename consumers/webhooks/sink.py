@@ -17,17 +17,24 @@ consumer of the same kind (``webhooks-retry``) reads that topic, waits until eac
 commit its batch's offsets, after the retries and dead letters it produced are
 acknowledged: each event is delivered at least once, or is in the dead-letter topic.
 
-A receiver that keeps failing therefore holds back other receivers' first tries for at
-most one attempt's timeout (``AIPIPE_WEBHOOK_TIMEOUT_SECONDS``), and their retries for at
-most one wait at the cap plus that timeout, never for its whole retry schedule. A batch is
-at most ``AIPIPE_WEBHOOK_CONCURRENCY`` messages; the consumers' ``max.poll.interval.ms`` is
-set above a batch's longest wait.
+A receiver that keeps failing therefore holds back other receivers' retries for at most
+one wait at the cap plus an attempt's timeout (``AIPIPE_WEBHOOK_TIMEOUT_SECONDS``), never
+for its whole retry schedule. A receiver that is slow to answer holds back others' first
+tries less still: a first try has ``AIPIPE_WEBHOOK_SLOW_SECONDS`` (at most the timeout;
+a first try cut short is a failed attempt, retried from the retry topic with the whole
+timeout), and a receiver whose last attempt took that long (``SlowHosts``) gets its first
+tries handed to the retry topic untried, with no attempt counted, until one of its
+attempts answers sooner or a minute has passed. So a receiver that never answers (a
+tarpit), named in one request of every batch, holds each batch of first tries once for
+that short time, not for the timeout. A batch is at most ``AIPIPE_WEBHOOK_CONCURRENCY``
+messages; the consumers' ``max.poll.interval.ms`` is set above a batch's longest wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +45,14 @@ import structlog
 from confluent_kafka import Message
 
 from aipipe.consumers.sink import BatchAbandoned, BatchingSink, Entry, coordinates
-from aipipe.consumers.webhooks.delivery import Outcome, RetryPolicy, deliver, shown_url
+from aipipe.consumers.webhooks.delivery import (
+    Outcome,
+    RetryPolicy,
+    SlowHosts,
+    deliver,
+    receiver_of,
+    shown_url,
+)
 from aipipe.infra.metrics import WEBHOOK_DELIVERIES
 from aipipe.producers.webhooks import callback_allowed
 from aipipe.schemas.deadletter import Headers
@@ -70,6 +84,7 @@ class Delivery:
     client_id: str
     attempts: int = 0  # made before this message (read on the retry topic)
     due: float = 0.0  # unix seconds the next attempt is due at (0: at once)
+    first_try: bool = True  # read on the event's own topic, not on the retry topic
 
 
 def _no_dead_letters(message: Message, reason: str, error: str) -> None:
@@ -158,14 +173,21 @@ class WebhookProjection:
         allowed: Sequence[str],
         policy: RetryPolicy,
         retry_topic: str = "",
+        slow_hosts: SlowHosts | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``retry_topic``: where retries wait (``rows`` reads their state on it);
+        ``slow_hosts``: the receivers to try from the retry topic only, shared with the
+        process's other webhook consumer (by default, those whose attempt timed out);
         ``transport`` replaces the network (unit tests: ``httpx2.MockTransport``)."""
         self.secret = secret
         self.allowed = tuple(allowed)
         self.policy = policy
+        self.slow_hosts = slow_hosts or SlowHosts(policy.timeout_seconds)
+        # a first try has only the slow time when a retry can follow it
+        self.first_try_policy = policy if policy.max_attempts == 1 else dataclasses.replace(
+            policy, timeout_seconds=min(policy.timeout_seconds, self.slow_hosts.seconds))
         self.retry_topic = retry_topic
         self.clock = clock
         self.dead_letter: Callable[[Message, str, str], None] = _no_dead_letters
@@ -199,7 +221,8 @@ class WebhookProjection:
                 f"Field 'callback_url' ({shown_url(url)}) is not under an allowed webhook URL "
                 "(AIPIPE_WEBHOOK_ALLOWED_URLS) any more; allow it and re-send this event.")
         return [Delivery(message, event.event_id, url, message.value() or b"",
-                         event.request_id, event.client_id, attempts, due)]
+                         event.request_id, event.client_id, attempts, due,
+                         first_try=topic != self.retry_topic)]
 
     def write(self, rows: Sequence[Delivery], dedup_token: str) -> None:
         """Make the next attempt of every delivery of ``rows`` at once; return when each is
@@ -214,9 +237,12 @@ class WebhookProjection:
                      request_id=delivery.request_id, client_id=delivery.client_id,
                      url=shown_url(delivery.url), delivered=outcome.delivered,
                      attempts=outcome.attempts, status=outcome.status,
-                     retry_in=outcome.retry_in)
+                     retry_in=outcome.retry_in, deferred=outcome.deferred)
             if outcome.delivered:
                 WEBHOOK_DELIVERIES.labels("delivered").inc()
+            elif outcome.deferred:
+                WEBHOOK_DELIVERIES.labels("deferred").inc()
+                self.retry_later(delivery, outcome.attempts, self.clock())
             elif outcome.retry_in is not None:
                 WEBHOOK_DELIVERIES.labels("retried").inc()
                 self.retry_later(delivery, outcome.attempts, self.clock() + outcome.retry_in)
@@ -232,17 +258,29 @@ class WebhookProjection:
         return list(await asyncio.gather(*(self._attempt(d) for d in rows)))
 
     async def _attempt(self, d: Delivery) -> Outcome | None:
-        """Wait until ``d`` is due (at most the backoff cap: a retry written by a host whose
-        clock runs ahead is not held longer), then make its next attempt; None when the
-        sink began to stop first."""
-        end = time.monotonic() + min(d.due - self.clock(), self.policy.cap_seconds)
+        """Make ``d``'s next attempt; None when the sink began to stop first.
+
+        A first try to a slow receiver is not made here: the outcome says to defer it to
+        the retry topic. A retry is made once due (waiting at most the backoff cap: a retry
+        written by a host whose clock runs ahead is not held longer)."""
+        policy = self.policy
+        if d.first_try and policy.max_attempts > 1:
+            if self.slow_hosts.slow(d.url):
+                return Outcome(False, d.attempts, None, f"{receiver_of(d.url)} is slow to "
+                               "answer: tried from the retry topic", retry_in=0.0,
+                               deferred=True)
+            policy = self.first_try_policy
+        end = time.monotonic() + min(d.due - self.clock(), policy.cap_seconds)
         while (left := end - time.monotonic()) > 0:
             if self.stopping():
                 return None
             await asyncio.sleep(min(left, 0.5))
-        attempt = min(d.attempts + 1, self.policy.max_attempts)
-        return await deliver(self.client, d.url, d.event_id, d.body, self.secret, self.policy,
-                             self.clock, first=attempt, last=attempt)
+        attempt = min(d.attempts + 1, policy.max_attempts)
+        started = time.monotonic()
+        outcome = await deliver(self.client, d.url, d.event_id, d.body, self.secret, policy,
+                                self.clock, first=attempt, last=attempt)
+        self.slow_hosts.observe(d.url, time.monotonic() - started)
+        return outcome
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.aclose())

@@ -28,7 +28,7 @@ from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.sink import CostSink
 from aipipe.consumers.costs.store import ClickHouseCostStore
 from aipipe.consumers.rollups import Sealer
-from aipipe.consumers.webhooks import RetryPolicy, WebhookProjection, WebhookSink
+from aipipe.consumers.webhooks import RetryPolicy, SlowHosts, WebhookProjection, WebhookSink
 from aipipe.infra.kafka_auth import kafka_config
 from aipipe.infra.logging import report_exception
 from aipipe.infra.queryserver import Limits, QueryServer
@@ -107,6 +107,8 @@ def webhook_threads(
         timeout_seconds=settings.webhook_timeout_seconds,
     )
     retries = settings.topics.webhook_retries
+    # what one consumer learns of a slow receiver, the other knows too
+    slow_hosts = SlowHosts(settings.webhook_slow_seconds)
     threads = []
     for name, topics, longest in (
         ("webhooks", [settings.topics.completed, settings.topics.rejected],
@@ -115,7 +117,7 @@ def webhook_threads(
     ):
         projection = WebhookProjection(secret=reveal(settings.webhook_secret),
                                        allowed=settings.webhook_prefixes, policy=policy,
-                                       retry_topic=retries)
+                                       retry_topic=retries, slow_hosts=slow_hosts)
         options = sink_options(settings, name)
         # a batch is one round of attempts, and the group keeps the consumer while it lasts
         options["max_rows"] = settings.webhook_concurrency

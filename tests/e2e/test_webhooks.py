@@ -3,11 +3,13 @@ Kafka POSTs completions and rejections to a receiver in this test, on loopback.
 
 One worker and one receiver serve the module; every request is produced once at the start
 and each test waits (with a deadline) for its own outcome. The receiver answers by path:
-``/hooks/ok/…`` 200, ``/hooks/flaky/…`` 500 twice and then 200, ``/hooks/down/…`` always 500.
+``/hooks/ok/…`` 200, ``/hooks/flaky/…`` 500 twice and then 200, ``/hooks/down/…`` always 500,
+``/hooks/tarpit/…`` 200 once the test releases it.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -49,11 +51,14 @@ class Receiver:
 
     got: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)  # /hooks/tarpit/…
 
     def record(self, received: Received) -> int:
         with self.lock:
             self.got.append(received)
             seen = sum(1 for r in self.got if r.path == received.path)
+        if received.path.startswith("/hooks/tarpit/"):
+            self.release.wait(120)  # holds the connection open until the test lets it go
         if received.path.startswith("/hooks/down/"):
             return 500
         if received.path.startswith("/hooks/flaky/"):
@@ -103,15 +108,17 @@ def requested(name: str, callback_url: str, **params: Any) -> OperationRequested
     )
 
 
-def webhook_settings(services: Services, home: Path, base: str, **retries: Any) -> Settings:
-    """A pipeline of its own that may call ``base``/hooks/, retrying as ``retries`` say."""
+def webhook_settings(services: Services, home: Path, *bases: str, **retries: Any) -> Settings:
+    """A pipeline of its own that may call each of ``bases``/hooks/, retrying as ``retries``
+    say."""
     name = f"t{uuid.uuid4().hex[:10]}"
     return load_settings(
         home=home, kafka_bootstrap=services.kafka_bootstrap, redis_url=services.redis_url,
         clickhouse_url=services.clickhouse_url, clickhouse_database=name,
         topic_prefix=name, partitions=3, query_port=0, metrics_port=0, sink_batch_size=50,
         sink_batch_seconds=0.3, env="production", simulated_enabled=True,
-        webhook_allowed_urls=f"{base}/hooks/", webhook_secret=SECRET, **retries)
+        webhook_allowed_urls=",".join(f"{base}/hooks/" for base in bases),
+        webhook_secret=SECRET, **retries)
 
 
 @pytest.fixture(scope="module")
@@ -270,4 +277,59 @@ def test_a_receiver_that_keeps_failing_does_not_hold_back_the_next_deliveries(
             assert dead.value() == first.body
             assert len(receiver.at("/hooks/down/1")) == 2
         finally:
+            worker.stop()
+
+
+def test_a_receiver_that_never_answers_holds_no_one_elses_first_tries(
+    services: Services, tmp_path: Path,
+) -> None:
+    """A tarpit: a receiver that takes every connection and does not answer. Its first try
+    is cut at the slow time (1 s) instead of the 60 s timeout, so a completion produced
+    after it reaches another receiver at once; its host is then slow, so its next request's
+    first try is not made in the batch at all (the retry consumer makes it, with the whole
+    timeout): the tarpit gets that event once, the first event twice (the try cut short and
+    the retry)."""
+    receiver = Receiver()
+    with LoopbackServer(handler_for(receiver)) as good, \
+            LoopbackServer(handler_for(receiver)) as slow:
+        base, tar = f"http://{good.address}", f"http://{slow.address}"
+        settings = webhook_settings(
+            services, tmp_path / "home", base, tar, webhook_max_attempts=3,
+            webhook_retry_base_seconds=0.2, webhook_retry_cap_seconds=0.5,
+            webhook_timeout_seconds=60, webhook_slow_seconds=1)
+        prepare_topics(settings)
+        worker = WorkerProcess(settings, "all").start()
+        run = Run(settings, worker, receiver, base, {})
+        try:
+            produce(settings, settings.topics.requested,
+                    [requested("tarpit-a", f"{tar}/hooks/tarpit/a")])
+            wait_deliveries(run, "/hooks/tarpit/a", 1, timeout=120)
+            produce(settings, settings.topics.requested,
+                    [requested("after-1", f"{base}/hooks/ok/after-1")])
+            # within the 60 s timeout a batch waited on the tarpit before
+            wait_deliveries(run, "/hooks/ok/after-1", 1, timeout=30)
+            produce(settings, settings.topics.requested,
+                    [requested("tarpit-c", f"{tar}/hooks/tarpit/c"),
+                     requested("after-2", f"{base}/hooks/ok/after-2")])
+            wait_deliveries(run, "/hooks/ok/after-2", 1, timeout=30)
+            receiver.release.set()
+            wait_deliveries(run, "/hooks/tarpit/c", 1, timeout=60)
+
+            def passes() -> list[dict[str, Any]]:  # the worker's webhook_delivery lines
+                lines = worker.log_path.read_text().splitlines()
+                records = [json.loads(line) for line in lines if line.startswith("{")]
+                return [r for r in records if r.get("event") == "webhook_delivery"]
+
+            wait_for(lambda: sum(r["delivered"] for r in passes()) == 4, 60,
+                     "four deliveries logged as delivered")
+            [deferred] = [r for r in passes() if r.get("deferred")]
+            assert (deferred["request_id"], deferred["attempts"]) == ("req-tarpit-c", 0)
+            for path in ("/hooks/ok/after-1", "/hooks/ok/after-2", "/hooks/tarpit/c"):
+                [received] = receiver.at(path)
+                verified(received)
+            tries = receiver.at("/hooks/tarpit/a")
+            assert len(tries) == 2
+            assert {r.headers["webhook-id"] for r in tries} == {verified(tries[0]).event_id}
+        finally:
+            receiver.release.set()
             worker.stop()

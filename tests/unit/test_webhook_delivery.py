@@ -326,17 +326,19 @@ RETRIES = "hooks-retry"
 NOW = 1_790_000_000.0  # the projections' clock (signatures and due times)
 
 
-def webhook_sink(answer: Callable[[httpx.Request], httpx.Response], topics: tuple[str, ...] = (
-        "done",), policy: RetryPolicy | None = None) -> tuple[Any, Any, Any]:
+def webhook_sink(answer: Callable[[httpx.Request], Any], topics: tuple[str, ...] = (
+        "done",), policy: RetryPolicy | None = None, slow_hosts: Any = None,
+) -> tuple[Any, Any, Any]:
     from aipipe.consumers.webhooks import WebhookProjection, WebhookSink
     from tests.unit.test_sink_policy import FakeConsumer, FakeProducer
 
     clock = [0.0]
     consumer, producer = FakeConsumer(clock), FakeProducer()
     projection = WebhookProjection(
-        secret=SECRET, allowed=("https://hooks.example/",), transport=httpx.MockTransport(answer),
+        secret=SECRET, allowed=("https://hooks.example/", "https://slow.example/"),
+        transport=httpx.MockTransport(answer),
         policy=policy or RetryPolicy(max_attempts=2, base_seconds=0.001, cap_seconds=0.001),
-        retry_topic=RETRIES, clock=lambda: NOW)
+        retry_topic=RETRIES, slow_hosts=slow_hosts, clock=lambda: NOW)
     sink = WebhookSink(topics=list(topics), projection=projection, bootstrap="unused:9092",
                        deadletter_topic="dlq", group_id="g", clock=lambda: clock[0],
                        consumer=consumer, deadletters=producer)
@@ -467,3 +469,140 @@ def test_a_bug_while_delivering_ends_the_sink_instead_of_dead_lettering() -> Non
         sink.flush()
     sink.webhooks.close()
     assert producer.sent == [] and consumer.commits == []
+
+
+# -- a slow receiver (a tarpit) and the batch of first tries -----------------------------------
+
+
+def test_a_receiver_is_remembered_as_slow_for_the_window_and_forgotten_on_a_quick_answer() -> None:
+    from aipipe.consumers.webhooks import SlowHosts
+
+    now = [0.0]
+    hosts = SlowHosts(2.0, window=60.0, clock=lambda: now[0])
+    hosts.observe("https://hooks.example/a?token=1", 2.0)
+    # the receiver is its scheme, host and port: other paths, users and queries are it too
+    assert hosts.slow("https://user@HOOKS.example/b")
+    assert not hosts.slow("https://hooks.example:8443/a")
+    assert not hosts.slow("http://hooks.example/a")
+    now[0] = 59.9
+    assert hosts.slow("https://hooks.example/a")
+    now[0] = 60.0
+    assert not hosts.slow("https://hooks.example/a")
+    hosts.observe("https://hooks.example/a", 5.0)
+    hosts.observe("https://hooks.example/c", 1.9)  # answered in time: forgotten
+    assert not hosts.slow("https://hooks.example/a")
+
+
+def test_the_receivers_remembered_as_slow_are_bounded_oldest_first() -> None:
+    from aipipe.consumers.webhooks import SlowHosts
+
+    hosts = SlowHosts(1.0)
+    hosts.MAX_RECEIVERS = 3
+    for n in range(5):
+        hosts.observe(f"https://h{n}.example/", 1.0)
+    assert [hosts.slow(f"https://h{n}.example/") for n in range(5)] == [
+        False, False, True, True, True]
+
+
+def tarpit(seen: list[str], hold: float = 30.0) -> Callable[[httpx.Request], Any]:
+    """Receivers (all on one transport): /tarpit paths hold the request for ``hold`` seconds
+    before answering, every other path answers 200 at once."""
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path.startswith("/tarpit"):
+            await asyncio.sleep(hold)
+        return httpx.Response(200)
+
+    return answer
+
+
+def test_a_tarpit_holds_a_batch_of_first_tries_for_the_slow_time_then_not_at_all() -> None:
+    """A first try has the slow time, not the timeout; cut short, it is a failed attempt
+    retried from the retry topic. The receiver is then slow: its next first try goes to the
+    retry topic untried (no attempt counted), and its batch does not wait at all."""
+    import time
+
+    from aipipe.consumers.webhooks import SlowHosts
+    from tests.unit.test_sink_policy import Msg
+
+    seen: list[str] = []
+    policy = RetryPolicy(max_attempts=3, base_seconds=1.0, cap_seconds=5.0, timeout_seconds=30.0)
+    sink, consumer, producer = webhook_sink(tarpit(seen), policy=policy,
+                                            slow_hosts=SlowHosts(0.3))
+    first = [completion(0, "https://slow.example/tarpit/0"),
+             completion(1, "https://hooks.example/ok/1")]
+    for offset, value in enumerate(first):
+        sink.add(Msg(0, offset, value, topic="done"))
+    started = time.monotonic()
+    sink.flush()
+    assert time.monotonic() - started < 10  # the slow time, not the 30 s timeout
+    assert sorted(seen) == ["/ok/1", "/tarpit/0"]
+    [(topic, value, headers)] = producer.sent
+    assert (topic, value, headers["aipipe.webhook.attempts"]) == (RETRIES, first[0], "1")
+    assert headers["aipipe.webhook.due_ms"] == str(round((NOW + 1.0) * 1000))  # the backoff
+
+    second = [completion(2, "https://slow.example/tarpit/2"),
+              completion(3, "https://hooks.example/ok/3")]
+    for offset, value in enumerate(second, start=2):
+        sink.add(Msg(0, offset, value, topic="done"))
+    sink.flush()
+    sink.webhooks.close()
+    # the tarpit was not tried again; another receiver's first try went through the batch
+    assert sorted(seen) == ["/ok/1", "/ok/3", "/tarpit/0"]
+    assert len(producer.sent) == 2
+    (_, value, headers) = producer.sent[1]
+    assert (value, headers["aipipe.webhook.attempts"], headers["aipipe.webhook.due_ms"],
+            headers["aipipe.webhook.origin"]) == (second[0], "0", str(round(NOW * 1000)),
+                                                  "done:0:2")
+    assert consumer.commits == [[("done", 0, 2)], [("done", 0, 4)]]
+
+
+def test_a_deferred_first_try_is_the_retry_consumers_first_attempt_with_the_whole_timeout(
+) -> None:
+    """The retry consumer tries a deferred delivery as attempt 1 with the whole timeout; a
+    quick answer there makes its receiver's first tries go through the batch again (the
+    two consumers share what they learn)."""
+    from aipipe.consumers.webhooks import SlowHosts
+    from tests.unit.test_sink_policy import Msg
+
+    seen: list[str] = []
+    hosts = SlowHosts(0.2)
+    hosts.observe("https://slow.example/tarpit/0", 1.0)
+    policy = RetryPolicy(max_attempts=3, base_seconds=1.0, cap_seconds=5.0, timeout_seconds=5.0)
+    retry, consumer, producer = webhook_sink(tarpit(seen, hold=0.5), topics=(RETRIES,),
+                                             policy=policy, slow_hosts=hosts)
+    value = completion(0, "https://slow.example/tarpit/0")
+    retry.add(retry_record(4, value, [("aipipe.webhook.attempts", b"0"),
+                                      ("aipipe.webhook.due_ms", str(round(NOW * 1000)).encode()),
+                                      ("aipipe.webhook.origin", b"done:0:0")]))
+    retry.flush()
+    retry.webhooks.close()
+    # held 0.5 s, more than the slow time, within the timeout: delivered, still slow
+    assert seen == ["/tarpit/0"] and producer.sent == []
+    assert consumer.commits == [[(RETRIES, 0, 5)]]
+    assert hosts.slow("https://slow.example/tarpit/1")
+
+    hosts.observe("https://slow.example/tarpit/0", 0.01)  # a quick answer, on either consumer
+    sink, consumer, producer = webhook_sink(tarpit(seen, hold=0.0), policy=policy,
+                                            slow_hosts=hosts)
+    sink.add(Msg(0, 0, completion(1, "https://slow.example/tarpit/1"), topic="done"))
+    sink.flush()
+    sink.webhooks.close()
+    assert seen == ["/tarpit/0", "/tarpit/1"] and producer.sent == []
+
+
+def test_with_one_attempt_a_first_try_has_the_whole_timeout_and_is_never_deferred() -> None:
+    from aipipe.consumers.webhooks import SlowHosts
+    from tests.unit.test_sink_policy import Msg
+
+    seen: list[str] = []
+    hosts = SlowHosts(0.1)
+    hosts.observe("https://slow.example/tarpit/0", 1.0)
+    sink, consumer, producer = webhook_sink(tarpit(seen, hold=0.3), policy=RetryPolicy(
+        max_attempts=1, timeout_seconds=5.0), slow_hosts=hosts)
+    sink.add(Msg(0, 0, completion(0, "https://slow.example/tarpit/0"), topic="done"))
+    sink.flush()
+    sink.webhooks.close()
+    assert seen == ["/tarpit/0"] and producer.sent == []  # delivered, after 0.3 s
+    assert consumer.commits == [[("done", 0, 1)]]
