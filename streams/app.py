@@ -301,13 +301,9 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     async def generation(stream: Any) -> None:
         await generation_intake.feed(stream)
 
-    async def begin_attempt(event: Any, operation: OperationAdmitted, key: str) -> int:
-        """Record that an attempt starts, durably, before the provider is called.
-
-        An attempt recorded and never finished was interrupted (the worker stopped during
-        the call, which the provider may have billed): it is announced with
-        ``operation.interrupted`` before the next attempt starts.
-        """
+    async def announce_interrupted(operation: OperationAdmitted, key: str) -> int:
+        """The last attempt recorded for ``operation`` (0: none); one that was recorded is
+        announced with ``operation.interrupted``, since it never finished."""
         before = dedup.attempt_of(recall(started_operations, key, operation.operation_id),
                                   deps.clock().timestamp(), horizon)
         if before:
@@ -323,6 +319,16 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
                 reason="The worker stopped during this attempt; the provider may have done "
                        "and billed it, and only the attempt that completes is costed.",
             ), "generation")
+        return before
+
+    async def begin_attempt(event: Any, operation: OperationAdmitted, key: str) -> int:
+        """Record that an attempt starts, durably, before the provider is called.
+
+        An attempt recorded and never finished was interrupted (the worker stopped during
+        the call, which the provider may have billed): it is announced with
+        ``operation.interrupted`` before the next attempt starts.
+        """
+        before = await announce_interrupted(operation, key)
         attempt = before + 1
         value = dedup.attempt_mark(attempt, deps.clock().timestamp())
         # on the broker before the call: a crash during the call must find this record
@@ -352,6 +358,9 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             pass
         elif (stale := dedup.stale_operation(operation.requested_at, deps.clock(), horizon,
                                              settings.clock_skew_seconds)) is not None:
+            # not run again; an attempt started within the horizon and never finished is
+            # still announced, as a re-run would have
+            await announce_interrupted(operation, key)
             await dead_letter(event.message, "generation", StaleOperationError(stale))
         else:
             running = running_operations[key] = asyncio.get_running_loop().create_future()

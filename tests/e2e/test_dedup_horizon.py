@@ -7,7 +7,9 @@ decision and one completion per request. Once the horizon has passed the purge e
 the dedup tables (the worker's ``aipipe_dedup_keys`` gauge), and after a restart (which
 replays the changelogs) a redelivery is no longer remembered, but its ``occurred_at`` is
 older than the horizon less the clock skew: it is refused (one ``invalid`` rejection
-each), never run again, and the cost table keeps one row per operation.
+each), never run again, and the cost table keeps one row per operation. An admitted
+operation read again past the horizon is not run either (dead-lettered); if an attempt of
+it was cut short by a crash (the last test, with a 60 s horizon), that attempt is announced.
 """
 
 from __future__ import annotations
@@ -232,3 +234,50 @@ def test_an_admitted_operation_older_than_the_horizon_is_dead_lettered_not_run(
     assert [orjson.loads(m.value())["operation_id"] for m in completions] == [
         just_now.operation_id]
     assert len(consume(settings, settings.topics.completed, 2, timeout=3)) == 1
+
+
+def test_an_attempt_cut_short_before_its_operation_went_stale_is_still_announced(
+    settings: Settings,
+) -> None:
+    """A worker killed during a provider call and started again only once the operation is
+    older than the horizon: the operation is not run again (it is dead-lettered, as above),
+    and its attempt, whose start record is younger than the horizon, is announced with
+    ``operation.interrupted``, as a re-run would have announced it (the provider may have
+    billed it)."""
+    from aipipe.streams.admission.gate import rules_from_settings
+    from tests.e2e.test_generation_crash import read_all, started_marks
+
+    horizon, port = 60.0, free_port()
+    settings = settings.model_copy(update={
+        "dedup_horizon_hours": horizon / 3600, "clock_skew_seconds": 0.0,
+        "metrics_port": port, "simulated_max_latency_ms": 120_000,
+    })
+    prepare_topics(settings)
+    request = image_requests(1, 1, prefix="cut-")[0]
+    request = request.model_copy(update={
+        "params": {**request.params, "simulate": {"latency_ms": 120_000}}})
+    worker = WorkerProcess(settings, "streams", log_path=settings.home / "first.log").start()
+    try:
+        wait_for(lambda: ready(port, worker), 120, "the streams worker ready")
+        then = datetime.now(UTC) - timedelta(seconds=horizon - 20)  # 20 s left to run it
+        admitted = decide(request.model_copy(update={"occurred_at": then}), then,
+                          rules_from_settings(settings))
+        assert isinstance(admitted, OperationAdmitted)
+        produce(settings, settings.topics.admitted, [admitted])
+        wait_for(lambda: started_marks(settings) == 1, 60, "the attempt's start recorded")
+        worker.kill()
+        wait_for(lambda: datetime.now(UTC) - then > timedelta(seconds=horizon), 60,
+                 "the operation past the horizon")
+        worker = WorkerProcess(settings, "streams", log_path=settings.home / "second.log").start()
+        [letter] = consume(settings, settings.topics.deadletter, 1, timeout=120)
+        assert worker.alive(), worker.log_tail()
+    finally:
+        worker.stop()
+    headers = read_headers(letter.headers())
+    assert headers[STAGE] == "generation"
+    assert "so it may have run already and is not run again" in headers[REASON]
+    interrupted = [e for e in read_all(settings, settings.topics.providers)
+                   if e.get("event_type") == "operation.interrupted"]
+    assert [(e["operation_id"], e["attempt"]) for e in interrupted] == [
+        (admitted.operation_id, 1)]
+    assert read_all(settings, settings.topics.completed) == []
