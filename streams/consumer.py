@@ -41,9 +41,11 @@ high watermark and no error. ``SafeSeekConsumer`` closes each path:
   every effect is idempotent by ``event_id``;
 * the acknowledgement state of the partitions of a new assignment starts empty;
 * there is no read-offset filter: a record delivered twice is handled twice, which every
-  effect tolerates (idempotent by ``event_id``), and nothing fetched again is dropped.
-  (faust uses the read offset otherwise only to fill gaps of transactional or compacted
-  topics; the topics whose offsets this worker commits are neither.)
+  effect tolerates (idempotent by ``event_id``), and nothing fetched again is dropped;
+* offsets that hold no record (a transaction's commit or abort marker, which any
+  producer of the requests topic may write) are learnt from what each fetch returned
+  (``_note_skipped``), not from the read offset faust used for them, and a commit passes
+  them: before, one marker held the partition's committed offset there for good.
 
 ``aipipe.streams.app`` keeps a safety net over all of this: a partition committed below its
 high watermark while nothing is in flight and nothing arrives is fetched again.
@@ -51,8 +53,9 @@ high watermark while nothing is in flight and nothing arrives is fetched again.
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Set
 from typing import Any
 
 import structlog
@@ -76,6 +79,28 @@ UNREADABLE_REASON = (
     "offset named here; send header names in UTF-8.")
 
 
+#: offsets that hold no record, from the fetches (the consumer's thread) to the commits (the
+#: event loop): ``(topic partition, first, end)``, the end excluded; bounded (an entry lost
+#: here is learnt again when the partition is fetched again: see ``refetch_if_stalled``)
+SKIPPED: collections.deque[tuple[Any, int, int]] = collections.deque(maxlen=100_000)
+#: the topics whose skipped offsets are noted (those whose offsets the worker commits)
+_noted_topics: frozenset[str] = frozenset()
+
+
+def _note_skipped(tp: Any, start: int, end: int, out: Iterable[Any]) -> None:
+    """Note the offsets from ``start`` to ``end`` (the fetch position before and after) that
+    none of the records handed on, ``out`` (in offset order), has: they hold no record."""
+    if tp.topic not in _noted_topics:
+        return
+    at = start
+    for record in out:
+        if record.offset > at:
+            SKIPPED.append((tp, at, record.offset))
+        at = record.offset + 1
+    if end > at:
+        SKIPPED.append((tp, at, end))
+
+
 def _getall(self: Any, max_records: int | None = None) -> list[Any]:
     """aiokafka's ``FetchResult.getall``, except for a record it cannot parse.
 
@@ -90,6 +115,7 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
     if not self.check_assignment(tp) or not self.has_more():
         return []
     records, out = self._partition_records, []
+    start = records.next_fetch_offset
     try:
         for record in records:
             out.append(record)
@@ -113,6 +139,7 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
         out.extend(read)
         self._update_position()
         self._partition_records = None  # (the rest of that fetch is fetched again)
+    _note_skipped(tp, start, records.next_fetch_offset, out)
     return out
 
 
@@ -237,19 +264,26 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
                 self._starts[tp] = start
         return committed
 
+    def _filter_committable_offsets(self, tps: Any) -> dict[Any, int]:
+        self._take_skipped()
+        return dict(super()._filter_committable_offsets(tps))
+
+    def _take_skipped(self) -> None:
+        """Move the offsets the fetches found without a record into faust's gaps."""
+        while True:
+            try:
+                tp, first, end = SKIPPED.popleft()
+            except IndexError:
+                return
+            self._gap[tp].addi(first, end)
+
     def _new_offset(self, tp: Any) -> int | None:
-        """The end of the unbroken run of acknowledgements from where ``tp`` must resume."""
+        """The end of the unbroken run, from where ``tp`` must resume, of offsets that were
+        acknowledged or hold no record (``_gap``)."""
         acked: list[int] = self._acked[tp]
-        if not acked:
-            return None
         gaps = self._gap[tp]  # offsets the broker never returned (markers, compaction)
-        if gaps:
-            top = max(acked)
-            filled = sorted(gaps.overlap(0, top), key=lambda interval: interval.begin)
-            if filled:
-                extra = [n for interval in filled for n in range(interval.begin, interval.end)]
-                acked.extend(extra)
-                gaps.chop(0, max(extra[-1], top + 1))
+        if not acked and not gaps:
+            return None
         acked.sort()
         committed = self._committed_offset[tp]
         expected = committed if committed is not None else self._starts.get(tp)
@@ -261,14 +295,25 @@ class SafeSeekConsumer(faust_aiokafka.Consumer):
         if below:  # already committed (a redelivery's second acknowledgement)
             self._acked_index[tp].difference_update(acked[:below])
             del acked[:below]
-        if not acked or acked[0] != expected:
-            return None  # the message at ``expected`` is still being handled
-        run = next(consecutive_numbers(acked))
-        del acked[: len(run)]
-        self._acked_index[tp].difference_update(run)
-        return int(run[-1]) + 1
+        end = expected
+        while True:  # the message at ``end``, if any, is still being handled where this ends
+            if gaps and (holes := gaps.at(end)):
+                end = max(hole.end for hole in holes)
+            elif acked and acked[0] == end:
+                run = next(consecutive_numbers(acked))
+                del acked[: len(run)]
+                self._acked_index[tp].difference_update(run)
+                end = int(run[-1]) + 1
+            else:
+                break
+        if gaps:
+            gaps.chop(0, end)
+        return end if end > expected else None
 
     async def on_partitions_assigned(self, assigned: Set[Any], generation_id: int = 0) -> None:
+        global _noted_topics
+        _noted_topics = _noted_topics.union(
+            tp.topic for tp in assigned if self.app.topics.acks_enabled_for(tp.topic))
         stale = 0
         for tp in assigned:
             stale += len(self._acked.pop(tp, ()))

@@ -69,3 +69,35 @@ def test_offsets_the_broker_skipped_are_filled() -> None:
     s = state([5, 6, 9], committed=5)
     s._gap[TP].addi(7, 9)  # 7 and 8 were never returned by the broker
     assert SafeSeekConsumer._new_offset(s, TP) == 10
+
+
+def test_a_marker_after_the_run_or_at_the_committed_offset_is_passed() -> None:
+    """A transaction's marker holds an offset no record is at: after the last
+    acknowledgement, or where the partition resumes with nothing acknowledged, the commit
+    goes past it (it stayed below it, and the stalled-partition check fetched it again)."""
+    s = state([5, 6], committed=5)
+    s._gap[TP].addi(7, 8)
+    assert SafeSeekConsumer._new_offset(s, TP) == 8
+    assert not s._gap[TP]
+    s = state([], committed=8)
+    s._gap[TP].addi(8, 9)
+    assert SafeSeekConsumer._new_offset(s, TP) == 9
+    s = state([], committed=8)
+    s._gap[TP].addi(9, 10)  # a marker after a record still in flight: wait for it
+    assert SafeSeekConsumer._new_offset(s, TP) is None
+    assert s._gap[TP]
+
+
+def test_what_a_fetch_returned_names_the_offsets_without_a_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aipipe.streams import consumer
+
+    consumer.SKIPPED.clear()
+    monkeypatch.setattr(consumer, "_noted_topics", frozenset({"requests"}))
+    tp = SimpleNamespace(topic="requests", partition=0)
+    records = [SimpleNamespace(offset=n) for n in (10, 11, 13, 14)]
+    consumer._note_skipped(tp, 10, 17, records)  # 12: a marker; 15 and 16 at the end
+    consumer._note_skipped(SimpleNamespace(topic="a-changelog", partition=0), 0, 9, [])
+    assert list(consumer.SKIPPED) == [(tp, 12, 13), (tp, 15, 17)]
+    consumer.SKIPPED.clear()
