@@ -8,8 +8,10 @@ owning process's loopback endpoint and never opens the chDB path itself.
 
 A client is over budget when its spend has reached the budget. Each of 80, 90 and 100 %
 is announced once per client and period with ``budget.threshold_crossed``: a Redis
-``SET NX`` with a TTL to the end of the period elects the one worker that emits it (an
-in-process set when Redis is down).
+``SET NX`` with a TTL to the end of the period elects the one worker that emits it (a
+bounded in-process mapping when Redis is down). Nothing is announced for a budget of 0
+(``AIPIPE_BUDGET_USD=0`` denies every client without a row of its own) or before any
+spend: such a client is rejected, and a "crossing" at zero spend means nothing.
 
 When ClickHouse cannot be asked, the last answer stays in use, and a client never seen
 is admitted (budgets fail open, like the rate limiter); the failure is logged. Admission
@@ -62,6 +64,14 @@ class BudgetState:
     def over(self) -> bool:
         return self.spend_usd >= self.budget.amount_usd
 
+    @property
+    def crossed(self) -> list[int]:
+        """The thresholds to announce: none at a budget of 0 or at no spend (a client_id is
+        whatever a sender writes: three latch keys and notices per fresh id, for free)."""
+        if self.budget.amount_usd <= 0 or self.spend_usd <= 0:
+            return []
+        return thresholds_reached(self.spend_usd, self.budget.amount_usd)
+
 
 def budget_states(
     store: BudgetStore, clients: Iterable[str], now: datetime,
@@ -108,22 +118,41 @@ class ThresholdLatch(Protocol):
         ...
 
 
-class RedisLatch:
-    """``SET key 1 NX PX ttl``; an in-process set while Redis does not answer."""
+# the most keys the in-process latch holds while Redis does not answer (3 MiB at the longest
+# client_ids); past it the oldest goes, and its notice may come once more (same event id)
+LATCH_LOCAL_MAX = 10_000
 
-    def __init__(self, client: Any, prefix: str) -> None:
+
+class RedisLatch:
+    """``SET key 1 NX PX ttl``; while Redis does not answer, an in-process mapping of each
+    key to its expiry, in the order set: a key past its TTL counts as absent, the expired
+    at the front are dropped, and past ``local_max`` keys the oldest goes."""
+
+    def __init__(self, client: Any, prefix: str, *, local_max: int = LATCH_LOCAL_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.prefix = prefix
-        self.local: set[str] = set()
+        self.local_max = local_max
+        self.clock = clock
+        self.local: dict[str, float] = {}
 
     async def first(self, key: str, ttl_ms: int) -> bool:
         try:
             return bool(await self.client.set(f"{self.prefix}:{key}", 1, nx=True, px=ttl_ms))
         except (RedisError, OSError, TimeoutError):
-            if key in self.local:
-                return False
-            self.local.add(key)
-            return True
+            return self._first_local(key, ttl_ms)
+
+    def _first_local(self, key: str, ttl_ms: int) -> bool:
+        moment = self.clock()
+        expires = self.local.get(key)
+        if expires is not None and expires > moment:
+            return False
+        self.local.pop(key, None)  # (expired: set again at the back)
+        while self.local and (len(self.local) >= self.local_max
+                              or next(iter(self.local.values())) <= moment):
+            del self.local[next(iter(self.local))]
+        self.local[key] = moment + ttl_ms / 1000
+        return True
 
 
 class BudgetGate:
@@ -244,7 +273,7 @@ class BudgetGate:
         out = []
         start = state.period_start
         ttl_ms = max(int((state.period_end - self.now()).total_seconds() * 1000), 1) + 86_400_000
-        for threshold in thresholds_reached(state.spend_usd, state.budget.amount_usd):
+        for threshold in state.crossed:
             key = f"{state.client_id}:{start:%Y%m%d}:{state.budget.period}:{threshold}"
             if await self.latch.first(key, ttl_ms):
                 out.append(BudgetThresholdCrossed(

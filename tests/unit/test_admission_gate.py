@@ -17,6 +17,7 @@ from aipipe.schemas.events import OperationAdmitted, OperationRejected, Operatio
 from aipipe.schemas.limits import Limit
 from aipipe.streams.admission.budgets import (
     BudgetGate,
+    BudgetState,
     RedisLatch,
     budget_report,
     thresholds_reached,
@@ -429,3 +430,89 @@ def test_the_budget_cache_forgets_clients_not_seen_for_ten_minutes() -> None:
     clock.now = 650.0  # the rotating ids were last asked about 650 s ago, steady 350 s
     asyncio.run(ask("steady"))
     assert set(budgets._cache) == {"steady"}
+
+
+# -- zero budgets, and the latch while Redis does not answer -------------------------------
+
+
+class CountingLatch:
+    """A ``ThresholdLatch`` that keeps every key it is asked about."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def first(self, key: str, ttl_ms: int) -> bool:
+        self.asked.append(key)
+        return self.asked.count(key) == 1
+
+
+class DownRedis:
+    """``redis.asyncio.Redis`` that never answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def set(self, key: str, value: object, nx: bool, px: int) -> bool | None:
+        self.calls += 1
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_a_zero_budget_rejects_fresh_clients_without_notices_or_latch_calls() -> None:
+    """``AIPIPE_BUDGET_USD=0`` denies every client without a row. Each fresh client_id (the
+    sender's choice) reached 80, 90 and 100 % of $0 at $0: three Redis keys for the period
+    and three notices each, for free (a budget rejection takes no rate-limit slot)."""
+    store = FakeStore({"real": Budget(Decimal("10"), "month", "table")}, {"real": Decimal("8")})
+    latch = CountingLatch()
+    budgets = BudgetGate(lambda: store, latch, default_usd=Decimal(0), now=lambda: NOW)
+    gate = AdmissionGate(FailoverLimiter(None, MemoryRateLimitStore()),
+                         LimitsSource(Limit(2, 60_000)), budgets, "p")
+    fresh = [request(f"rotating-{i}", 1) for i in range(1000)]
+    out = asyncio.run(gate.decide([*fresh, request("real", 1)], now=NOW))
+    *denied, real = out.decisions
+    assert all(isinstance(d, OperationRejected) and d.reason == "over_budget"
+               and d.backend == "none" for d in denied)
+    assert isinstance(denied[0], OperationRejected) and denied[0].detail == (
+        "Client 'rotating-0' has spent $0.00 of its $0.00 monthly budget since 2026-11-01; "
+        "raise it with `aipipe budget set` or wait for the next period.")
+    assert isinstance(real, OperationAdmitted)  # $8 of $10: one notice, as before
+    assert [(n.client_id, n.threshold_percent) for n in out.notices] == [("real", 80)]
+    assert latch.asked == ["real:20261101:month:80"]
+
+
+def test_thresholds_are_announced_only_for_a_budget_and_a_spend() -> None:
+    def crossed(spend: str, budget: str) -> list[int]:
+        start, end = period_bounds("month", NOW)
+        return BudgetState("c", Budget(Decimal(budget), "month", "settings"), Decimal(spend),
+                           start, end).crossed
+
+    assert crossed("0", "0") == crossed("5", "0") == crossed("0", "10") == []
+    assert crossed("8", "10") == [80] and crossed("12", "10") == [80, 90, 100]
+
+
+def test_the_latch_held_in_process_while_redis_is_down_stays_bounded() -> None:
+    """While Redis errors the latch falls back to the worker's memory: a set that kept every
+    key it was asked about, for good."""
+    store = FakeStore({}, {f"spender-{i}": Decimal("45") for i in range(1000)})
+    redis = DownRedis()
+    latch = RedisLatch(redis, "p:budget", local_max=500)
+    budgets = BudgetGate(lambda: store, latch, default_usd=Decimal("50"), now=lambda: NOW)
+    _, notices = asyncio.run(budgets.states([request(f"spender-{i}", 1) for i in range(1000)]))
+    assert len(notices) == 2000 and redis.calls == 2000  # 80 and 90 % each, announced here
+    assert len(latch.local) == 500
+
+
+def test_the_in_process_latch_forgets_keys_past_their_ttl_and_the_oldest_past_its_size() -> None:
+    clock = Clock()
+    latch = RedisLatch(DownRedis(), "p", local_max=3, clock=clock)
+
+    def first(key: str, ttl_ms: int = 10_000) -> bool:
+        return asyncio.run(latch.first(key, ttl_ms))
+
+    assert first("a", 1000) and not first("a", 1000)
+    clock.now = 1.0  # a's TTL has run out
+    assert first("b") and list(latch.local) == ["b"]  # (a, expired, dropped)
+    assert first("a", 1000) and not first("a")
+    assert first("c") and first("d") and list(latch.local) == ["a", "c", "d"]
+    assert first("e") and list(latch.local) == ["c", "d", "e"]  # the oldest went
+    assert not first("e") and not first("c")
+    assert first("b")  # forgotten: its notice may come once more
