@@ -59,7 +59,7 @@ from aipipe.schemas.events import (
 from aipipe.streams import dedup, spans
 from aipipe.streams.admission.decide import undecidable
 from aipipe.streams.admission.gate import AdmissionGate, Decided, build_gate
-from aipipe.streams.consumer import UNREADABLE, UNREADABLE_REASON, use_safe_seek_consumer
+from aipipe.streams.consumer import stand_in_reason, use_safe_seek_consumer
 from aipipe.streams.faults import StallPoints
 from aipipe.streams.generation import AIProvider, Generation
 from aipipe.streams.generation.guard import ProviderGuard
@@ -194,9 +194,9 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     async def decoded(message: Any, stage: str, expected: type[Event]) -> Any:
         """The event of ``message``, or None after dead-lettering what cannot be decoded."""
         try:
-            if message.value is None and any(
-                    name == UNREADABLE for name, _ in message.headers or ()):
-                raise EventDecodeError(UNREADABLE_REASON)  # a stand-in (streams.consumer)
+            if message.value is None and (reason := stand_in_reason(
+                    message.topic, message.partition, message.offset)) is not None:
+                raise EventDecodeError(reason)  # a stand-in (streams.consumer)
             event = decode(message.value)
             if not isinstance(event, expected):
                 raise EventDecodeError(

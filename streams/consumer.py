@@ -55,13 +55,18 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable, Iterator, Mapping, Set
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from typing import Any
 
+import cramjam
 import structlog
+from aiokafka import codec
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.consumer.fetcher import FetchResult
 from aiokafka.errors import CorruptRecordException
+from aiokafka.record import default_records as py_default_records
+from aiokafka.record._crecords import default_records as c_default_records
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 from aiokafka.record.memory_records import MemoryRecords, _MemoryRecordsPy
 from aiokafka.record.util import decode_varint
@@ -101,6 +106,99 @@ def _note_skipped(tp: Any, start: int, end: int, out: Iterable[Any]) -> None:
         SKIPPED.append((tp, at, end))
 
 
+#: the most a compressed record batch may hold decompressed: far above what producers build
+#: (librdkafka's batches are at most 1 MB before compression, an event at most 1 MB), far
+#: below what a batch of zeros the broker takes (1 MB compressed) decompresses to, gigabytes
+MAX_BATCH_BYTES = 64 << 20
+
+#: stand-ins handed on (``_stand_in``): (topic, partition, offset) -> the reason, so that a
+#: stage tells them from a record that only looks like one (no value, the header); bounded
+_stand_ins: dict[tuple[str, int, int], str] = {}
+_STAND_INS_KEPT = 10_000
+
+
+class BatchUnreadable(Exception):
+    """A compressed record batch that decompresses past ``MAX_BATCH_BYTES``, or not at all."""
+
+
+def _cramjam_decoder(name: str, module: Any) -> Callable[[Any], bytes]:
+    """aiokafka's decoder for ``name``, into a buffer that grows to ``MAX_BATCH_BYTES`` at
+    most: cramjam's own ``decompress`` has no bound."""
+
+    def decode(payload: Any) -> bytes:
+        data, size = bytes(payload), max(1 << 20, 8 * len(payload))
+        while True:
+            buffer = bytearray(min(size, MAX_BATCH_BYTES))
+            try:
+                written = module.decompress_into(data, buffer)
+            except cramjam.DecompressionError as exc:
+                if "whole buffer" not in str(exc):
+                    raise BatchUnreadable(f"its {name} data is corrupt") from exc
+                if size >= MAX_BATCH_BYTES:
+                    raise BatchUnreadable(
+                        f"it decompresses ({name}) past {MAX_BATCH_BYTES >> 20} MB") from exc
+                size *= 4
+                continue
+            return bytes(memoryview(buffer)[:written])
+
+    return decode
+
+
+def _gzip_decode(payload: Any) -> bytes:
+    """aiokafka's gzip decoder (members one after another), within ``MAX_BATCH_BYTES``."""
+    data, out, total = bytes(payload), [], 0
+    try:
+        while data:
+            member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            chunk = member.decompress(data, MAX_BATCH_BYTES - total + 1)
+            total += len(chunk)
+            if total > MAX_BATCH_BYTES:
+                raise BatchUnreadable(f"it decompresses (gzip) past {MAX_BATCH_BYTES >> 20} MB")
+            if not member.eof:
+                raise BatchUnreadable("its gzip data ends early")
+            out.append(chunk)
+            data = member.unused_data
+    except zlib.error as exc:
+        raise BatchUnreadable("its gzip data is corrupt") from exc
+    return b"".join(out)
+
+
+def _snappy_decode(payload: Any) -> bytes:
+    """aiokafka's snappy decoder, once the lengths the blocks declare (which the format
+    holds them to) are within ``MAX_BATCH_BYTES``."""
+    data = bytes(payload)
+    try:
+        if codec._detect_xerial_stream(data):  # 16 bytes of header, then sized blocks
+            declared, at = 0, 16
+            while at < len(data):
+                size = int.from_bytes(data[at:at + 4], "big")
+                declared += cramjam.snappy.decompress_raw_len(data[at + 4:at + 4 + size])
+                at += 4 + size
+        else:
+            declared = cramjam.snappy.decompress_raw_len(data)
+    except cramjam.DecompressionError as exc:
+        raise BatchUnreadable("its snappy data is corrupt") from exc
+    if declared > MAX_BATCH_BYTES:
+        raise BatchUnreadable(f"it decompresses (snappy) past {MAX_BATCH_BYTES >> 20} MB")
+    try:
+        return bytes(codec.snappy_decode(data))
+    except cramjam.DecompressionError as exc:
+        raise BatchUnreadable("its snappy data is corrupt") from exc
+
+
+_DECODERS = {
+    "gzip_decode": _gzip_decode,
+    "snappy_decode": _snappy_decode,
+    "lz4_decode": _cramjam_decoder("lz4", cramjam.lz4),
+    "zstd_decode": _cramjam_decoder("zstd", cramjam.zstd),
+}
+
+
+def stand_in_reason(topic: str, partition: int, offset: int) -> str | None:
+    """Why the record at these coordinates was handed on as a stand-in, if it was."""
+    return _stand_ins.get((topic, partition, offset))
+
+
 def _getall(self: Any, max_records: int | None = None) -> list[Any]:
     """aiokafka's ``FetchResult.getall``, except for a record it cannot parse.
 
@@ -125,12 +223,17 @@ def _getall(self: Any, max_records: int | None = None) -> list[Any]:
         else:
             self._update_position()
             self._partition_records = None
-    except (UnicodeDecodeError, CorruptRecordException) as exc:
+    except (UnicodeDecodeError, CorruptRecordException, BatchUnreadable) as exc:
         # (aiokafka's pure-Python reader wraps the UnicodeDecodeError)
-        if not isinstance(exc, UnicodeDecodeError) and \
-                not isinstance(exc.__cause__, UnicodeDecodeError):
+        if isinstance(exc, BatchUnreadable):
+            read, records.next_fetch_offset = _skip_batch(
+                records, tp, records.next_fetch_offset, str(exc))
+        elif isinstance(exc, UnicodeDecodeError) or \
+                isinstance(exc.__cause__, UnicodeDecodeError):
+            read, records.next_fetch_offset = _read_around(
+                records, tp, records.next_fetch_offset)
+        else:
             raise
-        read, records.next_fetch_offset = _read_around(records, tp, records.next_fetch_offset)
         if max_records is not None and len(out) + len(read) > max_records:
             # never more than asked (aiokafka's fetcher asserts it): the rest is fetched
             # again, and there is room for at least one record, so each pass moves on
@@ -181,6 +284,28 @@ def _read_around(records: Any, tp: Any, start: int) -> tuple[list[Any], int]:
     raise RuntimeError(f"no batch after offset {start} in the fetch of {tp}")
 
 
+def _skip_batch(records: Any, tp: Any, start: int, why: str) -> tuple[list[Any], int]:
+    """One stand-in for the batch that could not be decompressed (the first batch of the
+    fetch ending after ``start``), at its first offset not yet handed on, and the offset
+    after the batch: its other offsets are skipped (``_note_skipped``), however many records
+    it claims to hold."""
+    memory = _MemoryRecordsPy(records._records.raw)
+    while memory.has_next():
+        batch = memory.next_batch()  # (the header only: nothing is decompressed here)
+        if batch.next_offset <= start or batch.is_control_batch:
+            continue
+        first, last = max(start, batch.base_offset), batch.next_offset - 1
+        log.error("kafka_batch_unreadable", topic=tp.topic, partition=tp.partition,
+                  first_offset=first, last_offset=last, why=why)
+        reason = (
+            f"The record batch at offsets {first} to {last} of this partition was skipped "
+            f"unread: {why}; no producer builds such a batch (at most "
+            f"{MAX_BATCH_BYTES >> 20} MB once decompressed). Its records stay at the topic; "
+            "send them again in smaller, uncorrupted batches.")
+        return [_stand_in(tp, first, reason)], batch.next_offset
+    raise RuntimeError(f"no batch after offset {start} in the fetch of {tp}")
+
+
 def _tolerant(batch: Any) -> Iterator[tuple[int, Any]]:
     """Each record of ``batch`` (aiokafka's pure-Python reader) as ``(offset, record)``, the
     record None where a header name is not UTF-8 (its length and offset delta lead the
@@ -203,12 +328,18 @@ def _tolerant(batch: Any) -> Iterator[tuple[int, Any]]:
         batch._next_record_index += 1
 
 
-def _stand_in(tp: Any, offset: int) -> ConsumerRecord[Any, Any]:
+def _stand_in(tp: Any, offset: int, reason: str = UNREADABLE_REASON
+              ) -> ConsumerRecord[Any, Any]:
+    """A record with no key or value in place of the one at ``offset``, whose ``reason``
+    the stage dead-letters (``stand_in_reason``)."""
+    _stand_ins[(tp.topic, tp.partition, offset)] = reason
+    while len(_stand_ins) > _STAND_INS_KEPT:
+        del _stand_ins[next(iter(_stand_ins))]
     return ConsumerRecord(
         topic=tp.topic, partition=tp.partition, offset=offset,
         timestamp=int(time.time() * 1000), timestamp_type=0, key=None, value=None,
         checksum=None, serialized_key_size=-1, serialized_value_size=-1,
-        headers=[(UNREADABLE, UNREADABLE_REASON.encode())])
+        headers=[(UNREADABLE, reason.encode())])
 
 
 class SafeSeekConsumer(faust_aiokafka.Consumer):
@@ -360,7 +491,11 @@ class _NoReadOffsets(dict[Any, "int | None"]):
 
 def use_safe_seek_consumer(app: Any) -> None:
     """Make ``app`` build its consumer from ``SafeSeekConsumer``, which hands on a record
-    aiokafka cannot parse as a stand-in (``_getall``)."""
+    aiokafka cannot parse as a stand-in (``_getall``), and decompress record batches within
+    ``MAX_BATCH_BYTES`` (a larger one is a stand-in too)."""
     app.transport.Consumer = SafeSeekConsumer
     FetchResult.getall = _getall
     aiokafka_fetcher.MemoryRecords = _KeptMemoryRecords
+    for module in (c_default_records, py_default_records):  # (read at each call)
+        for name, decode in _DECODERS.items():
+            setattr(module, name, decode)

@@ -154,3 +154,88 @@ def test_the_fetcher_gets_no_more_records_than_it_asked_for(monkeypatch: Any) ->
         seen += [(r.offset, r.value) for r in got[TP]]
     assert sizes == [500, 100]
     assert seen == [(i, None if i in bad else b"v%d" % i) for i in range(600)]
+
+
+# -- a batch that decompresses past MAX_BATCH_BYTES (a decompression bomb), or not at all ----
+
+CODECS = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+
+
+@pytest.fixture
+def bounded_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoders ``use_safe_seek_consumer`` installs, in both of aiokafka's readers, and
+    a 4 MB bound (the batches below hold 8 MB of zeros)."""
+    from aiokafka.record import default_records as py_module
+    from aiokafka.record._crecords import default_records as c_module
+
+    monkeypatch.setattr(consumer, "MAX_BATCH_BYTES", 4 << 20)
+    for module in (c_module, py_module):
+        for name, decode in consumer._DECODERS.items():
+            monkeypatch.setattr(module, name, decode)
+
+
+def zeros(base: int, records: int, codec: int) -> tuple[int, bytes]:
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=codec, is_transactional=0, producer_id=-1,
+        producer_epoch=-1, base_sequence=-1, batch_size=1 << 30)
+    for i in range(records):
+        builder.append(i, timestamp=1, key=b"k", value=bytes(2 << 20), headers=[])
+    data = bytearray(builder.build())
+    data[0:8] = base.to_bytes(8, "big")
+    return base + records, bytes(data)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_batch_past_the_bound_is_one_stand_in_and_the_partition_goes_on(
+    codec: str, bounded_decoders: None,
+) -> None:
+    """Sixteen records of 2 MB of zeros (150 kB on the wire at most, but for snappy's 1.5 MB;
+    with zstd, 1 MB on the wire is gigabytes): one stand-in at the batch's first offset,
+    whose reason says why, the batch's other offsets noted as holding no record, and the
+    next batch's records after it; the memory held is bounded by the bound, not by what
+    the batch would become."""
+    import tracemalloc
+
+    consumer.SKIPPED.clear()
+    before, after = batch(0, [b"v0"], bad=set()), batch(17, [b"v17"], bad=set())
+    bomb = zeros(1, 16, CODECS[codec])
+    assert len(bomb[1]) < 2 << 20  # (snappy's 1.5 MB; the others' under 150 kB)
+    tracemalloc.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(consumer, "_noted_topics", frozenset({TP.topic}))
+            handed_on = fetch_all(before, bomb, after)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert handed_on == [(0, b"v0"), stand_in(1), (17, b"v17")]
+    reason = consumer.stand_in_reason(TP.topic, TP.partition, 1)
+    assert reason is not None and reason.startswith(
+        f"The record batch at offsets 1 to 16 of this partition was skipped unread: it "
+        f"decompresses ({codec}) past 4 MB;")
+    assert (TP, 2, 17) in consumer.SKIPPED
+    assert peak < 24 << 20  # (aiokafka's own decoders held the whole 32 MB)
+    consumer.SKIPPED.clear()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_compressed_batch_within_the_bound_is_read_as_before(
+    codec: str, bounded_decoders: None,
+) -> None:
+    _, data = zeros(0, 1, CODECS[codec])
+    assert fetch_all((1, data)) == [(0, bytes(2 << 20))]
+
+
+def test_a_corrupt_compressed_batch_is_a_stand_in_that_says_so(bounded_decoders: None) -> None:
+    after, data = zeros(0, 1, CODECS["zstd"])
+    corrupt = bytearray(data)
+    corrupt[-8:] = b"\xff" * 8  # (the CRC covers it: aiokafka's readers do not check it)
+    handed_on = fetch_all((after, bytes(corrupt)), batch(1, [b"v1"], bad=set()))
+    assert handed_on == [stand_in(0), (1, b"v1")]
+    reason = consumer.stand_in_reason(TP.topic, TP.partition, 0)
+    assert reason is not None and "its zstd data is corrupt" in reason
+
+
+def test_a_record_that_only_looks_like_a_stand_in_is_not_taken_for_one() -> None:
+    """A sender's record with no value and the stand-ins' header is its own record."""
+    assert consumer.stand_in_reason(TP.topic, TP.partition, 123_456) is None
