@@ -2,7 +2,8 @@
 
 The key and value are the original bytes, so the message can be fixed and re-sent, cut
 only where they would not fit (``dead_letter``); the original headers are kept (or, when
-too many or too large, counted) and these are added.
+too many or too large, counted) and these are added. An ``aipipe.dlq.`` name is the
+pipeline's alone: an original header with one is dropped, so each is there once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 Headers = list[tuple[str, str | bytes | None]]
 
+PREFIX = "aipipe.dlq."  # the names of the headers below, and only theirs
 REASON = "aipipe.dlq.reason"
 ERROR = "aipipe.dlq.error"
 STAGE = "aipipe.dlq.stage"
@@ -37,12 +39,20 @@ MAX_KEY_BYTES = 1024  # of the original key
 
 def kept_headers(original: Iterable[tuple[str, str | bytes | None]] | None) -> Headers:
     """The original headers a dead letter keeps: all of them, unless they are too many or
-    too large (in bytes, each header's own cost counted, an empty one's too)."""
+    too large (in bytes, each header's own cost counted, an empty one's too), but for those
+    named as the dead letter's own (``PREFIX``).
+
+    Those are dropped, not renamed: a sender could otherwise forge the reason, offset or
+    ``truncated_from`` a reader takes first, and a renamed one would still be under
+    ``PREFIX`` (and grow a prefix each time a re-sent dead letter failed again).
+    """
     headers = list(original or [])
+    kept = [(name, value) for name, value in headers[:MAX_KEPT_HEADERS + 1]
+            if not name.startswith(PREFIX)]
     size = sum(len(name.encode(errors="replace")) + len(value or b"") + HEADER_OVERHEAD_BYTES
-               for name, value in headers[:MAX_KEPT_HEADERS + 1])
+               for name, value in kept)
     if len(headers) <= MAX_KEPT_HEADERS and size <= MAX_KEPT_HEADER_BYTES:
-        return headers
+        return kept
     return [(TRUNCATED + ".headers", f"{len(headers)} headers".encode())]
 
 
@@ -70,6 +80,8 @@ def deadletter_headers(
     offset: int,
     original: Iterable[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] = (),
 ) -> Headers:
+    """The reason and coordinates after ``original``: what ``kept_headers`` keeps of the
+    message's own, which holds no ``PREFIX`` name, and the value's cut."""
     kept = original.items() if isinstance(original, Mapping) else original
     return [
         *kept,

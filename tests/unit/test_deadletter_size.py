@@ -8,6 +8,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from aipipe.schemas.deadletter import (
     MAX_REASON_CHARS,
+    MAX_VALUE_BYTES,
     REASON,
     TRUNCATED,
     build_dead_letter,
@@ -65,3 +66,25 @@ def test_a_few_ordinary_headers_are_kept_as_they_came() -> None:
     headers: list[tuple[str, str | bytes | None]] = [("traceparent", b"00-" + b"1" * 52),
                                                       ("x", None)]
     assert kept_headers(headers) == headers
+
+
+FORGED: list[tuple[str, str | bytes | None]] = [
+    ("aipipe.dlq.reason", b"nothing wrong here"), ("aipipe.dlq.offset", b"0"),
+    ("aipipe.dlq.truncated_from", b"999999"), ("aipipe.dlq.truncated_from.headers", b"1"),
+    ("aipipe.dlq.stage", None), ("traceparent", b"00-" + b"1" * 52)]
+
+
+@pytest.mark.parametrize("value_bytes", [10, MAX_VALUE_BYTES + 1])
+def test_forged_dead_letter_headers_are_dropped_and_each_is_the_pipelines_once(
+    value_bytes: int,
+) -> None:
+    letter = build_dead_letter(b"acme", b"x" * value_bytes, FORGED, reason="Bad.",
+                               error="EventDecodeError", stage="admission",
+                               topic="aipipe.operation.requested", partition=3, offset=7)
+    ours = [(name, value) for name, value in letter.headers if name.startswith("aipipe.dlq.")]
+    cut = [(TRUNCATED, str(value_bytes).encode())] if value_bytes > MAX_VALUE_BYTES else []
+    assert sorted(ours) == sorted([
+        (REASON, b"Bad."), ("aipipe.dlq.error", b"EventDecodeError"),
+        ("aipipe.dlq.stage", b"admission"), ("aipipe.dlq.topic", b"aipipe.operation.requested"),
+        ("aipipe.dlq.partition", b"3"), ("aipipe.dlq.offset", b"7"), *cut])
+    assert ("traceparent", b"00-" + b"1" * 52) in letter.headers
