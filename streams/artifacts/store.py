@@ -7,7 +7,9 @@ Every output is stored under the SHA-256 of its bytes::
 so storing the same bytes again (an operation re-run after a crash, the same image twice)
 finds the object already there and returns the same URI: a re-run never stores a second
 copy under a new name. The local adapter writes to a temporary file in the target
-directory and renames it into place, so a reader never sees half an object; object stores
+directory, flushes it to the disk and renames it into place, so a reader never sees half an
+object, nor finds one after a power loss; a file at the object's path whose size is not the
+bytes' (one cut short all the same) is written again rather than trusted. Object stores
 (s3, gcs) make a PUT visible whole by themselves.
 
 ``get`` reads only what its own store holds: a URI outside the store's root is refused,
@@ -17,6 +19,7 @@ so a URI taken from an event cannot make a worker or the CLI read another file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import uuid
@@ -80,7 +83,7 @@ class LocalArtifactStore:
         return f"LocalArtifactStore({str(self.root)!r})"
 
     def _write(self, path: Path, data: bytes) -> None:
-        if path.exists():
+        if _holds(path, len(data)):
             return
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,10 +93,13 @@ class LocalArtifactStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
+                out.flush()
+                os.fsync(out.fileno())  # the bytes on the disk before the name points at them
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        _sync_directory(path.parent)
 
     def _store(self, data: bytes, mime_type: str, digest: str | None) -> str:
         digest = digest or hashlib.sha256(data).hexdigest()
@@ -103,7 +109,8 @@ class LocalArtifactStore:
     async def put(self, data: bytes, mime_type: str) -> Artifact:
         digest = digest_on_loop(data)
         try:  # creating a file costs the kernel ~0.5 ms: not on the event loop
-            if digest is None or not (self.root / artifact_key(digest, mime_type)).exists():
+            if digest is None or not _holds(self.root / artifact_key(digest, mime_type),
+                                            len(data)):
                 digest = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._store, data, mime_type, digest)
         except OSError as exc:
@@ -127,6 +134,26 @@ class LocalArtifactStore:
             return await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             raise ArtifactError(f"Cannot read {uri} ({exc.strerror}).") from exc
+
+
+def _holds(path: Path, size: int) -> bool:
+    """``path`` is a file of ``size`` bytes: at a content address, the object (a file a
+    power loss cut short or left empty is not, and is written again)."""
+    try:
+        return path.stat().st_size == size
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _sync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (the rename) to the disk: best effort, as some systems
+    and filesystems refuse to open or sync a directory."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class FsspecArtifactStore:

@@ -2,6 +2,8 @@
 
 import asyncio
 import hashlib
+import os
+import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -144,6 +146,48 @@ def test_the_local_store_leaves_no_temporary_files_and_no_second_copy(tmp_path: 
     digest_big, digest_png = (hashlib.sha256(b).hexdigest() for b in (big, PNG))
     assert files == sorted([f"sha256/{digest_big[:2]}/{digest_big}.bin",
                             f"sha256/{digest_png[:2]}/{digest_png}.png"])
+
+
+BIG = bytes(range(256)) * (artifacts.HASH_ON_LOOP_BYTES // 256)  # hashed off the loop
+
+
+@pytest.mark.parametrize("data", [PNG, BIG], ids=["small", "large"])
+@pytest.mark.parametrize("left", [b"", PNG[:10]], ids=["empty", "cut-short"])
+def test_a_file_cut_short_at_the_objects_path_is_written_again(
+    tmp_path: Path, data: bytes, left: bytes
+) -> None:
+    """What a power loss between the write and the disk leaves: the name, with fewer bytes.
+    ``put`` found a file there and trusted it, so the object stayed broken for good."""
+    store = LocalArtifactStore(tmp_path)
+    path = tmp_path / artifacts.artifact_key(hashlib.sha256(data).hexdigest(), "image/png")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(left)
+    artifact = asyncio.run(store.put(data, "image/png"))
+    assert artifact.uri == path.as_uri() and path.read_bytes() == data
+    assert asyncio.run(store.get(artifact.uri)) == data
+
+
+def test_the_local_store_syncs_the_bytes_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an fsync, the rename could reach the disk before the bytes: after a power
+    loss the object's name held an empty or cut file."""
+    steps: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        steps.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else
+                     f"fsync file of {os.fstat(fd).st_size} bytes")
+        fsync(fd)
+
+    def renamed(source: Any, target: Any) -> None:
+        steps.append("rename")
+        replace(source, target)
+
+    monkeypatch.setattr(artifacts.os, "fsync", synced)
+    monkeypatch.setattr(artifacts.os, "replace", renamed)
+    asyncio.run(LocalArtifactStore(tmp_path).put(PNG, "image/png"))
+    assert steps == [f"fsync file of {len(PNG)} bytes", "rename", "fsync directory"]
 
 
 def test_the_url_setting_picks_the_adapter(tmp_path: Path) -> None:
