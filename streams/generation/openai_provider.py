@@ -18,6 +18,7 @@ wrapped in ``ProviderError`` with the cause kept: 429, 5xx and timeouts are retr
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -93,6 +94,9 @@ class OpenAIProvider:
             raise ProviderError(f"openai {what}: {type(exc).__name__}", retryable=True) from exc
         except (TimeoutError, OSError) as exc:
             raise ProviderError(f"openai {what}: {type(exc).__name__}", retryable=True) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError,
+                openai.APIResponseValidationError) as exc:  # a 2xx body the SDK cannot parse
+            raise _garbled(what, exc) from exc
 
     async def generate_image(self, operation: OperationAdmitted) -> ProviderResult:
         params = operation.params

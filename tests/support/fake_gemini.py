@@ -63,6 +63,7 @@ class FakeGemini(LoopbackServer):
         self.scripts: dict[str, deque[int]] = defaultdict(deque)
         self.down: dict[str, int] = {}
         self.operations: dict[str, int] = {}  # operation name -> polls so far
+        self.storage: dict[str, str] = {}  # operation name -> the storageUri it was asked
         self._lock = threading.Lock()
         super().__init__(self._handler())
 
@@ -111,6 +112,7 @@ class FakeGemini(LoopbackServer):
             name = f"{path.split(':')[0].split('/', 2)[2]}/operations/{uuid.uuid4()}"
             with self._lock:
                 self.operations[name] = 0
+                self.storage[name] = str((body.get("parameters") or {}).get("storageUri", ""))
             return 200, {"name": name}
         if kind == "fetchPredictOperation":
             name = str(body.get("operationName", ""))
@@ -125,7 +127,11 @@ class FakeGemini(LoopbackServer):
             return 200, {"name": name, "done": True, "response": {
                 "@type": "type.googleapis.com/cloud.ai.large_models.vision.GenerateVideoResponse",
                 "raiMediaFilteredCount": 0,
-                "videos": [{"gcsUri": f"gs://fake-bucket/{name.rsplit('/', 1)[-1]}.mp4",
+                # as Veo: under the storageUri asked for, else the bytes themselves
+                "videos": [{"gcsUri": f"{storage.rstrip('/')}/{name.rsplit('/', 1)[-1]}/"
+                                      "sample_0.mp4", "mimeType": "video/mp4"}
+                           if (storage := self.storage.get(name)) else
+                           {"bytesBase64Encoded": base64.b64encode(b"fake mp4").decode(),
                             "mimeType": "video/mp4"}],
             }}
         return 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": path}}

@@ -181,10 +181,13 @@ def test_a_video_starts_on_the_fallback_while_its_model_is_down_and_completes_sa
     with FakeGemini(video_polls=1) as fake:
         fake.take_down("predictLongRunning", 503, model=veo)
         gemini = GeminiProvider(base_url=fake.base_url, vertex_project="p",
-                                vertex_access_token=SecretStr("t"))
+                                vertex_access_token=SecretStr("t"),
+                                video_output_buckets=("fake-bucket",))
         gen = Generation({"gemini": gemini}, guard, PollSchedule(),
                          artifacts=LocalArtifactStore(tmp_path))
-        video = op(1, veo, "video_generation", duration_seconds=6).model_copy(
+        # (the fake writes its videos at the top of fake-bucket)
+        video = op(1, veo, "video_generation", duration_seconds=6,
+                   output_gcs_uri="gs://fake-bucket/").model_copy(
             update={"provider": "gemini"})
         events = asyncio.run(gen.run(video))
         [started] = [e for e in events if isinstance(e, VideoStarted)]

@@ -45,6 +45,7 @@ def provider(fake: FakeGemini) -> GeminiProvider:
     return GeminiProvider(
         api_key=SecretStr("test-key-123"), base_url=fake.base_url, vertex_project="proj-1",
         vertex_location="us-central1", vertex_access_token=SecretStr("test-token-456"),
+        video_output_buckets=("fake-bucket",),
     )
 
 
@@ -75,15 +76,19 @@ def test_an_image_is_generate_content_with_usage_from_usage_metadata(fake: FakeG
 def test_a_video_starts_on_vertex_and_is_polled_by_operation_name(fake: FakeGemini) -> None:
     gemini = provider(fake)
     gen = Generation({"gemini": gemini}, ProviderGuard(), PollSchedule())
-    started, first = asyncio.run(gen.run(op("video_generation", VEO, duration_seconds=6)))
+    # (the fake writes its videos at the top of fake-bucket)
+    started, first = asyncio.run(gen.run(op("video_generation", VEO, duration_seconds=6,
+                                            output_gcs_uri="gs://fake-bucket/")))
     assert isinstance(started, VideoStarted) and isinstance(first, VideoPollScheduled)
+    assert started.job == {"duration_seconds": 6, "output_gcs_uri": "gs://fake-bucket/"}
     prefix = f"projects/proj-1/locations/us-central1/publishers/google/models/{VEO}"
     assert started.provider_operation.startswith(f"{prefix}/operations/")
     [start] = fake.calls("predictLongRunning")
     assert start.path == f"/v1beta1/{prefix}:predictLongRunning"
     assert start.headers["Authorization"] == "Bearer test-token-456"
     assert start.body == {"instances": [{"prompt": "a lighthouse at dawn, watercolour"}],
-                          "parameters": {"sampleCount": 1, "durationSeconds": 6}}
+                          "parameters": {"sampleCount": 1, "durationSeconds": 6,
+                                         "storageUri": "gs://fake-bucket/"}}
 
     # a fresh provider (a restarted worker) polls from the event alone
     again = Generation({"gemini": provider(fake)}, ProviderGuard(), PollSchedule())
@@ -159,10 +164,10 @@ def test_the_image_bytes_are_kept_and_a_veo_video_in_its_bucket_is_referenced(
     assert [o.text for o in text.outputs] == ["fake answer"]
 
     started, _ = asyncio.run(gen.run(op("video_generation", VEO, duration_seconds=4,
-                                        output_gcs_uri="gs://fake-bucket/videos/")))
+                                        output_gcs_uri="gs://fake-bucket")))
     assert isinstance(started, VideoStarted)
     [start] = fake.calls("predictLongRunning")
-    assert start.body["parameters"]["storageUri"] == "gs://fake-bucket/videos/"
+    assert start.body["parameters"]["storageUri"] == "gs://fake-bucket"
     done = [asyncio.run(gen.poll(started, n)) for n in (1, 2, 3)][2][0]
     assert isinstance(done, OperationCompleted) and done.success
     [video] = done.outputs
@@ -177,6 +182,17 @@ def test_a_bucket_outside_the_setting_is_refused_before_any_call(fake: FakeGemin
                                     output_gcs_uri="gs://someone-else/videos/")))
     assert isinstance(done, OperationCompleted) and not done.success
     assert "AIPIPE_VIDEO_OUTPUT_BUCKETS" in (done.error_message or "")
+    assert fake.calls("predictLongRunning") == []
+
+
+def test_an_output_gcs_uri_longer_than_a_job_keeps_is_refused_before_any_call(
+    fake: FakeGemini
+) -> None:
+    long = "gs://fake-bucket/" + "v" * 1000
+    with pytest.raises(ProviderError, match="output_gcs_uri has 1017 characters") as raised:
+        asyncio.run(provider(fake).start_video(op("video_generation", VEO,
+                                                  output_gcs_uri=long)))
+    assert (raised.value.status, raised.value.retryable) == (400, False)
     assert fake.calls("predictLongRunning") == []
 
 
