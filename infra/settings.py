@@ -175,6 +175,10 @@ class Settings(BaseSettings):
         "", description="Where outputs are kept: s3://bucket/prefix, gs://…; empty: "
         "AIPIPE_HOME/artifacts."
     )
+    artifact_fsync: bool = Field(
+        False, description="Flush each output stored in a local directory to the disk before "
+        "its operation completes (about 4 times slower to store)."
+    )
     video_output_buckets: str = Field(
         "", description="Cloud Storage buckets a Veo request may name in output_gcs_uri, "
         "comma-separated; empty: none."

@@ -307,7 +307,7 @@ def result(ctx: _Context, wanted: str, wait: bool, timeout: float, out: Path | N
     if out is None or not isinstance(outcome, OperationCompleted):
         return
     out.mkdir(parents=True, exist_ok=True)
-    store = store_from_url(s.artifact_url, s.home)
+    store = store_from_url(s.artifact_url, s.home, s.artifact_fsync)
     stem = file_stem(outcome.operation_id)
     for number, output in enumerate(outcome.outputs):
         name = f"{stem}-{number}{EXTENSIONS.get(output.mime_type, '.bin')}"

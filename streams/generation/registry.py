@@ -28,7 +28,8 @@ from aipipe.streams.generation.stability import StabilityProvider
 
 
 def artifacts_from_settings(settings: Settings) -> ArtifactStore:
-    return store_from_url(settings.artifact_url, settings.home)
+    return store_from_url(settings.artifact_url, settings.home,
+                          settings.artifact_fsync)
 
 
 def _names(value: str) -> tuple[str, ...]:

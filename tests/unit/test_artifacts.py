@@ -167,11 +167,12 @@ def test_a_file_cut_short_at_the_objects_path_is_written_again(
     assert asyncio.run(store.get(artifact.uri)) == data
 
 
-def test_the_local_store_syncs_the_bytes_before_the_rename_and_the_directory_after(
+def test_a_syncing_store_flushes_the_bytes_before_the_rename_and_the_directory_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without an fsync, the rename could reach the disk before the bytes: after a power
-    loss the object's name held an empty or cut file."""
+    """With ``AIPIPE_ARTIFACT_FSYNC``: without an fsync, the rename could reach the disk
+    before the bytes, and after a power loss the object's name held an empty or cut file.
+    Without the setting nothing is flushed (the system does it in its own time)."""
     steps: list[str] = []
     fsync, replace = os.fsync, os.replace
 
@@ -186,8 +187,20 @@ def test_the_local_store_syncs_the_bytes_before_the_rename_and_the_directory_aft
 
     monkeypatch.setattr(artifacts.os, "fsync", synced)
     monkeypatch.setattr(artifacts.os, "replace", renamed)
-    asyncio.run(LocalArtifactStore(tmp_path).put(PNG, "image/png"))
+    asyncio.run(LocalArtifactStore(tmp_path / "a", sync=True).put(PNG, "image/png"))
     assert steps == [f"fsync file of {len(PNG)} bytes", "rename", "fsync directory"]
+    steps.clear()
+    asyncio.run(LocalArtifactStore(tmp_path / "b").put(PNG, "image/png"))
+    assert steps == ["rename"]
+
+
+def test_an_object_whose_bytes_no_longer_match_its_name_is_refused(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    stored = asyncio.run(store.put(PNG, "image/png"))
+    path = Path(stored.uri.removeprefix("file://"))
+    path.write_bytes(PNG[:-1] + b"\x00")  # the same size, other bytes
+    with pytest.raises(ArtifactError, match="is damaged: its bytes no longer match its name"):
+        asyncio.run(store.get(stored.uri))
 
 
 def test_the_url_setting_picks_the_adapter(tmp_path: Path) -> None:
