@@ -11,13 +11,18 @@ CDN) asks two endpoints and redraws without reloading:
 - ``GET /api/operations?client=&from=&to=``: one client's operations (request id, model,
   cost, usage and the outputs of its ``operation.completed``).
 
-Every query is parameterized; parameters are checked first and a bad one gets a 400 with
-one sentence. Reads go where ``aipipe sql`` reads (``aipipe.sqlcmd.analyst_session``): the
-running pipeline's authenticated read endpoint, or the ClickHouse server. When no pipeline
-serves the configured chDB path, each refresh opens it in a child process that exits after
-answering: a process that has opened a chDB path keeps it until it exits, and a pipeline
-started while the page is up must be able to take the path. Money is sent as exact
-decimal text.
+The API answers the page only: a request a browser marks as from another site or origin
+(``Sec-Fetch-Site``), or one without the ``X-Aipipe-UI`` header that the page's script
+sends, gets a 403 before anything is read (another site's page cannot send that header
+without a CORS preflight, which this app never grants). Every query is parameterized;
+parameters are checked first and a bad one gets a 400 with one sentence. Reads go where
+``aipipe sql`` reads (``aipipe.sqlcmd.analyst_session``): the running pipeline's
+authenticated read endpoint, or the ClickHouse server. When no pipeline serves the
+configured chDB path, each refresh opens it in a child process that exits after answering:
+a process that has opened a chDB path keeps it until it exits, and a pipeline started while
+the page is up must be able to take the path. One child runs at a time; a request that
+waits longer than ``CHILD_WAIT_SECONDS`` for it gets a 503. Money is sent as exact decimal
+text.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal, localcontext
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -41,12 +46,14 @@ from typing import Any
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aipipe.consumers.costs.budgets import THRESHOLDS, period_bounds, thresholds_reached
 from aipipe.consumers.costs.store import database_name
@@ -64,12 +71,21 @@ MAX_DAYS = 366
 CHILD_EXIT_SECONDS = 30.0  # a reading child's end, once it has answered or been killed
 # a reading child's start (a fresh interpreter, chDB opened) on top of its queries' own limit
 CHILD_START_SECONDS = 60.0
+# a request's wait for the reading child of another: room for one or two reads ahead of it
+# (15 to 20 s each on 2 busy cores), then a 503 rather than an ever longer queue
+CHILD_WAIT_SECONDS = 45.0
+#: the header the page's script sends on every API call (``static/ui.js``)
+API_HEADER = "X-Aipipe-UI"
 MAX_OPERATIONS = 1000
 Session = Callable[[], AbstractContextManager[Any]]
 
 
 class UiError(AipipeError):
     """The UI cannot start or serve; one sentence."""
+
+
+class Busy(UiError):
+    """Another read holds the chDB path for longer than a request waits; answered with 503."""
 
 
 class BadParam(ValueError):
@@ -129,6 +145,16 @@ def parse_query(args: Mapping[str, str], today: date, *, client_required: bool =
         raise BadParam(f"The range from {start} to {end} is longer than {MAX_DAYS} days; "
                        "choose a shorter one.")
     return Query(start, end, _client(args.get("client"), client_required))
+
+
+def used_percent(spent: Decimal, amount: Decimal) -> Decimal | None:
+    """The share of ``amount`` spent, in percent to one decimal, rounded down: the shown
+    share reaches 80.0, 90.0 or 100.0 exactly when ``thresholds_reached`` says so."""
+    if not amount:
+        return None
+    with localcontext() as floor:
+        floor.rounding = ROUND_FLOOR  # the division too: never rounded up past a threshold
+        return (spent * 100 / amount).quantize(Decimal("0.1"))
 
 
 def usd(value: Any) -> str:
@@ -215,12 +241,12 @@ class CostReader:
                 "AND created_at < {t1:DateTime64(3, 'UTC')}",
                 {"client": name, "t0": _moment(start), "t1": _moment(end)})
             spent = Decimal(spend or 0)
+            share = used_percent(spent, amount)
             out.append({
                 "client_id": name, "period": period, "period_start": start.isoformat(),
                 "period_end": end.isoformat(), "budget_usd": usd(amount),
                 "spend_usd": usd(spent), "remaining_usd": usd(amount - spent),
-                "used_percent": usd((spent * 100 / amount).quantize(Decimal("0.1")))
-                if amount else None,
+                "used_percent": None if share is None else usd(share),
                 "thresholds_reached": thresholds_reached(spent, amount),
                 "over_budget": spent >= amount, "source": source})
         return out
@@ -298,6 +324,34 @@ def _moment(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+def refusal(headers: Headers) -> str | None:
+    """Why an API request is refused (the sentence of its 403), or ``None``: a browser marks
+    a request from another site or origin in ``Sec-Fetch-Site``, and a page elsewhere cannot
+    send ``API_HEADER`` without a CORS preflight, which this app never grants."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return (f"This API answers only the cost page it serves, not a page from another "
+                f"site or origin (Sec-Fetch-Site: {site}).")
+    if API_HEADER not in headers:
+        return (f"API requests must carry the header '{API_HEADER}: 1', as the cost page's "
+                f"own requests do (with curl: -H '{API_HEADER}: 1').")
+    return None
+
+
+class PageOnly:
+    """ASGI middleware: an API request ``refusal`` names gets a 403 before anything is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = refusal(Headers(scope=scope)) if scope["type"] == "http" else None
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await JSONResponse({"error": refused}, status_code=403)(scope, receive, send)
+
+
 def create_app(reads: Callable[..., dict[str, Any]],
                clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                allowed_hosts: list[str] | None = None) -> Starlette:
@@ -309,6 +363,8 @@ def create_app(reads: Callable[..., dict[str, Any]],
             return JSONResponse(call())
         except BadParam as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except Busy as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
         except Exception as exc:  # ClickHouse or the read path: one sentence, 502
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return JSONResponse({"error": f"ClickHouse could not answer: {first}"},
@@ -330,8 +386,8 @@ def create_app(reads: Callable[..., dict[str, Any]],
         if allowed_hosts else []
     return Starlette(routes=[
         Route("/", index),
-        Route("/api/summary", summary),
-        Route("/api/operations", operations),
+        Mount("/api", routes=[Route("/summary", summary), Route("/operations", operations)],
+              middleware=[Middleware(PageOnly)]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], middleware=middleware)
 
@@ -363,18 +419,25 @@ class Reads:
     """Where each request is answered: here, through the pipeline's endpoint or the server;
     in a one-shot child process when the chDB path is not served (see the module's note)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, wait: float = CHILD_WAIT_SECONDS) -> None:
         self.settings = settings
         self.reader = CostReader(lambda: _served(settings), settings.clickhouse_database,
                                  settings)
         self._child = threading.Lock()  # one child (one opener of the path) at a time
+        self.wait = wait
 
     def __call__(self, method: str, *args: Any) -> dict[str, Any]:
         if self.settings.embedded and serving_endpoint(self.settings) is None:
-            with self._child:
+            if not self._child.acquire(timeout=self.wait):
+                raise Busy(f"Another read of the chDB path is still running after "
+                           f"{self.wait:g} s (one runs at a time while no pipeline serves "
+                           "the path); refresh once it ends.")
+            try:
                 return _read_in_child(self.settings, method, args,
                                       self.settings.query_max_execution_seconds
                                       + CHILD_START_SECONDS)
+            finally:
+                self._child.release()
         result: dict[str, Any] = getattr(self.reader, method)(*args)
         return result
 

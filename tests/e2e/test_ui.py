@@ -186,6 +186,11 @@ def _announced_url(process: subprocess.Popen[str], timeout: float) -> str:
     raise AssertionError(f"aipipe ui did not announce its URL:\n{''.join(seen)}")
 
 
+def api(url: str, **headers: str) -> urllib.request.Request:
+    """A request to the UI's API with the header the page's own fetch sends."""
+    return urllib.request.Request(url, headers={"X-Aipipe-UI": "1", **headers})
+
+
 def money(text: str) -> Decimal:
     """The page's "$1,234.50" as a Decimal."""
     assert re.fullmatch(r"\$[\d,]+\.\d{2,9}", text), text
@@ -358,13 +363,33 @@ def test_a_bad_parameter_gets_one_sentence(ui_url: str) -> None:
         ("day=1", "Unknown parameter 'day'; use from, to, client."),
     ):
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(f"{ui_url}api/summary?{query}", timeout=30)
+            urllib.request.urlopen(api(f"{ui_url}api/summary?{query}"), timeout=30)
         assert caught.value.code == 400
         assert json.loads(caught.value.read()) == {"error": sentence}
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(f"{ui_url}api/operations", timeout=30)
+        urllib.request.urlopen(api(f"{ui_url}api/operations"), timeout=30)
     assert json.loads(caught.value.read()) == {
         "error": "'client' is required: the client whose operations to list."}
+
+
+def test_the_api_answers_only_its_own_page(ui_url: str) -> None:
+    """A request a browser marks as from another site, and one without the page's header
+    (what an ``<img>`` or a form on another page can send), get a 403 and one sentence."""
+    summary = f"{ui_url}api/summary"
+    for request, sentence in (
+        (api(summary, **{"Sec-Fetch-Site": "cross-site"}),
+         "This API answers only the cost page it serves, not a page from another site or "
+         "origin (Sec-Fetch-Site: cross-site)."),
+        (urllib.request.Request(summary),
+         "API requests must carry the header 'X-Aipipe-UI: 1', as the cost page's own "
+         "requests do (with curl: -H 'X-Aipipe-UI: 1')."),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert (caught.value.code, json.loads(caught.value.read())) == (403, {"error": sentence})
+    with urllib.request.urlopen(api(summary, **{"Sec-Fetch-Site": "same-origin"}),
+                                timeout=300) as response:
+        assert json.loads(response.read())["total_usd"] == "6.090649567"
 
 
 def test_the_page_loads_nothing_from_elsewhere(ui_url: str) -> None:
@@ -402,7 +427,7 @@ def write_row(path: Path, operation_id: str, cost: str) -> None:
 
 
 def summary(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{url}api/summary", timeout=300) as response:
+    with urllib.request.urlopen(api(f"{url}api/summary"), timeout=300) as response:
         answer: dict[str, Any] = json.loads(response.read())
     return answer
 

@@ -140,7 +140,9 @@ function query(params) {
 }
 
 async function ask(path, params) {
-  const response = await fetch(`${path}?${query(params)}`, {headers: {Accept: "application/json"}});
+  // X-Aipipe-UI: the API answers requests that carry it (a page elsewhere cannot send it)
+  const response = await fetch(`${path}?${query(params)}`,
+                               {headers: {Accept: "application/json", "X-Aipipe-UI": "1"}});
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
