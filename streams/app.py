@@ -293,6 +293,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
     generator = Generation(
         deps.providers, deps.guard or guard_from_settings(settings), poll_schedule(settings),
         deps.clock, report_exception, fallback_slot=gate.fallback_slot,
+        param_limits=gate.rules.params,
     )
     in_flight = settings.generation_max_in_flight
     generation_intake = Intake(maxsize=in_flight, name="generation-agent")

@@ -77,8 +77,12 @@ class Generation:
         report: Report = _no_report,
         artifacts: ArtifactStore | None = None,
         fallback_slot: FallbackSlot = _any_slot,
+        param_limits: ParamLimits | None = None,
     ) -> None:
+        """``param_limits``: what admission holds params to (``AIPIPE_PROMPT_MAX_CHARS``
+        and the rest), which a fallback's params must meet too."""
         self.providers = providers
+        self.param_limits = param_limits or ParamLimits()
         # a slot in the rate limit of the model a fallback runs on (admission took one of
         # the requested model's only): the fallback's own quota holds
         self.fallback_slot = fallback_slot
@@ -219,7 +223,7 @@ class Generation:
         if self.guard.state(target.provider, target.model).status != "closed":
             return f"fallback {name}: its circuit is not closed either"
         problem = params_problem(target.provider, target.operation_type, target.params,
-                                 ParamLimits())
+                                 self.param_limits)
         return None if problem is None else f"fallback {name}: {problem}"
 
     async def poll(self, video: VideoStarted, attempt: int) -> list[Event]:

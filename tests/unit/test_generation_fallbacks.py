@@ -62,7 +62,8 @@ def op(n: int, model: str = "gpt-image-1", kind: str = "image_generation",
     )
 
 
-def generation(fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path) -> Generation:
+def generation(fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path,
+               param_limits: Any = None) -> Generation:
     openai_fake, stability_fake = fakes
     limits = limits_from_toml(LIMITS, parse_limit("60/60s", "x"), "limits.toml")
     guard = ProviderGuard(
@@ -74,7 +75,8 @@ def generation(fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path) -> Gener
         "openai": OpenAIProvider(api_key=SecretStr("k"), base_url=openai_fake.base_url),
         "stability": StabilityProvider(api_key=SecretStr("k"), base_url=stability_fake.base_url),
     }
-    return Generation(providers, guard, PollSchedule(), artifacts=LocalArtifactStore(tmp_path))
+    return Generation(providers, guard, PollSchedule(), artifacts=LocalArtifactStore(tmp_path),
+                      param_limits=param_limits)
 
 
 def test_with_the_model_down_operations_complete_on_the_fallback_and_say_so(
@@ -121,6 +123,27 @@ def test_a_fallback_that_cannot_take_the_params_is_passed_over(
     assert (done.provider, done.model, done.cost_usd) == ("stability", "stable-image-core", 0)
     assert "params.quality' is not taken by stability" in (done.error_message or "")
     assert stability_fake.requests == []
+
+
+def test_a_fallback_is_held_to_the_operators_limits_not_the_defaults(
+    fakes: tuple[FakeOpenAI, FakeStability], tmp_path: Path
+) -> None:
+    """With AIPIPE_PROMPT_MAX_CHARS raised, admission takes a longer prompt, and so does
+    the fallback (it was held to the default 8,000 characters and refused every one)."""
+    from aipipe.streams.admission.params import ParamLimits
+
+    openai_fake, stability_fake = fakes
+    openai_fake.take_down("images", 503)
+    long = op(1)
+    long = long.model_copy(update={"params": {**long.params, "prompt": "a lighthouse " * 800}})
+    raised = generation(fakes, tmp_path, ParamLimits(prompt_max_chars=20_000))
+    [*_, done] = asyncio.run(raised.run(long))
+    assert isinstance(done, OperationCompleted) and done.success
+    assert (done.provider, done.model) == ("stability", "stable-image-ultra")
+    [*_, refused] = asyncio.run(generation(fakes, tmp_path / "d").run(long))
+    assert isinstance(refused, OperationCompleted) and not refused.success
+    assert "must be a string of 1 to 8000 characters" in (refused.error_message or "")
+    assert len(stability_fake.requests) == 1
 
 
 def test_a_permanent_error_does_not_fall_back(
