@@ -91,8 +91,14 @@ def seconds_choice(field: str, value: Any, limits: ParamLimits) -> str | None:
     return one_of(*allowed)(field, value, limits)
 
 
+# what a started video's job keeps of it, to check the provider's answer against
+# (``streams.generation.complete.MAX_PROVIDER_TEXT``): longer, Gemini refuses it at the call
+GCS_URI_MAX_CHARS = 1000
+
+
 def gcs_uri(field: str, value: Any, limits: ParamLimits) -> str | None:
-    if isinstance(value, str) and value.startswith("gs://") and 5 < len(value) <= 1024:
+    if isinstance(value, str) and value.startswith("gs://") and \
+            5 < len(value) <= GCS_URI_MAX_CHARS:
         allowed = limits.video_output_buckets
         bucket = value[5:].split("/", 1)[0]
         if allowed is None or bucket in allowed:
@@ -100,7 +106,8 @@ def gcs_uri(field: str, value: Any, limits: ParamLimits) -> str | None:
         listed = ", ".join(allowed) or "none"
         return (f"Field '{field}' names bucket {shown(bucket, 60)}, which this pipeline may "
                 f"not write to (AIPIPE_VIDEO_OUTPUT_BUCKETS: {listed}); leave it out.")
-    return (f"Field '{field}' must be a gs://bucket/path URI of at most 1024 characters, not "
+    return (f"Field '{field}' must be a gs://bucket/path URI of at most {GCS_URI_MAX_CHARS} "
+            f"characters, not "
             f"{_what(value)}; name a Cloud Storage folder or leave it out.")
 
 

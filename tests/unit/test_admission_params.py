@@ -63,6 +63,9 @@ def test_what_the_provider_reads_is_accepted(provider: str, kind: str,
      "from 1 to 8 (AIPIPE_VIDEO_MAX_SECONDS), not 9"),
     ("simulated", "video_generation", {**P, "duration_seconds": 8.5}, "not 8.5"),
     ("gemini", "video_generation", {**P, "output_gcs_uri": "s3://b/k"}, "gs://bucket/path URI"),
+    # longer than a started video's job keeps to check the answer against
+    ("gemini", "video_generation", {**P, "output_gcs_uri": "gs://bucket/" + "v" * 989},
+     "gs://bucket/path URI of at most 1000 characters, not a string of 1001 characters"),
     ("simulated", "image_generation", {**P, "simulate": {"latency_ms": 3_600_000}},
      "'params.simulate.latency_ms' must be a whole number from 0 to 5000 "
      "(AIPIPE_SIMULATED_MAX_LATENCY_MS)"),
