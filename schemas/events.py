@@ -420,6 +420,9 @@ class VideoStarted(Event):
     # set when the requested model's circuit was open and a fallback started the video:
     # {requested, ran, reason, tried}, repeated in the completion's metadata
     fallback: JsonObject | None = None
+    # the run of the generation step that started it (2 and more follow interrupted
+    # attempts), which the video's completion carries as its own ``attempt``
+    attempt: Positive = 1
 
 
 class ProviderCircuitOpened(Event):

@@ -380,7 +380,7 @@ def create_app(settings: Settings, deps: StreamDeps) -> faust.App:
             attempt = await begin_attempt(event, operation, key)
             # never raises for the operation: a failure is a failed completion
             events = [e.model_copy(update={"attempt": attempt})
-                      if isinstance(e, OperationCompleted) else e
+                      if isinstance(e, OperationCompleted | VideoStarted) else e
                       for e in await generator.run(operation)]
             sent = await emit_generated(events, "generation")
             # done only once the broker has its events (see admit)

@@ -86,8 +86,8 @@ def after_poll(
     def finish(result: ProviderResult) -> list[Event]:
         if started.fallback is not None:
             result = replace(result, metadata={**result.metadata, "fallback": started.fallback})
-        return [completed(started, result, prices, duration_ms, now, poll_count=attempt),
-                polled(final=True)]
+        done = completed(started, result, prices, duration_ms, now, poll_count=attempt)
+        return [done.model_copy(update={"attempt": started.attempt}), polled(final=True)]
 
     if isinstance(outcome, VideoStatus) and outcome.done:
         if outcome.error_message is None:

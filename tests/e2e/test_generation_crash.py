@@ -1,14 +1,17 @@
 """A generation worker SIGKILLed with many provider calls in flight.
 
-60 operations of 3 s each run at once on one ``aipipe run`` process, which is killed
-while they are inside the (simulated) provider, then started again. Every operation
-must end with exactly one completion and one cost row; every attempt that the kill
-interrupted is recorded as ``operation.interrupted`` (the provider may have billed it),
-and the completion of such an operation says it was attempt 2; no output is stored
-twice (the artifact store is content-addressed).
+60 operations of 3 s each (54 images, and 6 videos whose start takes the 3 s) run at once
+on one ``aipipe run`` process, which is killed while they are inside the (simulated)
+provider, then started again. Every operation must end with exactly one completion and one
+cost row; every attempt that the kill interrupted is recorded as ``operation.interrupted``
+(the provider may have billed it), and the completion of such an operation says it was
+attempt 2 (a video's too, which comes from its polls); no output is stored twice (the
+artifact store is content-addressed).
 """
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -52,10 +55,11 @@ def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_
     })
     prepare_topics(settings)
     requests = [
-        OperationRequested(
+        OperationRequested(  # every tenth a video, whose start takes the 3 s
             request_id=f"r{i}", client_id=f"client-{i % CLIENTS}",
-            operation_type="image_generation", provider="simulated",
-            model="gemini-2.5-flash-image",
+            operation_type="video_generation" if i % 10 == 9 else "image_generation",
+            provider="simulated",
+            model="veo-3.0-fast-generate-001" if i % 10 == 9 else "gemini-2.5-flash-image",
             params={"prompt": "p", "simulate": {"latency_ms": 3000}},
         )
         for i in range(N)
@@ -72,12 +76,13 @@ def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_
 
         wait_for(all_admitted, 120, "every request admitted")
 
-        def calls_running() -> bool:  # an attempt recorded and not completed: in a call
+        def calls_running() -> bool:  # every attempt recorded, not all completed: in calls
             ledger.poll()
-            return started_marks(settings) > ledger.completed()
+            return started_marks(settings) >= N
 
-        # (the decisions can all be out before generation has fetched any of them)
-        wait_for(calls_running, 60, "provider calls running")
+        # (the decisions can all be out before generation has fetched any of them; all 60
+        # start within the first call's 3 s, so the videos are among those cut short)
+        wait_for(calls_running, 60, "every provider call running")
         assert ledger.completed() < N  # the calls are still running
         worker.kill()
         in_flight = N - ledger.completed()
@@ -95,6 +100,9 @@ def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_
                        if e.get("event_type") == "operation.interrupted"]
         again = {e["operation_id"] for e in completions if e["attempt"] == 2}
         assert again, "the kill interrupted no call"
+        videos = {e["operation_id"] for e in completions
+                  if e["operation_type"] == "video_generation"}
+        assert len(videos) == N // 10 and videos & again, "the kill interrupted no video"
         assert {e["operation_id"] for e in interrupted} == again
         assert all(e["attempt"] == 1 for e in interrupted)
         assert len(again) <= in_flight
@@ -103,9 +111,13 @@ def test_a_worker_killed_mid_call_completes_each_operation_once_and_records_the_
         stored = [p.stem for p in (settings.home / "artifacts").rglob("*")
                   if p.is_file() and len(p.stem) == 64]  # not a temp file a kill left
         assert sorted(stored) == sorted(digests)  # one file per content, none twice
+        expected: dict[str, tuple[Decimal, int]] = {}
+        for e in completions:  # (one each: the ledger found no problem)
+            total, count = expected.get(str(e["client_id"]), (Decimal(0), 0))
+            expected[str(e["client_id"])] = (total + Decimal(str(e["cost_usd"])), count + 1)
     except BaseException:
         worker.kill()
         raise
     finally:
         ledger.close()
-    costs_settled(settings, worker, requests=N, clients=CLIENTS)
+    costs_settled(settings, worker, requests=N, clients=CLIENTS, expected=expected)

@@ -179,3 +179,13 @@ def _started() -> VideoStarted:
     return VideoStarted(request_id="r1", client_id="acme", operation_id="op-1", requested_at=T0,
                         provider="gemini", model="veo-3.0-generate-001",
                         provider_operation="projects/p/operations/1", occurred_at=T0)
+
+
+def test_a_video_started_by_a_second_attempt_completes_as_that_attempt() -> None:
+    """A re-run after a crash starts its video as attempt 2; the completion, which comes
+    from the polls, says so (it said 1, and `attempt > 1` missed re-run videos)."""
+    started = _started().model_copy(update={"attempt": 2})
+    [done, _] = after_poll(started, 3, VideoStatus(done=True), PollSchedule(), PRICES, T0)
+    assert isinstance(done, OperationCompleted) and done.attempt == 2
+    [first, _] = after_poll(_started(), 3, VideoStatus(done=True), PollSchedule(), PRICES, T0)
+    assert isinstance(first, OperationCompleted) and first.attempt == 1
