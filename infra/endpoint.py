@@ -18,6 +18,8 @@ from urllib.parse import quote
 ENDPOINT_FILE = "query-endpoint.json"
 #: the ``quota_key`` of admission's budget lookups: they get the endpoint's own slots
 ADMISSION_QUOTA_KEY = "aipipe-admission"
+#: the header that, with the endpoint's admission key, gives that quota key its slots
+ADMISSION_KEY_HEADER = "X-Aipipe-Admission-Key"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class Endpoint:
     user: str
     password: str = field(repr=False)
     chdb_path: str = ""
+    # with ``quota_key=ADMISSION_QUOTA_KEY``, puts a lookup in admission's own slots
+    # (``ADMISSION_KEY_HEADER``): the quota key alone is any reader's to send
+    admission_key: str = field(default="", repr=False)
 
     def serves(self, chdb_path: Path | str) -> bool:
         return os.path.realpath(str(chdb_path)) == self.chdb_path
@@ -60,7 +65,7 @@ def read_endpoint(home: Path, timeout: float = 2.0) -> Endpoint | None:
     try:
         data = json.loads((home / ENDPOINT_FILE).read_text())
         endpoint = Endpoint(str(data["url"]), str(data["user"]), str(data["password"]),
-                            str(data.get("chdb_path", "")))
+                            str(data.get("chdb_path", "")), str(data.get("admission_key", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     request = urllib.request.Request(

@@ -7,18 +7,27 @@ that clickhouse-connect, curl and the ClickHouse JDBC driver work unchanged.
 - **Who**: one user (``reader``) with a password generated at start and published with
   the URL in ``$AIPIPE_HOME/query-endpoint.json`` (mode 0600). Credentials are taken as
   ClickHouse takes them: HTTP basic auth, ``X-ClickHouse-User``/``X-ClickHouse-Key``, or
-  ``user``/``password`` parameters; anything else gets ClickHouse's code 516. A request
-  whose ``Host`` (or ``Origin``) is not a loopback name is refused (code 195), so a web
-  page cannot reach the endpoint through DNS rebinding.
+  ``user``/``password`` parameters; anything else gets ClickHouse's code 516, decided
+  before any of the body is kept or decompressed. A request whose ``Host`` (or ``Origin``)
+  is not a loopback name is refused (code 195), so a web page cannot reach the endpoint
+  through DNS rebinding.
 - **What**: ``aipipe.infra.readonly`` decides with the engine's own parser; what runs is the
   engine's rendering of the checked tree, on a chDB connection whose limits are set
   before ``readonly = 1`` (which then forbids every write and settings change).
 - **How much**: execution time, memory, rows read, result rows and bytes, threads,
-  request body size and concurrent queries are bounded by ``Limits``; a client may lower
-  a limit in its URL, never raise it. Row formats stream to the socket as the engine
-  produces blocks; a client that disconnects has its query killed. Budget lookups from
-  admission (``quota_key=aipipe-admission``) have their own slots, so an analyst's
-  queries never hold them up.
+  request body size (compressed and decompressed) and concurrent queries are bounded by
+  ``Limits``; a client may lower a limit in its URL, never raise it. A query's time
+  includes sending its result: a client that reads too slowly is cut off at
+  ``max_execution_time`` and its slot freed. Row formats stream to the socket as the
+  engine produces blocks; a client that disconnects has its query killed. Open
+  connections are capped (``max_connections``; the next is answered 503, code 202).
+  Budget lookups from admission (``quota_key=aipipe-admission`` with the server's
+  ``admission_key`` in ``X-Aipipe-Admission-Key``) have their own slots, so an analyst's
+  queries never hold them up; the quota key alone gets an analyst's slot.
+- **Settings**: output settings by name (``_OUTPUT_SETTINGS``: plain values, never a file,
+  URL or schema) and lowered limits; anything else is code 164 unless it asks for the
+  value in force. The default database is never ``system`` (in any case), and its name
+  reaches the engine as a query parameter, quoted by the engine.
 - **Protocol**: ``query`` parameter and body (gzip/deflate ``Content-Encoding``), or a
   ``multipart/form-data`` body of fields as ClickHouse reads one (``aipipe.infra.formdata``):
   the URL's ``query`` followed by each ``query`` field, ``param_*`` fields after the URL's
@@ -42,19 +51,24 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import http.client
+import io
 import json
 import os
+import re
 import secrets
-import select
+import selectors
 import socket
+import struct
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import cramjam
@@ -62,6 +76,7 @@ import structlog
 
 from aipipe.infra.chcompress import TooLarge, compress_blocks, decompress_blocks
 from aipipe.infra.endpoint import (
+    ADMISSION_KEY_HEADER,
     ADMISSION_QUOTA_KEY,
     Endpoint,
     publish_endpoint,
@@ -92,8 +107,9 @@ READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXIS
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 _AUTH, _IP_NOT_ALLOWED, _TOO_MANY, _TOO_MANY_BYTES, _UNKNOWN_DB = 516, 195, 202, 307, 81
+_TIMEOUT, _CORRUPTED = 159, 246
 # As ClickHouse maps them (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp), except that a
-# refused write is 403 here; everything else is 500.
+# refused write is 403 and a malformed body 400 here; everything else is 500.
 _HTTP_STATUS = {
     _AUTH: 401,
     _IP_NOT_ALLOWED: 403,
@@ -109,7 +125,8 @@ _HTTP_STATUS = {
     _TOO_MANY: 503,
     _TOO_MANY_BYTES: 413,
     LIMIT_EXCEEDED: 413,
-    159: 408,  # TIMEOUT_EXCEEDED
+    _TIMEOUT: 408,
+    _CORRUPTED: 400,
 }
 # Names chDB's Python layer turns into Python objects instead of engine output.
 _PYTHON_FORMATS = frozenset({"dataframe", "datastore", "arrowtable"})
@@ -139,17 +156,90 @@ _PROTOCOL_PARAMS = frozenset({
     "http_native_compression_disable_checksumming_on_decompress",
     "add_http_cors_header", "extremes", "readonly",
 })
-# Settings a client may change: output shape only.
-_SAFE_SETTING_PREFIXES = ("output_format_", "format_", "date_time_output_format",
-                          "session_timezone", "join_use_nulls", "max_block_size",
-                          "totals_mode", "use_client_time_zone", "allow_experimental_",
-                          "enable_analyzer", "allow_suspicious_", "union_default_mode")
+# Settings a client may change: the shape of the output, by name, each a plain value. Never
+# a name that takes a path, a URL or a schema (``format_template_row``, ``format_schema``,
+# ``output_format_schema``, ``format_avro_schema_registry_url``): the engine would read or
+# write that file, or reach that host, for the client.
+_OUTPUT_SETTINGS = frozenset({
+    # text of values
+    "date_time_output_format", "session_timezone", "use_client_time_zone",
+    "output_format_decimal_trailing_zeros", "output_format_trim_fixed_string",
+    "output_format_values_escape_quote_with_quote", "output_format_write_statistics",
+    "output_format_markdown_escape_special_characters",
+    # JSON
+    "output_format_json_quote_64bit_integers", "output_format_json_quote_64bit_floats",
+    "output_format_json_quote_denormals", "output_format_json_quote_decimals",
+    "output_format_json_escape_forward_slashes", "output_format_json_named_tuples_as_objects",
+    "output_format_json_array_of_rows", "output_format_json_validate_utf8",
+    "output_format_json_pretty_print", "output_format_json_map_as_array_of_tuples",
+    "output_format_json_skip_null_value_in_named_tuples",
+    # CSV, TSV, CustomSeparated, Template (inline strings, not the files)
+    "output_format_csv_crlf_end_of_line", "output_format_tsv_crlf_end_of_line",
+    "format_csv_delimiter", "format_csv_null_representation", "format_tsv_null_representation",
+    "format_custom_escaping_rule", "format_custom_field_delimiter",
+    "format_custom_row_before_delimiter", "format_custom_row_after_delimiter",
+    "format_custom_row_between_delimiter", "format_custom_result_before_delimiter",
+    "format_custom_result_after_delimiter", "format_template_row_format",
+    "format_template_resultset_format", "format_template_rows_between_delimiter",
+    # Pretty
+    "output_format_pretty_max_rows", "output_format_pretty_max_column_pad_width",
+    "output_format_pretty_max_value_width", "output_format_pretty_color",
+    "output_format_pretty_grid_charset", "output_format_pretty_row_numbers",
+    "output_format_pretty_display_footer_column_names",
+    # binary formats
+    "output_format_arrow_string_as_string", "output_format_arrow_low_cardinality_as_dictionary",
+    "output_format_arrow_fixed_string_as_fixed_byte_array",
+    "output_format_arrow_compression_method", "output_format_parquet_string_as_string",
+    "output_format_parquet_compression_method", "output_format_orc_string_as_string",
+    "output_format_native_encode_types_in_binary_format",
+    "output_format_native_write_json_as_string",
+    "output_format_binary_encode_types_in_binary_format",
+    "output_format_binary_write_json_as_string",
+    # SQLInsert
+    "output_format_sql_insert_max_batch_size", "output_format_sql_insert_table_name",
+    "output_format_sql_insert_include_column_names", "output_format_sql_insert_use_replace",
+    "output_format_sql_insert_quote_names",
+    # shape of the result
+    "join_use_nulls", "max_block_size", "totals_mode", "union_default_mode",
+})
 _CHUNK = 64 * 1024
+_MAX_LINE, _MAX_TRAILERS = 4096, 64  # of a chunked request body's framing
+_MAX_HEAD = 64 * 1024  # a request's header lines, all together
+_HEX_SIZE, _LENGTH = re.compile(rb"[0-9A-Fa-f]{1,16}"), re.compile(r"[0-9]{1,18}")
+_ERROR_SECONDS = 1.0  # to write an error into a stream whose query ran out of time
 _BOOLS = {"true": "1", "false": "0"}
 
 
 class QueryServerError(AipipeError):
     """The read endpoint could not start; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a query's time is up: ``max_execution_time`` after it got its slot, whatever it
+    waits on. The engine's own limit does not see a client that reads slowly: chDB pauses
+    a stream while the socket is full, and the query sits in its slot."""
+
+    seconds: float
+    at: float  # on time.monotonic()
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline | None:
+        return cls(seconds, time.monotonic() + seconds) if seconds > 0 else None
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise QueryError(_TIMEOUT, f"Timeout exceeded: elapsed "
+                             f"{self.seconds - self.left():.3f} seconds, maximum: "
+                             f"{self.seconds:g}, the time the client took to read the result "
+                             "included.")
+
+
+def _malformed(message: str) -> QueryError:
+    return QueryError(_CORRUPTED, message)
 
 
 @dataclass(frozen=True)
@@ -166,6 +256,8 @@ class Limits:
     max_concurrent: int = 4
     admission_concurrent: int = 2
     queue_seconds: float = 2.0
+    # open connections, idle or not (a thread each); more are answered 503 and closed
+    max_connections: int = 64
     # a multipart/form-data body: ClickHouse's http_max_field_value_size (128 KiB, one byte
     # more let through, which clickhouse-connect sizes its form query to); fields far fewer
     max_form_fields: int = 1000
@@ -198,9 +290,10 @@ class Limits:
 def effective_settings(limits: Limits, asked: Mapping[str, str],
                        current: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings a query runs with: the server's limits, lowered (never raised) by the
-    client, and the output settings the client asked for. Anything else is refused as
-    ClickHouse refuses it in readonly mode, unless it asks for the value already in force
-    (what drivers send by default, e.g. ``async_insert=0``); an unknown name is code 115."""
+    client, and the output settings (``_OUTPUT_SETTINGS``, by name) the client asked for.
+    Anything else is refused as ClickHouse refuses it in readonly mode, unless it asks for
+    the value already in force (what drivers send by default, e.g. ``async_insert=0``); an
+    unknown name is code 115."""
     out: dict[str, str] = {}
     bounds = limits.engine_settings()
     for name, value in asked.items():
@@ -221,11 +314,10 @@ def effective_settings(limits: Limits, asked: Mapping[str, str],
         elif name in _PROTOCOL_PARAMS or name.startswith(("param_", "async_insert",
                                                             "wait_for_async_insert")):
             continue  # protocol, or insert-only settings drivers send: no effect on reads
-        elif name.startswith(_SAFE_SETTING_PREFIXES) and "file" not in name and (
-                "schema" not in name):
-            out[name] = value
         elif current is not None and name not in current:
             raise QueryError(115, f"Unknown setting '{name}'.")
+        elif name in _OUTPUT_SETTINGS:
+            out[name] = value
         elif current is None or _BOOLS.get(value.lower(), value) != current[name]:
             raise QueryError(READONLY, f"Cannot modify '{name}' setting in readonly mode.")
     for name, bound in bounds.items():
@@ -242,6 +334,7 @@ class _Running:
     stream: Any
     tag: str
     max_bytes: int = 0
+    deadline: Deadline | None = None
     summary: dict[str, int] = field(default_factory=lambda: {"read_rows": 0, "read_bytes": 0,
                                                                "result_bytes": 0})
     elapsed: float = 0.0
@@ -297,8 +390,12 @@ class ReadEngine:
         """A place to run: analysts share ``max_concurrent``, admission has its own."""
         slots = self._admission if admission else self._slots
         if not slots.acquire(timeout=self.limits.queue_seconds):
-            raise QueryError(_TOO_MANY, f"Too many simultaneous queries: the read endpoint runs "
-                             f"{self.limits.max_concurrent} at once; retry shortly.")
+            limits = self.limits
+            who = (f"admission's budget lookups run {limits.admission_concurrent} at once, in "
+                   "slots of their own," if admission else f"the read endpoint runs "
+                   f"{limits.max_concurrent} at once (besides admission's budget lookups),")
+            raise QueryError(_TOO_MANY, f"Too many simultaneous queries: {who} and none ended "
+                             f"within {limits.queue_seconds:g} s; retry shortly.")
         try:
             yield
         finally:
@@ -306,9 +403,10 @@ class ReadEngine:
 
     @contextlib.contextmanager
     def connection(self, settings: Mapping[str, str], database: str) -> Iterator[tuple[Any, str]]:
-        if database in SYSTEM_DATABASES:
-            raise QueryError(ACCESS_DENIED, f"Database {database} is not readable as the default "
-                             "database here; name the allowed system tables in the query.")
+        """A connection whose default database is ``database``: never ``system`` (its
+        unqualified names would skip the check of ``system.<table>``)."""
+        if database.lower() in SYSTEM_DATABASES:
+            raise _system_default(database)
         key = json.dumps([sorted(settings.items()), database])
         with self._lock:
             if self._closed:
@@ -318,11 +416,15 @@ class ReadEngine:
         if pooled is None:
             tag = f"aipipe-read-{uuid.uuid4().hex}"
             conn = self._connect(settings, tag)
-            try:
-                conn.query(f"USE `{database}`", "TabSeparated")
+            try:  # the engine quotes the name (a parameter), and says where it went
+                conn.query("USE {db:Identifier}", "TabSeparated", params={"db": database})
+                current = conn.query("SELECT currentDatabase()", "TabSeparatedRaw").bytes()
             except Exception as exc:
                 conn.close()
                 raise QueryError(_UNKNOWN_DB, f"Database {database} does not exist.") from exc
+            if current.decode().strip().lower() in SYSTEM_DATABASES:
+                conn.close()
+                raise _system_default(database)
             pooled = (conn, tag)
         keep = False
         try:
@@ -336,16 +438,19 @@ class ReadEngine:
                     pooled[0].close()
 
     def start(self, conn: Any, tag: str, verdict: Verdict, fmt: str,
-              params: Mapping[str, str], max_bytes: int) -> _Running:
+              params: Mapping[str, str], max_bytes: int,
+              deadline: Deadline | None = None) -> _Running:
         try:
             stream = conn.send_query(verdict.sql, fmt, params=dict(params))
         except Exception as exc:
             raise QueryError.from_engine(exc) from exc
-        return _Running(stream, tag, max_bytes)
+        return _Running(stream, tag, max_bytes, deadline)
 
     def chunks(self, running: _Running) -> Iterator[bytes]:
         """The result's blocks as the engine produces them; engine errors as QueryError."""
         while True:
+            if running.deadline is not None:
+                running.deadline.check()
             try:
                 chunk = running.stream.fetch()
             except Exception as exc:
@@ -393,6 +498,11 @@ class ReadEngine:
         self._owner.close()
 
 
+def _system_default(database: str) -> QueryError:
+    return QueryError(ACCESS_DENIED, f"Database {database} is not readable as the default "
+                      "database here; name the allowed system tables in the query.")
+
+
 # -- HTTP --------------------------------------------------------------------------------
 
 
@@ -405,6 +515,20 @@ class _Gone(Exception):
     """The client closed its connection."""
 
 
+class _HeadBudget:
+    """The request's ``rfile`` while its headers are read: ``left`` bytes in all."""
+
+    def __init__(self, rfile: Any, left: int) -> None:
+        self._rfile, self._left = rfile, left
+
+    def readline(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"headers past {_MAX_HEAD} bytes")
+        line: bytes = self._rfile.readline(self._left if size < 0 else min(size, self._left))
+        self._left -= len(line)
+        return line
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "aipipe-queryserver"
@@ -414,10 +538,22 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     engine: ReadEngine
     password: str
+    admission_key: str
+    _pending_body = False
+    _deadline: Deadline | None = None
 
     def handle(self) -> None:
         with contextlib.suppress(ConnectionError):  # a client that hung up between requests
             super().handle()
+
+    def parse_request(self) -> bool:
+        # http.server alone takes 100 header lines of 64 KiB, from anyone, per connection
+        rfile = self.rfile
+        self.rfile = cast(io.BufferedIOBase, _HeadBudget(rfile, _MAX_HEAD))
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = rfile
 
     def do_GET(self) -> None:
         self._handle(get=True)
@@ -426,25 +562,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(get=False)
 
     def _body(self, native: bool = False) -> bytes:
+        """The request body, decoded, never more than ``max_body_bytes`` at any step."""
         limit = self.engine.limits.max_body_bytes
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks, total = [], 0
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                total += size
-                if total > limit:
-                    self.close_connection = True
-                    raise self._too_big(total)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline().strip():  # trailers
-                pass
-            body = b"".join(chunks)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self._chunked(limit)
         else:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > limit:
-                self.close_connection = True  # the unread body would be read as a request
-                raise self._too_big(length)
-            body = self.rfile.read(length)
+            length = self.headers.get("Content-Length", "").strip() or "0"
+            if not _LENGTH.fullmatch(length):
+                raise _malformed(f"Content-Length {length[:40]!r} is not a number of bytes.")
+            if int(length) > limit:
+                raise self._too_big(int(length))
+            body = self.rfile.read(int(length))
+            if len(body) < int(length):
+                raise _Gone()
+        self._pending_body = False
         encoding = self.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("gzip", "deflate", "x-gzip"):
             inflater = zlib.decompressobj(47)  # gzip or zlib, by the header
@@ -453,14 +584,18 @@ class _Handler(BaseHTTPRequestHandler):
             except zlib.error as exc:
                 raise QueryError(354, f"Cannot decompress the request body ({exc}).") from None
             if len(body) > limit or inflater.unconsumed_tail:
-                raise self._too_big(len(body))
+                raise self._too_big()
         elif encoding == "lz4":  # what clickhouse-connect sends (an LZ4 frame: at most ~255x)
+            out = bytearray(limit + 1)  # where it stops: never more than this is written
             try:
-                body = bytes(cramjam.lz4.decompress(body))
+                size = cramjam.lz4.decompress_into(body, out)
             except cramjam.DecompressionError as exc:
+                if "whole buffer" in str(exc):  # it did not fit in limit + 1 bytes
+                    raise self._too_big() from None
                 raise QueryError(354, f"Cannot decompress the request body ({exc}).") from None
-            if len(body) > limit:
-                raise self._too_big(len(body))
+            if size > limit:
+                raise self._too_big()
+            body = bytes(out[:size])
         elif encoding not in ("", "identity"):
             raise QueryError(NOT_IMPLEMENTED, f"Content-Encoding {encoding} is not supported; "
                              "send gzip, deflate or lz4.")
@@ -471,9 +606,63 @@ class _Handler(BaseHTTPRequestHandler):
                 raise self._too_big(exc.size) from None
         return body
 
-    def _too_big(self, size: int) -> QueryError:
-        return QueryError(_TOO_MANY_BYTES, f"The request body ({size} bytes) is larger than the "
-                          f"read endpoint's limit of {self.engine.limits.max_body_bytes} bytes.")
+    def _chunked(self, limit: int) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body of at most ``limit`` bytes; every line of
+        its framing at most ``_MAX_LINE`` bytes, and at most ``_MAX_TRAILERS`` trailers."""
+        chunks, total = [], 0
+        while size := self._chunk_size():
+            total += size
+            if total > limit:
+                raise self._too_big(total)
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise _Gone()
+            chunks.append(data)
+            if self.rfile.read(2) != b"\r\n":
+                raise _malformed("A chunk of the chunked body does not end with CRLF.")
+        for _ in range(_MAX_TRAILERS):
+            if not self._line().strip():
+                return b"".join(chunks)
+        raise _malformed(f"The chunked body has more than {_MAX_TRAILERS} trailer lines.")
+
+    def _chunk_size(self) -> int:
+        size = self._line().split(b";", 1)[0].strip()
+        if not _HEX_SIZE.fullmatch(size):
+            raise _malformed("Unexpected data instead of HTTP chunk header.")
+        return int(size, 16)
+
+    def _line(self) -> bytes:
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if not line:
+            raise _Gone()
+        if not line.endswith(b"\n"):
+            raise _malformed(f"A line of the chunked body's framing is longer than {_MAX_LINE} "
+                             "bytes.")
+        return line
+
+    def _skip_body(self) -> None:
+        """Read and drop a body that was not read, up to the limit and never kept, so that a
+        refusal reaches the client (closing on unread data resets the connection); a larger
+        or chunked one closes the connection after the reply instead."""
+        if not self._pending_body:
+            return
+        length = self.headers.get("Content-Length", "").strip()
+        closing, self.close_connection = self.close_connection, True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or not (
+                _LENGTH.fullmatch(length) and int(length) <= self.engine.limits.max_body_bytes):
+            return
+        left = int(length)
+        with contextlib.suppress(OSError):
+            while left > 0 and (piece := self.rfile.read(min(left, _CHUNK))):
+                left -= len(piece)
+        if left == 0:
+            self._pending_body, self.close_connection = False, closing
+
+    def _too_big(self, size: int | None = None) -> QueryError:
+        what = f"The request body ({size} bytes)" if size is not None else (
+            "The request body, decompressed,")
+        return QueryError(_TOO_MANY_BYTES, f"{what} is larger than the read endpoint's limit of "
+                          f"{self.engine.limits.max_body_bytes} bytes.")
 
     def _user(self, params: Mapping[str, str]) -> tuple[str, str]:
         auth = self.headers.get("Authorization", "")
@@ -492,6 +681,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         params = dict(parse_qsl(url.query, keep_blank_values=True))
         query_id = params.get("query_id") or str(uuid.uuid4())
+        # a body left unread would be taken for the next request: such a reply closes
+        self._pending_body = "chunked" in self.headers.get("Transfer-Encoding", "").lower() or (
+            self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        self._deadline = None
         try:
             if not _loopback(self.headers.get("Host", "")) or (
                     "Origin" in self.headers and not _loopback(self.headers["Origin"])):
@@ -504,11 +697,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if url.path not in ("", "/"):
                 raise QueryError(NOT_IMPLEMENTED, f"No handler for {url.path}.")
-            body = b"" if get else self._body(_flag(params, "decompress"))
+            # who asks comes from the URL and the headers: nothing of the body is read, let
+            # alone decompressed, for a client without the password
             user, key = self._user(params)
             if user != USER or not hmac.compare_digest(key.encode(), self.password.encode()):
                 raise QueryError(_AUTH, f"{user or 'default'}: Authentication failed: password "
                                  "is incorrect, or there is no user with such name.")
+            body = b"" if get else self._body(_flag(params, "decompress"))
             self._query(params, body, query_id)
         except QueryError as exc:
             self._error(exc, query_id)
@@ -537,9 +732,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise QueryError(UNKNOWN_FORMAT, f"Unknown output format {fmt}.")
         database = (self.headers.get("X-ClickHouse-Database") or params.get("database")
                     or "default")
-        admission = params.get("quota_key") == ADMISSION_QUOTA_KEY
-        if admission:  # budget lookups: short, and never queued behind analysts
+        lookup = params.get("quota_key") == ADMISSION_QUOTA_KEY
+        if lookup:  # budget lookups: short
             settings["max_execution_time"] = str(min(float(settings["max_execution_time"]), 10))
+        # and never queued behind analysts, when they carry the key only this process and
+        # the workers it tells have (the quota key alone is anyone's to send)
+        admission = lookup and hmac.compare_digest(
+            self.headers.get(ADMISSION_KEY_HEADER, "").encode(), self.admission_key.encode())
         headers = {
             "Content-Type": _CONTENT_TYPES.get(fmt, "application/octet-stream"),
             "X-ClickHouse-Format": fmt,
@@ -550,16 +749,26 @@ class _Handler(BaseHTTPRequestHandler):
         gzip = self._compression(params)
         native = _flag(params, "compress")
         with self.engine.slot(admission), self.engine.connection(settings, database) as (conn, tag):
-            streamed = fmt.lower() in _STREAMED and params.get("wait_end_of_query") != "1"
-            if not streamed:
-                data, summary, elapsed = self.engine.whole(conn, verdict, fmt, binds)
-                headers["X-ClickHouse-Summary"] = _summary(summary, elapsed)
-                self._reply(200, compress_blocks(data) if native else data, headers, gzip)
-                return
-            running = self.engine.start(conn, tag, verdict, fmt, binds,
-                                        int(float(settings["max_result_bytes"])))
-            with _watch(self.connection, lambda: self.engine.kill(tag)) as gone:
-                self._stream(running, headers, gzip, gone, native)
+            # the slot is held until the client has the result: its time counts too
+            self._deadline = Deadline.after(float(settings["max_execution_time"]))
+            try:
+                streamed = fmt.lower() in _STREAMED and params.get("wait_end_of_query") != "1"
+                if not streamed:
+                    data, summary, elapsed = self.engine.whole(conn, verdict, fmt, binds)
+                    if self._deadline is not None:
+                        self._deadline.check()
+                    headers["X-ClickHouse-Summary"] = _summary(summary, elapsed)
+                    self._reply(200, compress_blocks(data) if native else data, headers, gzip)
+                    return
+                running = self.engine.start(conn, tag, verdict, fmt, binds,
+                                            int(float(settings["max_result_bytes"])),
+                                            self._deadline)
+                with _watch(self.connection, lambda: self.engine.kill(tag)) as gone:
+                    self._stream(running, headers, gzip, gone, native)
+            finally:
+                self._deadline = None
+                with contextlib.suppress(OSError):
+                    self.connection.settimeout(self.timeout)
 
     def _form(self, query: str, body: bytes, binds: dict[str, str]) -> str:
         """The query of a ``multipart/form-data`` body, as ClickHouse reads one: the URL's
@@ -600,40 +809,48 @@ class _Handler(BaseHTTPRequestHandler):
                 whole = b"".join(first)
                 self._reply(200, compress_blocks(whole) if native else whole, headers, encoding)
                 return
-        except QueryError:
+        except QueryError as exc:
             if gone.is_set():
                 raise _Gone() from None
+            if exc.code == _TIMEOUT:
+                self.engine.kill(running.tag)
             with contextlib.suppress(Exception):
                 running.stream.cancel()
             raise
         headers["X-ClickHouse-Summary"] = _summary(running.summary, running.elapsed)
-        self.send_response(200)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if encoding:
-            self.send_header("Content-Encoding", encoding)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
         http = _packer(encoding)
 
         def packer(data: bytes | None) -> bytes:  # each engine block one native block
             return http(compress_blocks(data) if native and data else data)
 
         try:
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if encoding:
+                self.send_header("Content-Encoding", encoding)
+            self.send_header("Transfer-Encoding", "chunked")
+            self._arm()
+            self.end_headers()
             self._write_chunk(packer(b"".join(first)))
             for data in blocks:
                 self._write_chunk(packer(data))
             self._write_chunk(packer(None))
-            self.wfile.write(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")
         except QueryError as exc:  # headers are gone: the error ends the body, unterminated
             self.close_connection = True
+            if exc.code == _TIMEOUT:  # out of time: the engine may be paused on a full socket
+                self.engine.kill(running.tag)
             if not gone.is_set():
                 error = b"\n" + exc.body(self.engine.version)
+                error = compress_blocks(error) if native else error
                 with contextlib.suppress(OSError):  # in the stream's blocks, as ClickHouse does
-                    self._write_chunk(compress_blocks(error) if native else error)
+                    self.connection.settimeout(_ERROR_SECONDS)  # to a slow reader, if it fits
+                    self.wfile.write(f"{len(error):x}\r\n".encode() + error + b"\r\n")
             with contextlib.suppress(Exception):
                 running.stream.cancel()
-        except OSError:
+        except OSError as exc:  # gone, or so slow that the query's time ran out in a write
+            self._abandon(exc)
             self.close_connection = True
             gone.set()
             self.engine.kill(running.tag)
@@ -643,7 +860,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_chunk(self, data: bytes) -> None:
         if data:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self._send(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    def _send(self, data: bytes) -> None:
+        self._arm()
+        self.wfile.write(data)
+
+    def _abandon(self, exc: OSError) -> None:
+        """After a write timed out, close with a reset: what the kernel still holds for a
+        client that does not read is dropped, not sent on for minutes after the query."""
+        if isinstance(exc, TimeoutError):
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+
+    def _arm(self) -> None:
+        """Bound the next write by the running query's time left (``TimeoutError`` when
+        there is none): a client that reads slowly does not keep its slot past it."""
+        if self._deadline is not None:
+            left = self._deadline.left()
+            if left <= 0:
+                raise TimeoutError("the query's time ran out while its result was sent")
+            self.connection.settimeout(min(left, self.timeout))
 
     def _compression(self, params: Mapping[str, str]) -> str | None:
         if params.get("enable_http_compression") != "1":
@@ -669,6 +907,7 @@ class _Handler(BaseHTTPRequestHandler):
                encoding: str | None = None) -> None:
         if encoding:
             data = _compress(data, encoding)
+        self._skip_body()
         try:
             self.send_response(status)
             for name, value in headers.items():
@@ -676,9 +915,13 @@ class _Handler(BaseHTTPRequestHandler):
             if encoding:
                 self.send_header("Content-Encoding", encoding)
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self._arm()
             self.end_headers()
-            self.wfile.write(data)
-        except OSError:
+            self._send(data)
+        except OSError as exc:
+            self._abandon(exc)
             raise _Gone() from None
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -724,18 +967,20 @@ def _watch(sock: socket.socket, on_gone: Any) -> Iterator[threading.Event]:
     done, gone = threading.Event(), threading.Event()
 
     def watch() -> None:
-        while not done.is_set():
+        # a selector, not select(): that refuses a descriptor past 1023 (ValueError)
+        with selectors.DefaultSelector() as selector:
             try:
-                readable, _, _ = select.select([sock], [], [], 0.2)
-                if readable and sock.recv(1, socket.MSG_PEEK) == b"":
-                    raise ConnectionResetError
-            except (OSError, ValueError):
+                selector.register(sock, selectors.EVENT_READ)
+                while not done.is_set():
+                    readable = selector.select(0.2)
+                    if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+                        raise ConnectionResetError
+                    if readable:  # the client sent its next request early: it is still there
+                        done.wait(0.2)
+            except OSError:
                 if not done.is_set():
                     gone.set()
                     on_gone()
-                return
-            if readable:  # the client sent its next request early: it is still there
-                done.wait(0.2)
 
     thread = threading.Thread(target=watch, name="query-watch", daemon=True)
     thread.start()
@@ -746,11 +991,61 @@ def _watch(sock: socket.socket, on_gone: Any) -> Iterator[threading.Event]:
         thread.join(timeout=1)
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, ``max_connections`` at most: the next one is answered 503
+    (code 202) from the accepting thread and closed, so idle sockets cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler],
+                 max_connections: int) -> None:
+        self._open = threading.BoundedSemaphore(max_connections)
+        busy = QueryError(_TOO_MANY, f"Too many connections: the read endpoint keeps "
+                          f"{max_connections} open at most; close idle ones, or retry shortly.")
+        text = busy.body(handler.engine.version)
+        self._busy = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+            f"X-ClickHouse-Exception-Code: {_TOO_MANY}\r\nContent-Length: {len(text)}\r\n"
+            "Connection: close\r\n\r\n").encode() + text
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._open.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._open.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._open.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer without waiting: the reply fits an empty send buffer; what the client
+        sent already is read (a little), so that closing does not reset the connection
+        under the reply."""
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.sendall(self._busy)
+            request.shutdown(socket.SHUT_WR)
+            for _ in range(4):
+                if not request.recv(_CHUNK):
+                    break
+        request.close()
+
+
 class QueryServer:
     """Serve read queries on ``host:port`` (0: any free port) from a daemon thread.
 
     With ``home``, ``start`` publishes ``<home>/query-endpoint.json`` (0600: URL, user,
     password, served chDB path) for other processes and ``stop`` removes it.
+    ``admission_key`` (``ADMISSION_KEY_HEADER``) puts admission's budget lookups in their
+    own slots; the reader password alone does not.
     """
 
     def __init__(self, client: Any, host: str = "127.0.0.1", port: int = 0,
@@ -762,6 +1057,7 @@ class QueryServer:
         self.limits = limits or Limits()
         self.user = USER
         self.password = secrets.token_urlsafe(24)
+        self.admission_key = secrets.token_urlsafe(24)
         self._engine: ReadEngine | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -776,7 +1072,8 @@ class QueryServer:
     def endpoint(self) -> Endpoint:
         if self._engine is None:
             raise RuntimeError("The query server is not started.")
-        return Endpoint(self.url, self.user, self.password, self._engine.path)
+        return Endpoint(self.url, self.user, self.password, self._engine.path,
+                        self.admission_key)
 
     @property
     def engine(self) -> ReadEngine:
@@ -789,16 +1086,16 @@ class QueryServer:
             raise QueryServerError(f"The read endpoint listens on loopback only, not "
                                    f"{self.host}; use a ClickHouse server to serve others.")
         engine = ReadEngine(self.client, self.limits)
-        handler = type("Handler", (_Handler,), {"engine": engine, "password": self.password})
+        handler = type("Handler", (_Handler,), {"engine": engine, "password": self.password,
+                                                 "admission_key": self.admission_key})
         try:
-            server = ThreadingHTTPServer((self.host, self.port), handler)
+            server = _Server((self.host, self.port), handler, self.limits.max_connections)
         except OSError as exc:
             engine.close()
             raise QueryServerError(
                 f"The read endpoint cannot listen on {self.host}:{self.port} ({exc.strerror}); "
                 "set AIPIPE_QUERY_PORT to a free port, or 0 for any."
             ) from exc
-        server.daemon_threads = True
         self._engine, self._server = engine, server
         self._thread = threading.Thread(
             target=server.serve_forever, name="query-server", daemon=True

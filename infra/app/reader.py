@@ -18,7 +18,13 @@ import clickhouse_connect
 from aipipe.consumers.costs.budgets import BudgetStore
 from aipipe.consumers.costs.connect import open_clickhouse
 from aipipe.consumers.costs.store import ClickHouseCostStore, StoreError
-from aipipe.infra.endpoint import ADMISSION_QUOTA_KEY, Endpoint, read_endpoint, refuse_other_path
+from aipipe.infra.endpoint import (
+    ADMISSION_KEY_HEADER,
+    ADMISSION_QUOTA_KEY,
+    Endpoint,
+    read_endpoint,
+    refuse_other_path,
+)
 from aipipe.infra.settings import Settings
 from aipipe.processes import wait_for
 
@@ -92,7 +98,8 @@ def budget_store_opener(settings: Settings) -> Callable[[], BudgetStore | None]:
                 return None
             client = endpoint_client(
                 endpoint, settings.clickhouse_database, send_receive_timeout=5,
-                settings={"quota_key": ADMISSION_QUOTA_KEY})
+                settings={"quota_key": ADMISSION_QUOTA_KEY},
+                headers={ADMISSION_KEY_HEADER: endpoint.admission_key})
         else:
             client = open_reader(settings)
         return BudgetStore(client, settings.clickhouse_database)

@@ -5,33 +5,45 @@ bounded by a server-side limit; the canary file is never read, no target file is
 written, the owner's data is unchanged and its memory stays bounded. The same list runs
 through raw HTTP (exact bytes, no client rewriting) and through ``aipipe sql``'s own
 path (``checked`` then ``run_query`` on the chDB path, which serves itself).
+
+Then what a request can cost the endpoint before it knows who asks (bodies, compressed
+bodies, headers, connections), settings and database names that would reach past the
+check, and clients that would hold a query's slot past its time.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import http.client
 import os
+import select
 import socket
+import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
+import cramjam
 import pytest
 from clickhouse_connect.driver.client import Client
 
 from aipipe.consumers.costs.migrations import migrate
-from aipipe.infra.queryserver import Limits, QueryServer
+from aipipe.infra.endpoint import ADMISSION_QUOTA_KEY
+from aipipe.infra.queryserver import ADMISSION_KEY_HEADER, Limits, QueryServer
 from aipipe.infra.settings import Settings
 from aipipe.processes import wait_for
 from aipipe.sqlcmd import SqlError, checked, run_query
 
 pytestmark = pytest.mark.e2e
+T = TypeVar("T")
 
 SECRET = f"canary-{uuid.uuid4().hex}"
 LIMITS = Limits(max_execution_time=20, max_memory_usage=300_000_000,
@@ -345,3 +357,277 @@ def test_without_the_password_or_from_another_host_nothing_runs(server: QuerySer
                                          headers={} if params else _auth(server))
         with urllib.request.urlopen(request, timeout=10) as reply:
             assert reply.read() == b"1\n"
+
+
+# -- settings that name a file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["format_template_resultset", "format_template_row",
+                                  "format_schema", "output_format_schema"])
+def test_a_setting_that_names_a_file_is_refused_and_the_file_never_read(
+    server: QueryServer, canary: Path, name: str
+) -> None:
+    status, headers, body = post(server, b"SELECT 1 FORMAT Template", {name: str(canary)})
+
+    assert_clickhouse_error(status, headers, body)
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (403, "164")
+    assert f"Cannot modify '{name}' setting in readonly mode".encode() in body
+    assert SECRET.encode() not in body
+
+
+def test_output_settings_still_shape_the_result(server: QueryServer) -> None:
+    status, _, body = post(server, b"SELECT 1, toUInt64(2) FORMAT CSV",
+                           {"format_csv_delimiter": ";"})
+    assert (status, body) == (200, b"1;2\n")
+    status, _, body = post(server, b"SELECT toUInt64(2) AS n FORMAT JSONEachRow",
+                           {"output_format_json_quote_64bit_integers": "1"})
+    assert (status, body) == (200, b'{"n":"2"}\n')
+
+
+def test_every_output_setting_allowed_is_one_the_engine_has(server: QueryServer) -> None:
+    from aipipe.infra.queryserver import _OUTPUT_SETTINGS
+
+    assert sorted(_OUTPUT_SETTINGS - server.engine.settings.keys()) == []
+
+
+# -- the default database ----------------------------------------------------------------
+
+
+SYSTEM_NAMES = ["system", "SYSTEM", "System", "system`--", "system` --", "system` /*"]
+
+
+@pytest.mark.parametrize(("params", "headers"), [
+    *[({"database": name}, {}) for name in [*SYSTEM_NAMES, "system`\n--"]],
+    *[({}, {"X-ClickHouse-Database": name}) for name in SYSTEM_NAMES],
+])
+def test_the_default_database_is_never_system(server: QueryServer, params: dict[str, str],
+                                              headers: dict[str, str]) -> None:
+    """Unqualified names (``processes``) would skip the check of ``system.<table>``."""
+    for sql in (b"SELECT currentDatabase()", b"SELECT count() FROM processes"):
+        status, reply_headers, body = post(server, sql, params, headers)
+        assert_clickhouse_error(status, reply_headers, body)
+        assert reply_headers["X-ClickHouse-Exception-Code"] in ("497", "81"), body
+
+
+def test_any_database_name_reaches_the_engine_quoted(
+    server: QueryServer, chdb_client: Client
+) -> None:
+    name = f"odd-name `{uuid.uuid4().hex[:6]}"
+    chdb_client.command(f"CREATE DATABASE `{name.replace('`', '``')}`")
+    status, _, body = post(server, b"SELECT currentDatabase()", {"database": name})
+    assert (status, body) == (200, name.encode() + b"\n")
+
+
+# -- what an unauthenticated or malformed request costs ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def roomy(chdb_client: Client) -> Iterator[QueryServer]:
+    """An endpoint with the default body limit (1 MiB), as the pipeline runs it."""
+    with QueryServer(chdb_client) as running:
+        yield running
+
+
+def _peak_bytes(call: Callable[[], T]) -> tuple[T, int]:
+    """What ``call`` returned, and the peak of Python's allocations in the meantime (the
+    endpoint's threads run in this process)."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_an_lz4_bomb_is_refused_without_being_inflated(roomy: QueryServer,
+                                                       authenticated: bool) -> None:
+    bomb = bytes(cramjam.lz4.compress(b"\0" * (200 << 20)))  # < 1 MiB, 200 MiB inside
+    assert len(bomb) < roomy.limits.max_body_bytes
+    url = f"{roomy.url}/?query={quote('SELECT 1')}"
+    headers = {"Content-Encoding": "lz4", **(_auth(roomy) if authenticated else {})}
+
+    def send() -> tuple[int, dict[str, str], bytes]:
+        try:
+            request = urllib.request.Request(url, data=bomb, headers=headers)
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, dict(reply.headers), reply.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    (status, reply_headers, body), peak = _peak_bytes(send)
+
+    assert_clickhouse_error(status, reply_headers, body)
+    if authenticated:
+        assert (status, reply_headers["X-ClickHouse-Exception-Code"]) == (413, "307")
+        assert b"decompressed, is larger than the read endpoint's limit of 1048576" in body
+    else:
+        assert (status, reply_headers["X-ClickHouse-Exception-Code"]) == (401, "516")
+    assert peak < 16 << 20  # not the 200 MiB inside
+
+
+def _raw(server: QueryServer, head: str, body: bytes, timeout: float = 10) -> bytes:
+    """Send ``head`` (request line and headers, credentials added) and ``body``; what comes
+    back before the endpoint closes, or within ``timeout``."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        auth = _auth(server)["Authorization"]
+        sock.sendall(f"{head}\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n".encode())
+        with contextlib.suppress(OSError):  # the endpoint may refuse before it is all sent
+            sock.sendall(body)
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+        return reply
+
+
+@pytest.mark.parametrize(("head", "body"), [
+    # a chunk-size line that never ends: read by a bounded readline, not into memory
+    ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked", b"0" * 300_000),
+    # a negative size read to the end of the stream before
+    ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked", b"-5\r\nSELECT 1"),
+    ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked", b"8\r\nSELECT 1XX0\r\n\r\n"),
+    ("POST / HTTP/1.1\r\nContent-Length: -1", b"SELECT 1"),
+])
+def test_a_malformed_body_framing_is_refused_at_once(server: QueryServer, head: str,
+                                                     body: bytes) -> None:
+    reply = _raw(server, head, body)
+
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request", reply[:300]
+    assert b"X-ClickHouse-Exception-Code: 246" in rest
+    assert b"Code: 246. DB::Exception: " in rest
+
+
+def test_headers_past_64_kib_in_all_are_refused_before_anything_else(
+    server: QueryServer,
+) -> None:
+    """http.server alone would hold 100 lines of 64 KiB from anyone, on every connection."""
+    host, port = server.url.removeprefix("http://").split(":")
+    padding = "".join(f"X-Pad-{i}: {'x' * 8000}\r\n" for i in range(9))
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /?query=SELECT+1 HTTP/1.1\r\nHost: {host}\r\n{padding}\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431 ")
+    padding = "".join(f"X-Pad-{i}: {'x' * 8000}\r\n" for i in range(7))
+    status, _, body = post(server, b"SELECT 1", headers={"X-Pad": padding.replace("\r\n", " ")})
+    assert (status, body) == (200, b"1\n")
+
+
+def test_a_chunked_body_still_works(server: QueryServer) -> None:
+    reply = _raw(server, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close",
+                 b"4;ext=1\r\nSELE\r\n4\r\nCT 7\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"\r\n\r\n7\n"), reply
+
+
+def _answered(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_connections_past_the_cap_are_answered_at_once_and_queries_are_not_lost(
+    chdb_client: Client,
+) -> None:
+    cap = 6
+    with QueryServer(chdb_client, limits=Limits(max_connections=cap)) as small:
+        host, port = small.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(cap + 4)]
+        try:
+            wait_for(lambda: sum(map(_answered, idle)) == 4, 10,
+                     "the connections past the cap to be answered")
+            answers = [s.recv(4096) for s in idle if _answered(s)]
+            assert all(a.startswith(b"HTTP/1.1 503 Service Unavailable") for a in answers)
+            assert all(b"Code: 202. DB::Exception: Too many connections: the read endpoint "
+                       b"keeps 6 open at most" in a for a in answers)
+            status, headers, body = post(small, b"SELECT 1")  # refused, and told so
+            assert (status, headers["X-ClickHouse-Exception-Code"]) == (503, "202"), body
+        finally:
+            for s in idle:
+                s.close()
+        wait_for(lambda: post(small, b"SELECT 1")[0] == 200, 10, "room for a query again")
+        assert post(small, b"SELECT 1")[2] == b"1\n"
+
+
+# -- slow readers and admission's slots --------------------------------------------------
+
+
+def _read_slowly(sock: socket.socket, until: float, received: list[int]) -> None:
+    """A client that reads 1 KiB a second (its receive buffer small), until the endpoint
+    ends the connection or ``until``."""
+    with contextlib.suppress(OSError):
+        while time.monotonic() < until and (data := sock.recv(256)):
+            received.append(len(data))
+            time.sleep(0.25)
+
+
+@pytest.mark.parametrize("fmt", ["TabSeparated", "JSON"])  # streamed, sent whole
+def test_a_slow_reader_loses_its_slot_when_the_querys_time_is_up(
+    chdb_client: Client, fmt: str
+) -> None:
+    seconds = 2
+    marker = f"slow{uuid.uuid4().hex[:8]}"
+    rows = "1e9" if fmt == "TabSeparated" else "150000"  # JSON: ~25 MB, sent whole
+    sql = f"SELECT number, repeat('{marker}', 10) FROM numbers({rows}) FORMAT {fmt}".encode()
+    limits = Limits(max_execution_time=seconds, max_concurrent=1, queue_seconds=20)
+    with QueryServer(chdb_client, limits=limits) as small:
+        host, port = small.url.removeprefix("http://").split(":")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((host, int(port)))
+        started = time.monotonic()
+        slow.sendall(f"POST / HTTP/1.1\r\nHost: {host}\r\nAuthorization: "
+                     f"{_auth(small)['Authorization']}\r\nContent-Length: {len(sql)}\r\n\r\n"
+                     .encode() + sql)
+        received: list[int] = []
+        reader = threading.Thread(target=_read_slowly, args=(slow, started + 30, received))
+        reader.start()
+        try:
+            wait_for(lambda: bool(received), 10, "the first bytes of the result")
+            status, _, body = post(small, b"SELECT 1")  # waits for the one slot
+            waited = time.monotonic() - started
+            assert (status, body) == (200, b"1\n")
+            assert waited < seconds + 4, f"the slot came free after {waited:.1f} s"
+            wait_for(lambda: _running(chdb_client, marker) == 0, 5, "the query to end")
+        finally:
+            slow.close()
+            reader.join(timeout=35)
+
+
+def test_admissions_slots_take_the_key_not_just_the_quota_key(chdb_client: Client) -> None:
+    limits = Limits(max_concurrent=1, admission_concurrent=1, queue_seconds=0.3)
+    with QueryServer(chdb_client, limits=limits) as small:
+        lookup = {"quota_key": ADMISSION_QUOTA_KEY}
+        key = {ADMISSION_KEY_HEADER: small.admission_key}
+        with small.engine.slot(admission=False):  # an analyst's query holds the one slot
+            status, headers, body = post(small, b"SELECT 1", lookup)  # anyone can send that
+            assert (status, headers["X-ClickHouse-Exception-Code"]) == (503, "202")
+            assert b"the read endpoint runs 1 at once (besides admission's budget lookups)" \
+                in body
+            assert post(small, b"SELECT 1", lookup, {ADMISSION_KEY_HEADER: "guess"})[0] == 503
+            status, _, body = post(small, b"SELECT 1", lookup, key)
+            assert (status, body) == (200, b"1\n")
+            with small.engine.slot(admission=True):
+                status, _, body = post(small, b"SELECT 1", lookup, key)
+                assert status == 503
+                assert b"admission's budget lookups run 1 at once, in slots of their own" in body
+
+
+def test_admissions_lookups_carry_the_published_key_into_their_slots(
+    chdb_client: Client, tmp_path: Path,
+) -> None:
+    """The key goes to admission through the endpoint file (0600), and the budget store's
+    client sends it: its lookups get a slot while the analysts' one is taken."""
+    from aipipe.infra.app.reader import budget_store_opener
+    from aipipe.infra.endpoint import read_endpoint
+    from aipipe.infra.settings import Settings
+
+    limits = Limits(max_concurrent=1, admission_concurrent=1, queue_seconds=0.3)
+    home = tmp_path / "home"
+    with QueryServer(chdb_client, limits=limits, home=home) as small:
+        published = read_endpoint(home)
+        assert published is not None and published.admission_key == small.admission_key
+        assert "admission_key" not in repr(published)
+        settings = Settings(home=home, clickhouse_url=f"chdb://{small.engine.path}",
+                            clickhouse_database=chdb_client.database or "default")
+        store = budget_store_opener(settings)()
+        assert store is not None
+        with small.engine.slot(admission=False):  # an analyst's query holds the one slot
+            assert store.client.command("SELECT 1") == 1
